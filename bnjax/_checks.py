@@ -1,0 +1,275 @@
+"""Trace-time validation for the public functions, with messages that say what to do.
+
+Every check looks at static information only (shapes, dtypes, Python values), so errors are
+raised while tracing, before anything runs. Messages follow one pattern:
+``bnjax.<function>: `<argument>` <what was expected>, got <what was passed>. <hint>``.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PARAM_KEYS = ("scale", "bias")
+REQUIRED_STAT_KEYS = ("mean", "var")
+VARIANCE_ALGORITHMS = ("two_pass", "shifted", "fast")
+RUNNING_VARIANCES = ("biased", "unbiased")
+
+
+def _fail(fn: str, message: str, error: type[Exception] = ValueError):
+  raise error(f"bnjax.{fn}: {message}")
+
+
+def array_like(fn: str, name: str, value: Any) -> jax.Array:
+  if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+    try:
+      value = jnp.asarray(value)
+    except TypeError:
+      _fail(fn, f"`{name}` must be an array, got {type(value).__name__}.", TypeError)
+  return value
+
+
+def floating_input(fn: str, x: Any) -> jax.Array:
+  x = array_like(fn, "x", x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    _fail(
+        fn,
+        f"`x` must have a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}."
+        " Hint: convert it first, e.g. `x.astype(jnp.float32)`.",
+        TypeError,
+    )
+  return x
+
+
+def canonical_axes(fn: str, name: str, axes: Any, ndim: int) -> tuple[int, ...]:
+  """Returns `axes` as a sorted tuple of non-negative ints, or raises."""
+  as_tuple = tuple(axes) if isinstance(axes, Sequence) and not isinstance(axes, str) else (axes,)
+  for a in as_tuple:
+    if isinstance(a, bool) or not isinstance(a, numbers.Integral):
+      _fail(
+          fn,
+          f"`{name}` must be an int or a tuple of ints, got {axes!r}.",
+          TypeError,
+      )
+  bad = [int(a) for a in as_tuple if not -ndim <= a < ndim]
+  if bad:
+    _fail(
+        fn,
+        f"`{name}`={axes!r} is out of range for an input of rank {ndim}; expected values in"
+        f" [{-ndim}, {ndim - 1}]. Hint: channels-last (NHWC) is axis=-1, channels-first (NCHW)"
+        " is axis=1.",
+    )
+  positive = [int(a) % ndim for a in as_tuple]
+  if len(set(positive)) != len(positive):
+    _fail(fn, f"`{name}`={axes!r} names the same axis twice (as {positive}).")
+  return tuple(sorted(positive))
+
+
+def feature_axes(fn: str, axis: Any, ndim: int) -> tuple[int, ...]:
+  axes = canonical_axes(fn, "axis", axis, ndim)
+  if len(axes) == ndim:
+    _fail(
+        fn,
+        f"`axis`={axis!r} leaves no axis to reduce over for an input of rank {ndim}."
+        " Hint: batch norm needs at least one batch axis besides the feature axes.",
+    )
+  return axes
+
+
+def _feature_array(fn: str, what: str, value: Any, feature_shape: tuple[int, ...]) -> jax.Array:
+  value = array_like(fn, what, value)
+  if not jnp.issubdtype(value.dtype, jnp.floating):
+    _fail(
+        fn,
+        f"`{what}` must have a floating dtype, got {value.dtype}."
+        " Hint: build params and stats with `bnjax.init(...)`.",
+        TypeError,
+    )
+  if tuple(value.shape) != feature_shape:
+    _fail(
+        fn,
+        f"`{what}` must have the shape of the feature axes {feature_shape}, got {tuple(value.shape)}."
+        " Hint: check `axis` (channels-first inputs need axis=1) and the `num_features` given"
+        " to `bnjax.init`.",
+    )
+  return value
+
+
+def params(fn: str, params: Any, feature_shape: tuple[int, ...]) -> dict[str, jax.Array]:
+  if not isinstance(params, Mapping):
+    _fail(
+        fn,
+        f"`params` must be a dict with optional keys {PARAM_KEYS}, got {type(params).__name__}.",
+        TypeError,
+    )
+  unknown = sorted(set(params) - set(PARAM_KEYS))
+  if unknown:
+    _fail(
+        fn,
+        f"`params` has unknown keys {unknown}; expected only {PARAM_KEYS} (Flax's names)."
+        " Hint: Keras' gamma/beta are scale/bias; leave a key out to disable it.",
+    )
+  return {k: _feature_array(fn, f"params['{k}']", v, feature_shape) for k, v in params.items()}
+
+
+def stats(fn: str, stats: Any, feature_shape: tuple[int, ...], *, need_count: bool) -> dict[str, Any]:
+  if not isinstance(stats, Mapping):
+    _fail(
+        fn,
+        f"`stats` must be a dict with keys {REQUIRED_STAT_KEYS}, got {type(stats).__name__}.",
+        TypeError,
+    )
+  missing = [k for k in REQUIRED_STAT_KEYS if k not in stats]
+  if missing:
+    _fail(
+        fn,
+        f"`stats` is missing {missing}; got keys {sorted(stats)}."
+        " Hint: Flax's names are 'mean' and 'var' (Keras: moving_mean, moving_variance);"
+        " `bnjax.init(num_features)` builds them.",
+    )
+  checked = dict(stats)
+  for k in REQUIRED_STAT_KEYS:
+    checked[k] = _feature_array(fn, f"stats['{k}']", stats[k], feature_shape)
+  if "count" in stats:
+    count = array_like(fn, "stats['count']", stats["count"])
+    if count.shape != () or not jnp.issubdtype(count.dtype, jnp.integer):
+      _fail(
+          fn,
+          f"`stats['count']` must be an integer scalar, got {count.dtype}{list(count.shape)}.",
+          TypeError,
+      )
+    checked["count"] = count
+  elif need_count:
+    _fail(
+        fn,
+        "`momentum=None` (the cumulative average) needs the number of batches seen in"
+        f" `stats['count']`, got stats with keys {sorted(stats)}."
+        " Hint: `bnjax.init(num_features, track_count=True)`.",
+    )
+  return checked
+
+
+def momentum(fn: str, momentum: Any) -> float | None:
+  if momentum is None:
+    return None
+  if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+    _fail(fn, f"`momentum` must be a float in [0, 1) or None, got {momentum!r}.", TypeError)
+  if not 0.0 <= momentum < 1.0:
+    hint = (
+        f" Hint: bnjax weighs the old value (Keras/Flax); PyTorch's momentum={momentum} is"
+        f" momentum={1 - momentum:g} here."
+        if 0.0 < momentum <= 1.0
+        else ""
+    )
+    _fail(fn, f"`momentum` must be in [0, 1), got {momentum}.{hint}")
+  return float(momentum)
+
+
+def epsilon(fn: str, epsilon: Any) -> float:
+  if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+    _fail(fn, f"`epsilon` must be a non-negative float, got {epsilon!r}.", TypeError)
+  if not epsilon >= 0.0:
+    _fail(fn, f"`epsilon` must be >= 0, got {epsilon}.")
+  return float(epsilon)
+
+
+def choice(fn: str, name: str, value: Any, choices: tuple[str, ...]) -> str:
+  if value not in choices:
+    _fail(fn, f"`{name}` must be one of {choices}, got {value!r}.")
+  return value
+
+
+def flag(fn: str, name: str, value: Any) -> bool:
+  """A Python bool (numpy bools accepted), nothing else."""
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  _fail(fn, f"`{name}` must be a Python bool, got {value!r}.", TypeError)
+
+
+def training(fn: str, training: Any) -> bool | jax.Array:
+  """A Python bool, or a boolean scalar array (possibly traced)."""
+  if isinstance(training, (bool, np.bool_)):
+    return bool(training)
+  if hasattr(training, "dtype") and hasattr(training, "shape"):
+    if training.dtype == jnp.bool_ and training.shape == ():
+      return training
+  got = (
+      f"{training.dtype}{list(training.shape)}"
+      if hasattr(training, "dtype")
+      else repr(training)
+  )
+  _fail(
+      fn,
+      f"`training` must be a Python bool or a boolean scalar array, got {got}."
+      " Hint: True normalizes with batch statistics and updates the running ones; False"
+      " uses the running statistics.",
+      TypeError,
+  )
+
+
+def mask(fn: str, mask: Any, shape: tuple[int, ...]) -> jax.Array | None:
+  if mask is None:
+    return None
+  mask = array_like(fn, "mask", mask)
+  if mask.dtype != jnp.bool_:
+    _fail(
+        fn,
+        f"`mask` must be boolean, got {mask.dtype}. Hint: `mask.astype(bool)` if 0/1 values were"
+        " meant; weighted statistics are not supported.",
+        TypeError,
+    )
+  try:
+    broadcast = jnp.broadcast_shapes(mask.shape, shape)
+  except ValueError:
+    broadcast = None
+  if broadcast != tuple(shape):
+    _fail(
+        fn,
+        f"`mask` of shape {tuple(mask.shape)} does not broadcast to x's shape {tuple(shape)}."
+        " Hint: keep size-1 axes where the mask is shared, e.g. (N, 1, 1, 1) per example.",
+    )
+  return mask
+
+
+def axis_name(fn: str, axis_name: Any, axis_index_groups: Any) -> None:
+  if axis_name is None:
+    if axis_index_groups is not None:
+      _fail(fn, "`axis_index_groups` needs `axis_name`, got axis_name=None.")
+    return
+  try:
+    jax.lax.axis_size(axis_name)
+  except NameError:
+    _fail(
+        fn,
+        f"`axis_name`={axis_name!r} is not bound here. It names a mapped axis, so call bnjax"
+        f" inside `jax.shard_map(..., mesh=...)` with a mesh axis {axis_name!r}, inside"
+        f" `jax.pmap(..., axis_name={axis_name!r})` or `jax.vmap(..., axis_name={axis_name!r})`."
+        " Under plain `jax.jit` over a sharded batch leave axis_name=None: XLA adds the"
+        " cross-device reduction itself.",
+        NameError,
+    )
+
+
+def output_dtype(fn: str, dtype: Any, x_dtype: Any) -> Any:
+  if dtype is None:
+    return x_dtype
+  if not jnp.issubdtype(dtype, jnp.floating):
+    _fail(fn, f"`dtype` must be a floating dtype or None, got {dtype}.", TypeError)
+  return jnp.dtype(dtype)
+
+
+def warn_single_element(fn: str, per_channel: int) -> None:
+  if per_channel == 1:
+    warnings.warn(
+        f"bnjax.{fn}: training with one element per channel: the batch variance is 0, so the"
+        " output equals the bias and the running variance moves toward 0 (the unbiased"
+        " estimate is undefined; bnjax uses n/max(n-1, 1) as TensorFlow's fused kernel does)."
+        " Hint: use a larger batch, or training=False.",
+        stacklevel=3,
+    )

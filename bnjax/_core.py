@@ -1,0 +1,198 @@
+"""``batch_norm`` and ``init``: the one place where the normalization arithmetic lives."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bnjax import _checks, _running, _stats
+
+Params = dict[str, jax.Array]  # {'scale': (*F,), 'bias': (*F,)}, either may be absent
+Stats = dict[str, jax.Array]  # {'mean': (*F,), 'var': (*F,)} (+ 'count': int32[] if tracked)
+
+
+def init(
+    num_features: int | tuple[int, ...],
+    *,
+    use_scale: bool = True,
+    use_bias: bool = True,
+    dtype: Any = jnp.float32,
+    track_count: bool = False,
+) -> tuple[Params, Stats]:
+  """Initial ``(params, stats)`` for ``batch_norm``, with Flax's names and layout.
+
+  Args:
+    num_features: the size of the feature axis, or a tuple of sizes for several feature axes.
+    use_scale: include the learned scale (gamma), initialized to 1.
+    use_bias: include the learned bias (beta), initialized to 0.
+    dtype: dtype of ``params``. Running statistics are kept in at least float32.
+    track_count: add ``stats['count']`` (int32 scalar, the number of updates, PyTorch's
+      ``num_batches_tracked``); needed by ``momentum=None``.
+
+  Returns:
+    ``params = {'scale': ones, 'bias': zeros}`` without the disabled entries, and
+    ``stats = {'mean': zeros, 'var': ones}`` (+ ``'count': 0``).
+  """
+  shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
+  if not shape or not all(isinstance(n, int) and n > 0 for n in shape):
+    raise ValueError(
+        f"bnjax.init: `num_features` must be a positive int or a tuple of them, got {num_features!r}."
+    )
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"bnjax.init: `dtype` must be a floating dtype, got {dtype}.")
+  params = {}
+  if use_scale:
+    params["scale"] = jnp.ones(shape, dtype)
+  if use_bias:
+    params["bias"] = jnp.zeros(shape, dtype)
+  stat_dtype = _stats.stat_dtype(dtype)
+  stats = {"mean": jnp.zeros(shape, stat_dtype), "var": jnp.ones(shape, stat_dtype)}
+  if track_count:
+    stats["count"] = jnp.zeros((), jnp.int32)
+  return params, stats
+
+
+def _normalize(x, mean, var, params, *, epsilon, broadcast_shape, out_dtype):
+  """y = (x - mean) * (scale * rsqrt(var + epsilon)) + bias, in the statistics' dtype."""
+  dtype = mean.dtype
+  inv = lax.rsqrt(var + jnp.asarray(epsilon, dtype))
+  if "scale" in params:
+    inv = inv * params["scale"].astype(dtype).reshape(broadcast_shape)
+  y = (x.astype(dtype) - mean) * inv
+  if "bias" in params:
+    y = y + params["bias"].astype(dtype).reshape(broadcast_shape)
+  return y.astype(out_dtype)
+
+
+def batch_norm(
+    x: jax.Array,
+    params: Params,
+    stats: Stats,
+    *,
+    training: bool | jax.Array,
+    axis: int | tuple[int, ...] = -1,
+    momentum: float | None = 0.99,
+    epsilon: float = 1e-5,
+    update_stats: bool = True,
+    running_variance: str = "biased",
+    variance: str = "two_pass",
+    mask: jax.Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    dtype: Any = None,
+) -> tuple[jax.Array, Stats]:
+  """Batch normalization as a pure function: ``y, new_stats = batch_norm(x, params, stats, ...)``.
+
+  In training, with ``B`` the axes not in ``axis`` (and the devices of ``axis_name``)::
+
+      mean_B, var_B = mean and biased variance of x over B     (float32 or wider)
+      y = (x - mean_B) * (scale * rsqrt(var_B + epsilon)) + bias
+      new_stats = running-statistics update from (mean_B, var_B)   (see below)
+
+  In evaluation the running ``stats['mean']`` and ``stats['var']`` replace the batch
+  statistics and ``new_stats`` is ``stats``. Equivalent to this JAX code, without its traps::
+
+      mean, var = x.mean(B), x.var(B)
+      y = (x - mean) / jnp.sqrt(var + epsilon) * scale + bias
+      new_mean = momentum * stats['mean'] + (1 - momentum) * mean    # likewise for var
+
+  Running statistics, with ``n`` elements per channel and ``w`` the weight on the old value::
+
+      var_R = var_B * n / max(n - 1, 1)  if running_variance == 'unbiased' else var_B
+      w     = momentum, or 1 - 1/count with momentum=None (count incremented first)
+      mean <- w * mean + (1 - w) * mean_B;   var <- w * var + (1 - w) * var_R
+
+  Args:
+    x: input, float16, bfloat16, float32 or float64, any rank >= 2.
+    params: ``{'scale': (*F,), 'bias': (*F,)}``; a missing entry means scale 1 / bias 0.
+    stats: ``{'mean': (*F,), 'var': (*F,)}`` running statistics (+ ``'count'``).
+    training: required. True: normalize with batch statistics and update the running ones.
+      False: normalize with the running statistics; ``stats`` come back unchanged. A traced
+      boolean scalar picks the branch at run time with ``lax.cond``, so one compiled
+      function serves both and evaluation never computes batch moments (under ``vmap`` with
+      a batched flag both branches run, as for any ``lax.cond``).
+    axis: the feature axis or axes (negative allowed); all others are reduced. NHWC: -1,
+      NCHW: 1.
+    momentum: weight on the old running value (Keras/Flax convention; PyTorch's
+      ``momentum=0.1`` is 0.9 here). ``None``: cumulative average over all batches seen,
+      like PyTorch's ``momentum=None``; needs ``stats['count']`` (``init(..., track_count=True)``).
+    epsilon: added to the variance before the square root.
+    update_stats: with ``training=True``, False normalizes with batch statistics but leaves
+      ``stats`` alone (the TF1 ``tf.layers`` ``trainable=False`` case).
+    running_variance: ``'biased'`` (Keras 3, Flax, tf.nn.moments) or ``'unbiased'``
+      (PyTorch, TensorFlow's fused kernel: Bessel's n/(n-1)). Only the stored variance differs;
+      normalization always uses the biased batch variance.
+    variance: how the batch variance is computed: ``'two_pass'`` (default; accurate for any
+      data), ``'shifted'`` (sums about each channel's first element, one read of x) or
+      ``'fast'`` (E[x^2] - E[x]^2 clamped at 0, Flax's default; loses all float32 precision
+      when |mean| / std reaches ~3e3). See ``bnjax.moments``.
+    mask: boolean, broadcastable to ``x``: statistics over the True elements only. All
+      elements are normalized. A channel with no True element keeps its running statistics.
+    axis_name: a mapped axis (``shard_map``, ``pmap``, ``vmap``) whose devices share batch
+      statistics: count-weighted, exact, one ``all_gather`` of 2C+1 floats per device (3C
+      with a mask). Not needed under ``jax.jit`` over a sharded batch, where XLA inserts the
+      reduction itself.
+    axis_index_groups: groups of indices of ``axis_name`` that share statistics.
+    dtype: dtype of ``y``; default ``x.dtype``.
+
+  Returns:
+    ``(y, new_stats)``: ``y`` of ``x``'s shape in ``dtype``; ``new_stats`` with ``stats``'s
+    structure and dtypes. No gradient flows into or out of the running statistics.
+  """
+  fn = "batch_norm"
+  x = _checks.floating_input(fn, x)
+  training = _checks.training(fn, training)
+  feature_axes = _checks.feature_axes(fn, axis, x.ndim)
+  reduced_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+  feature_shape = tuple(x.shape[a] for a in feature_axes)
+  broadcast_shape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
+  momentum = _checks.momentum(fn, momentum)
+  params = _checks.params(fn, params, feature_shape)
+  stats = _checks.stats(fn, stats, feature_shape, need_count=momentum is None and update_stats)
+  stats = jax.tree.map(lax.stop_gradient, stats)  # running statistics are state, not parameters
+  epsilon = _checks.epsilon(fn, epsilon)
+  update_stats = _checks.flag(fn, "update_stats", update_stats)
+  running_variance = _checks.choice(
+      fn, "running_variance", running_variance, _checks.RUNNING_VARIANCES
+  )
+  variance = _checks.choice(fn, "variance", variance, _checks.VARIANCE_ALGORITHMS)
+  mask = _checks.mask(fn, mask, x.shape)
+  _checks.axis_name(fn, axis_name, axis_index_groups)
+  out_dtype = _checks.output_dtype(fn, dtype, x.dtype)
+  if training is not False and mask is None and axis_name is None:
+    _checks.warn_single_element(fn, math.prod(x.shape[a] for a in reduced_axes))
+
+  def normalize_with_batch_statistics():
+    batch = _stats.batch_moments(
+        x, reduced_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
+        variance=variance,
+    )
+    y = _normalize(
+        x, batch.mean, batch.var, params,
+        epsilon=epsilon, broadcast_shape=broadcast_shape, out_dtype=out_dtype,
+    )
+    if not update_stats:
+      return y, stats
+    return y, _running.update(
+        stats, batch,
+        momentum=momentum, running_variance=running_variance, feature_shape=feature_shape,
+    )
+
+  def normalize_with_running_statistics():
+    dtype = _stats.stat_dtype(x.dtype)
+    mean, var = (stats[k].astype(dtype).reshape(broadcast_shape) for k in ("mean", "var"))
+    y = _normalize(
+        x, mean, var, params,
+        epsilon=epsilon, broadcast_shape=broadcast_shape, out_dtype=out_dtype,
+    )
+    return y, stats
+
+  if training is True:
+    return normalize_with_batch_statistics()
+  if training is False:
+    return normalize_with_running_statistics()
+  return lax.cond(training, normalize_with_batch_statistics, normalize_with_running_statistics)

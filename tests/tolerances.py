@@ -1,0 +1,50 @@
+"""The one table of tolerances for comparing bnjax with references, and why each is what it is.
+
+bnjax computes statistics in float32 (float64 for float64 input) and rounds only the output to
+the input's dtype. Against the float64 oracle fed the SAME (already rounded) input:
+
+- float32 / float64: each reduction of n terms accumulates rounding that grows like
+  sqrt(n) * eps for the tree-shaped sums XLA emits (tokamax scales the same way); a normalized
+  output of order 1 then carries that relative error. rtol = atol = 8 * eps * sqrt(n); 8 covers
+  the few roundings per element (subtract, multiply, rsqrt, add).
+- float16 / bfloat16: the statistics' float32 error is negligible next to rounding the output
+  once to the input dtype, a relative error of at most eps / 2. rtol = atol = eps; the atol
+  covers outputs near zero, where float32 rounding of (x - mean) * inv is absolute, not relative.
+
+Comparisons between two implementations that both run (bnjax vs Flax, eager vs jit) use the
+same table: both sides sit within it of the exact value.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+EPS = {
+    "float64": float(np.finfo(np.float64).eps),
+    "float32": float(np.finfo(np.float32).eps),
+    "float16": float(np.finfo(np.float16).eps),
+    "bfloat16": 2.0**-7,
+}
+
+# The accuracy target for the default variance at a large offset (the core issue's numerics
+# section): relative error of the batch variance for x = 1e4 + N(0, 1) in float32.
+LARGE_OFFSET_VARIANCE_RTOL = 1e-5
+
+
+def tolerance(dtype, reduction_size: int = 1) -> dict[str, float]:
+  """``dict(rtol=..., atol=...)`` for outputs and statistics of ``dtype`` over n elements."""
+  name = np.dtype(dtype).name
+  eps = EPS[name]
+  if name in ("float16", "bfloat16"):
+    return {"rtol": eps, "atol": eps}
+  bound = 8 * eps * math.sqrt(max(reduction_size, 1))
+  return {"rtol": bound, "atol": bound}
+
+
+def assert_close(actual, expected, dtype, reduction_size: int = 1, what: str = ""):
+  np.testing.assert_allclose(
+      np.asarray(actual, np.float64), np.asarray(expected, np.float64),
+      err_msg=what, **tolerance(dtype, reduction_size),
+  )
