@@ -256,12 +256,23 @@ def axis_name(fn: str, axis_name: Any, axis_index_groups: Any) -> None:
     )
 
 
-def output_dtype(fn: str, dtype: Any, x_dtype: Any) -> Any:
-  if dtype is None:
-    return x_dtype
+def num_features(fn: str, num_features: Any) -> tuple[int, ...]:
+  shape = tuple(num_features) if isinstance(num_features, Sequence) else (num_features,)
+  if not shape or not all(
+      isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in shape
+  ):
+    _fail(fn, f"`num_features` must be a positive int or a tuple of them, got {num_features!r}.")
+  return tuple(int(n) for n in shape)
+
+
+def floating_dtype(fn: str, name: str, dtype: Any) -> jnp.dtype:
   if not jnp.issubdtype(dtype, jnp.floating):
-    _fail(fn, f"`dtype` must be a floating dtype or None, got {dtype}.", TypeError)
+    _fail(fn, f"`{name}` must be a floating dtype, got {dtype}.", TypeError)
   return jnp.dtype(dtype)
+
+
+def output_dtype(fn: str, dtype: Any, x_dtype: Any) -> Any:
+  return x_dtype if dtype is None else floating_dtype(fn, "dtype", dtype)
 
 
 def warn_single_element(fn: str, per_channel: int) -> None:

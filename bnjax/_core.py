@@ -37,13 +37,8 @@ def init(
     ``params = {'scale': ones, 'bias': zeros}`` without the disabled entries, and
     ``stats = {'mean': zeros, 'var': ones}`` (+ ``'count': 0``).
   """
-  shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
-  if not shape or not all(isinstance(n, int) and n > 0 for n in shape):
-    raise ValueError(
-        f"bnjax.init: `num_features` must be a positive int or a tuple of them, got {num_features!r}."
-    )
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f"bnjax.init: `dtype` must be a floating dtype, got {dtype}.")
+  shape = _checks.num_features("init", num_features)
+  _checks.floating_dtype("init", "dtype", dtype)
   params = {}
   if use_scale:
     params["scale"] = jnp.ones(shape, dtype)

@@ -48,3 +48,15 @@ def assert_close(actual, expected, dtype, reduction_size: int = 1, what: str = "
       np.asarray(actual, np.float64), np.asarray(expected, np.float64),
       err_msg=what, **tolerance(dtype, reduction_size),
   )
+
+
+def offset_atol(dtype, reduction_size: int, *, max_abs_output: float, offset_over_std: float) -> float:
+  """Absolute tolerance on outputs for data at ``offset`` with standard deviation ``std``.
+
+  Two errors add up. Statistics in float32 (or float64): x - mean is formed next to |offset|,
+  so its error, relative to the std that normalizes it, is 8 * eps * sqrt(n) * (1 + offset/std).
+  Then the output is rounded once to ``dtype``: eps / 2 of its magnitude, bounded by eps.
+  """
+  stat_eps = EPS["float64" if np.dtype(dtype).name == "float64" else "float32"]
+  statistics = 8 * stat_eps * math.sqrt(max(reduction_size, 1)) * (1 + offset_over_std)
+  return statistics * max(max_abs_output, 1.0) + EPS[np.dtype(dtype).name] * max_abs_output

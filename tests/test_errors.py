@@ -1,0 +1,99 @@
+"""Every error bnjax raises: at trace time, naming the function and argument, with a hint."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bnjax
+
+X = jnp.ones((4, 5, 5, 3))
+PARAMS, STATS = bnjax.init(3)
+
+
+def bn(x=X, params=PARAMS, stats=STATS, **options):
+  options.setdefault("training", True)
+  return bnjax.batch_norm(x, params, stats, **options)
+
+
+CASES = {
+    # name: (call, exception, pattern in the message)
+    "x-not-array": (lambda: bn(x="abc"), TypeError, r"batch_norm: `x` must be an array"),
+    "x-integer": (lambda: bn(x=jnp.ones((4, 3), jnp.int32)), TypeError, r"`x` must have a floating dtype.*got int32"),
+    "x-bool": (lambda: bn(x=jnp.ones((4, 3), bool)), TypeError, r"`x` must have a floating dtype"),
+    "axis-out-of-range": (lambda: bn(axis=4), ValueError, r"`axis`=4 is out of range.*\[-4, 3\].*NCHW"),
+    "axis-negative-out-of-range": (lambda: bn(axis=-5), ValueError, r"`axis`=-5 is out of range"),
+    "axis-repeated": (lambda: bn(axis=(3, -1)), ValueError, r"`axis`=\(3, -1\) names the same axis twice"),
+    "axis-not-int": (lambda: bn(axis=1.0), TypeError, r"`axis` must be an int or a tuple of ints"),
+    "axis-bool": (lambda: bn(axis=True), TypeError, r"`axis` must be an int"),
+    "axis-all": (lambda: bn(x=jnp.ones((4, 3)), axis=(0, 1)), ValueError, r"leaves no axis to reduce"),
+    "params-not-dict": (lambda: bn(params=[1.0]), TypeError, r"`params` must be a dict"),
+    "params-unknown-key": (lambda: bn(params={"gamma": jnp.ones(3)}), ValueError, r"unknown keys \['gamma'\].*scale/bias"),
+    "params-integer": (lambda: bn(params={"scale": jnp.ones(3, jnp.int32)}), TypeError, r"`params\['scale'\]` must have a floating dtype"),
+    "params-bool": (lambda: bn(params={"bias": jnp.ones(3, bool)}), TypeError, r"`params\['bias'\]` must have a floating dtype"),
+    "params-shape": (lambda: bn(params={"scale": jnp.ones(5)}), ValueError, r"`params\['scale'\]` must have the shape of the feature axes \(3,\), got \(5,\).*axis=1"),
+    "params-channels-first-mixup": (lambda: bn(axis=1), ValueError, r"feature axes \(5,\), got \(3,\)"),
+    "stats-not-dict": (lambda: bn(stats=(1, 2)), TypeError, r"`stats` must be a dict"),
+    "stats-keras-names": (lambda: bn(stats={"moving_mean": jnp.zeros(3), "moving_variance": jnp.ones(3)}), ValueError, r"`stats` is missing \['mean', 'var'\].*moving_mean"),
+    "stats-shape": (lambda: bn(stats={"mean": jnp.zeros(4), "var": jnp.ones(3)}), ValueError, r"`stats\['mean'\]` must have the shape"),
+    "stats-integer": (lambda: bn(stats={"mean": jnp.zeros(3, jnp.int32), "var": jnp.ones(3)}), TypeError, r"`stats\['mean'\]` must have a floating dtype"),
+    "stats-count-float": (lambda: bn(stats=STATS | {"count": jnp.zeros(())}), TypeError, r"`stats\['count'\]` must be an integer scalar"),
+    "cumulative-without-count": (lambda: bn(momentum=None), ValueError, r"`momentum=None`.*track_count=True"),
+    "momentum-one": (lambda: bn(momentum=1.0), ValueError, r"`momentum` must be in \[0, 1\), got 1.0"),
+    "momentum-negative": (lambda: bn(momentum=-0.1), ValueError, r"`momentum` must be in \[0, 1\)"),
+    "momentum-torch-style": (lambda: bn(momentum=1.5), ValueError, r"must be in \[0, 1\)"),
+    "momentum-string": (lambda: bn(momentum="0.9"), TypeError, r"`momentum` must be a float"),
+    "momentum-array": (lambda: bn(momentum=jnp.asarray(0.9)), TypeError, r"`momentum` must be a float"),
+    "epsilon-negative": (lambda: bn(epsilon=-1e-5), ValueError, r"`epsilon` must be >= 0, got -1e-05"),
+    "epsilon-nan": (lambda: bn(epsilon=float("nan")), ValueError, r"`epsilon` must be >= 0"),
+    "epsilon-string": (lambda: bn(epsilon="1e-5"), TypeError, r"`epsilon` must be a non-negative float"),
+    "running-variance": (lambda: bn(running_variance="bessel"), ValueError, r"`running_variance` must be one of \('biased', 'unbiased'\)"),
+    "variance": (lambda: bn(variance="welford"), ValueError, r"`variance` must be one of \('two_pass', 'shifted', 'fast'\)"),
+    "update-stats-not-bool": (lambda: bn(update_stats=0), TypeError, r"`update_stats` must be a Python bool"),
+    "training-int": (lambda: bn(training=1), TypeError, r"`training` must be a Python bool or a boolean scalar array, got 1"),
+    "training-string": (lambda: bn(training="train"), TypeError, r"`training` must be a Python bool"),
+    "training-float-array": (lambda: bn(training=jnp.asarray(1.0)), TypeError, r"got float32\[\]"),
+    "training-vector": (lambda: bn(training=jnp.ones(2, bool)), TypeError, r"got bool\[2\]"),
+    "mask-float": (lambda: bn(mask=jnp.ones((4, 1, 1, 1))), TypeError, r"`mask` must be boolean, got float32.*astype\(bool\)"),
+    "mask-shape": (lambda: bn(mask=jnp.ones((5, 1, 1, 1), bool)), ValueError, r"`mask` of shape \(5, 1, 1, 1\) does not broadcast to x's shape \(4, 5, 5, 3\)"),
+    "mask-larger": (lambda: bn(mask=jnp.ones((2, 4, 5, 5, 3), bool)), ValueError, r"does not broadcast"),
+    "groups-without-axis-name": (lambda: bn(axis_index_groups=[[0, 1]]), ValueError, r"`axis_index_groups` needs `axis_name`"),
+    "axis-name-unbound": (lambda: bn(axis_name="batch"), NameError, r"`axis_name`='batch' is not bound.*shard_map.*pmap.*jax.jit.*axis_name=None"),
+    "axis-name-unbound-jit": (lambda: jax.jit(lambda x: bn(x, axis_name="batch"))(X), NameError, r"is not bound"),
+    "dtype-integer": (lambda: bn(dtype=jnp.int8), TypeError, r"`dtype` must be a floating dtype"),
+    "moments-axes": (lambda: bnjax.moments(X, (0, 7)), ValueError, r"bnjax.moments: `axes`=\(0, 7\) is out of range"),
+    "moments-integer": (lambda: bnjax.moments(jnp.ones(3, jnp.int32), 0), TypeError, r"bnjax.moments: `x`"),
+    "moments-mask": (lambda: bnjax.moments(X, 0, mask=jnp.ones(2, bool)), ValueError, r"bnjax.moments: `mask`"),
+    "moments-variance": (lambda: bnjax.moments(X, 0, variance="exact"), ValueError, r"bnjax.moments: `variance`"),
+    "moments-axis-name": (lambda: bnjax.moments(X, 0, axis_name="i"), NameError, r"bnjax.moments: `axis_name`"),
+    "init-num-features": (lambda: bnjax.init(0), ValueError, r"bnjax.init: `num_features` must be a positive int"),
+    "init-num-features-float": (lambda: bnjax.init(3.0), ValueError, r"bnjax.init: `num_features`"),
+    "init-dtype": (lambda: bnjax.init(3, dtype=jnp.int32), TypeError, r"bnjax.init: `dtype` must be a floating dtype"),
+}
+
+
+@pytest.mark.parametrize("call, error, pattern", CASES.values(), ids=CASES.keys())
+def test_error(call, error, pattern):
+  with pytest.raises(error, match=pattern):
+    call()
+
+
+def test_training_is_required():
+  with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'training'"):
+    bnjax.batch_norm(X, PARAMS, STATS)
+
+
+def test_options_are_keyword_only():
+  with pytest.raises(TypeError, match="positional"):
+    bnjax.batch_norm(X, PARAMS, STATS, True)  # noqa: FBT003
+
+
+def test_errors_are_raised_at_trace_time():
+  # Nothing runs: eval_shape only traces.
+  with pytest.raises(ValueError, match="out of range"):
+    jax.eval_shape(lambda x: bn(x, axis=9), X)
+
+
+def test_numpy_bool_flags_are_accepted():
+  y, _ = bn(training=np.bool_(True), update_stats=np.bool_(False))
+  assert y.shape == X.shape

@@ -1,0 +1,73 @@
+"""The package as a user meets it: the README's code runs, CI runs the README's test command,
+and `import bnjax` pulls in nothing but jax and numpy."""
+
+import pathlib
+import re
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+sys.path.insert(0, str(ROOT / "tools"))
+from readme_command import command  # noqa: E402
+
+PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.DOTALL)
+
+
+def test_readme_has_python_blocks():
+  assert len(PYTHON_BLOCKS) >= 3
+
+
+@pytest.mark.usefixtures("standard_promotion")
+@pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
+def test_readme_python_block_runs(index, capsys):
+  exec(compile(PYTHON_BLOCKS[index], f"README.md block {index}", "exec"), {"__name__": "readme"})
+  assert capsys.readouterr().out.strip(), "each README block prints what it shows"
+
+
+def test_readme_set_up_commands():
+  demo, tests = command("demo"), command("tests")
+  for line in (demo, tests):
+    assert line.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install -e ")
+  assert demo.endswith("python examples/train_digits.py")
+  assert "python -m pytest" in tests
+
+
+def test_ci_runs_the_readme_test_command():
+  ci = (ROOT / ".ci" / "run").read_text()
+  assert "tools/readme_command.py tests" in ci
+  assert "-eq 5" in ci  # no tests collected fails CI
+
+
+def test_readme_command_parser_rejects_missing_marker():
+  with pytest.raises(SystemExit, match="no block marked"):
+    command("deploy", "no markers here")
+
+
+def test_import_bnjax_imports_only_jax_and_numpy():
+  heavy = ["flax", "optax", "orbax", "tensorflow", "tf_keras", "keras", "torch", "sklearn"]
+  code = (
+      "import sys, bnjax; "
+      f"print([m for m in {heavy!r} if m in sys.modules])"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]"
+
+
+def test_core_dependencies_are_jax_and_numpy_only():
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  names = [re.split(r"[<>=!~\[ ]", d)[0] for d in project["dependencies"]]
+  assert sorted(names) == ["jax", "numpy"]
+  extras = project["optional-dependencies"]
+  assert extras["torch"] == ["torch==2.13.0"]
+  assert {"flax", "train", "tf", "torch", "dev"} <= set(extras)
+
+
+def test_public_names():
+  import bnjax
+
+  assert set(bnjax.__all__) == {"batch_norm", "init", "moments", "__version__"}
+  assert re.fullmatch(r"\d+\.\d+\.\d+", bnjax.__version__)
