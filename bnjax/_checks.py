@@ -198,7 +198,8 @@ def training(fn: str, training: Any) -> bool | jax.Array:
     return bool(training)
   if hasattr(training, "dtype") and hasattr(training, "shape"):
     if training.dtype == jnp.bool_ and training.shape == ():
-      return training
+      # Only a traced flag needs lax.cond; a concrete one picks its branch now.
+      return training if isinstance(training, jax.core.Tracer) else bool(training)
   got = (
       f"{training.dtype}{list(training.shape)}"
       if hasattr(training, "dtype")

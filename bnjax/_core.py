@@ -158,7 +158,7 @@ def batch_norm(
   mask = _checks.mask(fn, mask, x.shape)
   _checks.axis_name(fn, axis_name, axis_index_groups)
   out_dtype = _checks.output_dtype(fn, dtype, x.dtype)
-  if training is not False and mask is None and axis_name is None:
+  if training is True and mask is None and axis_name is None:
     _checks.warn_single_element(fn, math.prod(x.shape[a] for a in reduced_axes))
 
   def normalize_with_batch_statistics():

@@ -107,7 +107,6 @@ def _gather_type(local, axis_name, axis_index_groups) -> str:
 
 def _combine_devices(count, mean, m2, axis_name, axis_index_groups):
   """Count-weighted combination of per-device ``(n, mean, M2)`` in one all_gather."""
-  per_channel_count = count.shape != ()
   pieces = [count.reshape(-1), mean.reshape(-1), m2.reshape(-1)]
   sizes = [p.size for p in pieces]
   local = jnp.concatenate(pieces)
@@ -116,8 +115,6 @@ def _combine_devices(count, mean, m2, axis_name, axis_index_groups):
       to=_gather_type(local, axis_name, axis_index_groups),
   )
   counts, means, m2s = jnp.split(gathered, [sizes[0], sizes[0] + sizes[1]], axis=1)
-  if not per_channel_count:
-    counts = counts.reshape(-1, 1)
   total = jnp.sum(counts, 0)
   combined_mean = jnp.sum(counts * means, 0) / jnp.maximum(total, 1)
   combined_m2 = jnp.sum(m2s, 0) + jnp.sum(counts * jnp.square(means - combined_mean), 0)
