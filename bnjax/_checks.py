@@ -22,7 +22,7 @@ VARIANCE_ALGORITHMS = ("two_pass", "shifted", "fast")
 RUNNING_VARIANCES = ("biased", "unbiased")
 
 
-def _fail(fn: str, message: str, error: type[Exception] = ValueError):
+def fail(fn: str, message: str, error: type[Exception] = ValueError):
   raise error(f"bnjax.{fn}: {message}")
 
 
@@ -31,14 +31,14 @@ def array_like(fn: str, name: str, value: Any) -> jax.Array:
     try:
       value = jnp.asarray(value)
     except TypeError:
-      _fail(fn, f"`{name}` must be an array, got {type(value).__name__}.", TypeError)
+      fail(fn, f"`{name}` must be an array, got {type(value).__name__}.", TypeError)
   return value
 
 
 def floating_input(fn: str, x: Any) -> jax.Array:
   x = array_like(fn, "x", x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
-    _fail(
+    fail(
         fn,
         f"`x` must have a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}."
         " Hint: convert it first, e.g. `x.astype(jnp.float32)`.",
@@ -52,14 +52,14 @@ def canonical_axes(fn: str, name: str, axes: Any, ndim: int) -> tuple[int, ...]:
   as_tuple = tuple(axes) if isinstance(axes, Sequence) and not isinstance(axes, str) else (axes,)
   for a in as_tuple:
     if isinstance(a, bool) or not isinstance(a, numbers.Integral):
-      _fail(
+      fail(
           fn,
           f"`{name}` must be an int or a tuple of ints, got {axes!r}.",
           TypeError,
       )
   bad = [int(a) for a in as_tuple if not -ndim <= a < ndim]
   if bad:
-    _fail(
+    fail(
         fn,
         f"`{name}`={axes!r} is out of range for an input of rank {ndim}; expected values in"
         f" [{-ndim}, {ndim - 1}]. Hint: channels-last (NHWC) is axis=-1, channels-first (NCHW)"
@@ -67,14 +67,14 @@ def canonical_axes(fn: str, name: str, axes: Any, ndim: int) -> tuple[int, ...]:
     )
   positive = [int(a) % ndim for a in as_tuple]
   if len(set(positive)) != len(positive):
-    _fail(fn, f"`{name}`={axes!r} names the same axis twice (as {positive}).")
+    fail(fn, f"`{name}`={axes!r} names the same axis twice (as {positive}).")
   return tuple(sorted(positive))
 
 
 def feature_axes(fn: str, axis: Any, ndim: int) -> tuple[int, ...]:
   axes = canonical_axes(fn, "axis", axis, ndim)
   if len(axes) == ndim:
-    _fail(
+    fail(
         fn,
         f"`axis`={axis!r} leaves no axis to reduce over for an input of rank {ndim}."
         " Hint: batch norm needs at least one batch axis besides the feature axes.",
@@ -85,14 +85,14 @@ def feature_axes(fn: str, axis: Any, ndim: int) -> tuple[int, ...]:
 def _feature_array(fn: str, what: str, value: Any, feature_shape: tuple[int, ...]) -> jax.Array:
   value = array_like(fn, what, value)
   if not jnp.issubdtype(value.dtype, jnp.floating):
-    _fail(
+    fail(
         fn,
         f"`{what}` must have a floating dtype, got {value.dtype}."
         " Hint: build params and stats with `bnjax.init(...)`.",
         TypeError,
     )
   if tuple(value.shape) != feature_shape:
-    _fail(
+    fail(
         fn,
         f"`{what}` must have the shape of the feature axes {feature_shape}, got {tuple(value.shape)}."
         " Hint: check `axis` (channels-first inputs need axis=1) and the `num_features` given"
@@ -103,14 +103,14 @@ def _feature_array(fn: str, what: str, value: Any, feature_shape: tuple[int, ...
 
 def params(fn: str, params: Any, feature_shape: tuple[int, ...]) -> dict[str, jax.Array]:
   if not isinstance(params, Mapping):
-    _fail(
+    fail(
         fn,
         f"`params` must be a dict with optional keys {PARAM_KEYS}, got {type(params).__name__}.",
         TypeError,
     )
   unknown = sorted(set(params) - set(PARAM_KEYS))
   if unknown:
-    _fail(
+    fail(
         fn,
         f"`params` has unknown keys {unknown}; expected only {PARAM_KEYS} (Flax's names)."
         " Hint: Keras' gamma/beta are scale/bias; leave a key out to disable it.",
@@ -120,14 +120,14 @@ def params(fn: str, params: Any, feature_shape: tuple[int, ...]) -> dict[str, ja
 
 def stats(fn: str, stats: Any, feature_shape: tuple[int, ...], *, need_count: bool) -> dict[str, Any]:
   if not isinstance(stats, Mapping):
-    _fail(
+    fail(
         fn,
         f"`stats` must be a dict with keys {REQUIRED_STAT_KEYS}, got {type(stats).__name__}.",
         TypeError,
     )
   missing = [k for k in REQUIRED_STAT_KEYS if k not in stats]
   if missing:
-    _fail(
+    fail(
         fn,
         f"`stats` is missing {missing}; got keys {sorted(stats)}."
         " Hint: Flax's names are 'mean' and 'var' (Keras: moving_mean, moving_variance);"
@@ -139,14 +139,14 @@ def stats(fn: str, stats: Any, feature_shape: tuple[int, ...], *, need_count: bo
   if "count" in stats:
     count = array_like(fn, "stats['count']", stats["count"])
     if count.shape != () or not jnp.issubdtype(count.dtype, jnp.integer):
-      _fail(
+      fail(
           fn,
           f"`stats['count']` must be an integer scalar, got {count.dtype}{list(count.shape)}.",
           TypeError,
       )
     checked["count"] = count
   elif need_count:
-    _fail(
+    fail(
         fn,
         "`momentum=None` (the cumulative average) needs the number of batches seen in"
         f" `stats['count']`, got stats with keys {sorted(stats)}."
@@ -159,7 +159,7 @@ def momentum(fn: str, momentum: Any) -> float | None:
   if momentum is None:
     return None
   if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-    _fail(fn, f"`momentum` must be a float in [0, 1) or None, got {momentum!r}.", TypeError)
+    fail(fn, f"`momentum` must be a float in [0, 1) or None, got {momentum!r}.", TypeError)
   if not 0.0 <= momentum < 1.0:
     hint = (
         f" Hint: bnjax weighs the old value (Keras/Flax); PyTorch's momentum={momentum} is"
@@ -167,21 +167,21 @@ def momentum(fn: str, momentum: Any) -> float | None:
         if 0.0 < momentum <= 1.0
         else ""
     )
-    _fail(fn, f"`momentum` must be in [0, 1), got {momentum}.{hint}")
+    fail(fn, f"`momentum` must be in [0, 1), got {momentum}.{hint}")
   return float(momentum)
 
 
 def epsilon(fn: str, epsilon: Any) -> float:
   if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
-    _fail(fn, f"`epsilon` must be a non-negative float, got {epsilon!r}.", TypeError)
+    fail(fn, f"`epsilon` must be a non-negative float, got {epsilon!r}.", TypeError)
   if not epsilon >= 0.0:
-    _fail(fn, f"`epsilon` must be >= 0, got {epsilon}.")
+    fail(fn, f"`epsilon` must be >= 0, got {epsilon}.")
   return float(epsilon)
 
 
 def choice(fn: str, name: str, value: Any, choices: tuple[str, ...]) -> str:
   if value not in choices:
-    _fail(fn, f"`{name}` must be one of {choices}, got {value!r}.")
+    fail(fn, f"`{name}` must be one of {choices}, got {value!r}.")
   return value
 
 
@@ -189,7 +189,7 @@ def flag(fn: str, name: str, value: Any) -> bool:
   """A Python bool (numpy bools accepted), nothing else."""
   if isinstance(value, (bool, np.bool_)):
     return bool(value)
-  _fail(fn, f"`{name}` must be a Python bool, got {value!r}.", TypeError)
+  fail(fn, f"`{name}` must be a Python bool, got {value!r}.", TypeError)
 
 
 def training(fn: str, training: Any) -> bool | jax.Array:
@@ -205,7 +205,7 @@ def training(fn: str, training: Any) -> bool | jax.Array:
       if hasattr(training, "dtype")
       else repr(training)
   )
-  _fail(
+  fail(
       fn,
       f"`training` must be a Python bool or a boolean scalar array, got {got}."
       " Hint: True normalizes with batch statistics and updates the running ones; False"
@@ -219,7 +219,7 @@ def mask(fn: str, mask: Any, shape: tuple[int, ...]) -> jax.Array | None:
     return None
   mask = array_like(fn, "mask", mask)
   if mask.dtype != jnp.bool_:
-    _fail(
+    fail(
         fn,
         f"`mask` must be boolean, got {mask.dtype}. Hint: `mask.astype(bool)` if 0/1 values were"
         " meant; weighted statistics are not supported.",
@@ -230,7 +230,7 @@ def mask(fn: str, mask: Any, shape: tuple[int, ...]) -> jax.Array | None:
   except ValueError:
     broadcast = None
   if broadcast != tuple(shape):
-    _fail(
+    fail(
         fn,
         f"`mask` of shape {tuple(mask.shape)} does not broadcast to x's shape {tuple(shape)}."
         " Hint: keep size-1 axes where the mask is shared, e.g. (N, 1, 1, 1) per example.",
@@ -241,12 +241,12 @@ def mask(fn: str, mask: Any, shape: tuple[int, ...]) -> jax.Array | None:
 def axis_name(fn: str, axis_name: Any, axis_index_groups: Any) -> None:
   if axis_name is None:
     if axis_index_groups is not None:
-      _fail(fn, "`axis_index_groups` needs `axis_name`, got axis_name=None.")
+      fail(fn, "`axis_index_groups` needs `axis_name`, got axis_name=None.")
     return
   try:
     jax.lax.axis_size(axis_name)
   except NameError:
-    _fail(
+    fail(
         fn,
         f"`axis_name`={axis_name!r} is not bound here. It names a mapped axis, so call bnjax"
         f" inside `jax.shard_map(..., mesh=...)` with a mesh axis {axis_name!r}, inside"
@@ -262,13 +262,13 @@ def num_features(fn: str, num_features: Any) -> tuple[int, ...]:
   if not shape or not all(
       isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in shape
   ):
-    _fail(fn, f"`num_features` must be a positive int or a tuple of them, got {num_features!r}.")
+    fail(fn, f"`num_features` must be a positive int or a tuple of them, got {num_features!r}.")
   return tuple(int(n) for n in shape)
 
 
 def floating_dtype(fn: str, name: str, dtype: Any) -> jnp.dtype:
   if not jnp.issubdtype(dtype, jnp.floating):
-    _fail(fn, f"`{name}` must be a floating dtype, got {dtype}.", TypeError)
+    fail(fn, f"`{name}` must be a floating dtype, got {dtype}.", TypeError)
   return jnp.dtype(dtype)
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -63,5 +62,5 @@ def update(
     dtype = max(old.dtype, batch_value.dtype, key=lambda d: d.itemsize)
     w = weight_old.astype(dtype)
     moved = w * old.astype(dtype) + (1 - w) * batch_value.reshape(feature_shape).astype(dtype)
-    new_stats[key] = jnp.where(seen, moved, old).astype(old.dtype)
+    new_stats[key] = jnp.where(seen, moved, old.astype(dtype)).astype(old.dtype)
   return new_stats

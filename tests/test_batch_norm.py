@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import bnjax
 from cases import LAYOUTS, random_inputs
 from oracle import batch_norm as oracle_batch_norm
 from tolerances import assert_close, tolerance
+
+import bnjax
 
 
 def _check(layout, *, training, options, mask=None, jit=False, steps=3):

@@ -4,12 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.test_util import check_grads
-
-import bnjax
 from cases import LAYOUTS, Layout, random_inputs
+from jax.test_util import check_grads
 from oracle import training_grads
 from tolerances import assert_close
+
+import bnjax
 
 
 def _vjp(layout, x, params, stats, dy, **options):

@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import bnjax
 from cases import LAYOUTS, random_inputs
 from oracle import batch_norm as oracle_batch_norm
 from tolerances import LARGE_OFFSET_VARIANCE_RTOL, assert_close
+
+import bnjax
 
 ACCURATE = ["two_pass", "shifted"]
 

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import bnjax
 from oracle import batch_norm as oracle_batch_norm
 from tolerances import assert_close, offset_atol
+
+import bnjax
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

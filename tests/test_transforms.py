@@ -7,13 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cases import LAYOUTS, random_inputs
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-
-import bnjax
-from cases import LAYOUTS, random_inputs
 from oracle import batch_norm as oracle_batch_norm
 from tolerances import assert_close
+
+import bnjax
 
 DEVICES = 8
 MESH = jax.make_mesh((DEVICES,), ("d",))

@@ -1,0 +1,170 @@
+"""``bnjax.linen.BatchNorm``: a drop-in for ``flax.linen.BatchNorm`` backed by ``bnjax.batch_norm``.
+
+Imported on demand (``import bnjax.linen``); ``import bnjax`` alone never imports Flax.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax.linen import module
+from flax.typing import Dtype, Initializer
+from jax.nn import initializers
+
+from bnjax import _checks, _flax_common
+from bnjax._core import batch_norm
+
+__all__ = ["BatchNorm"]
+
+_FN = "linen.BatchNorm"
+
+
+class BatchNorm(module.Module):
+  """Batch normalization for Flax Linen, a drop-in for ``flax.linen.BatchNorm``.
+
+  Same fields, same variables (``params/scale``, ``params/bias``, ``batch_stats/mean``,
+  ``batch_stats/var``, float32 statistics of the feature axes' shape), same call signature,
+  so a Flax checkpoint loads unchanged. All arithmetic is ``bnjax.batch_norm``::
+
+      mean_B, var_B = mean and biased variance of x over the non-feature axes
+      y    = (x - mean_B) * (scale * rsqrt(var_B + epsilon)) + bias          (training)
+      y    = (x - mean)   * (scale * rsqrt(var   + epsilon)) + bias          (evaluation)
+      mean <- momentum * mean + (1 - momentum) * mean_B,  likewise var       (training, not init)
+
+  Differences from ``flax.linen.BatchNorm``:
+
+  - The batch variance is the accurate two-pass ``mean((x - mean)^2)`` by default. Flax's
+    default ``use_fast_variance=True`` is ``E[x^2] - E[x]^2``, which loses all float32
+    precision once ``|mean| / std`` reaches ~3e3. ``use_fast_variance=True`` here is an alias
+    for ``variance='fast'`` and reproduces Flax's default.
+  - With ``axis_name`` the devices' statistics are combined weighted by their counts (exact
+    for uneven shards and masks); Flax averages per-device means, which agrees only when every
+    device holds the same number of valid elements.
+  - ``momentum=None``: cumulative average of all batches seen (PyTorch's ``momentum=None``);
+    adds an int32 scalar ``batch_stats/count``.
+  - ``running_variance='unbiased'`` stores the Bessel-corrected variance (PyTorch,
+    TensorFlow's fused kernel); normalization still uses the biased batch variance.
+  - ``use_running_average`` may be a traced boolean scalar (``jax.jit`` argument): one
+    compiled function serves training and evaluation through ``lax.cond``. The running
+    statistics are then written back in both branches (unchanged in evaluation), so
+    ``'batch_stats'`` must be mutable.
+  - Statistics are always computed in at least float32 (Flax's ``force_float32_reductions``
+    is not offered).
+
+  Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> import bnjax.linen
+      >>> bn = bnjax.linen.BatchNorm(momentum=0.9)
+      >>> x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3)) * 3.0 + 1e4
+      >>> variables = bn.init(jax.random.key(1), x, use_running_average=False)
+      >>> jax.tree.map(jnp.shape, variables)
+      {'batch_stats': {'mean': (3,), 'var': (3,)}, 'params': {'bias': (3,), 'scale': (3,)}}
+      >>> y, updates = bn.apply(
+      ...     variables, x, use_running_average=False, mutable=['batch_stats'])
+      >>> variables = {**variables, **updates}
+      >>> y_eval = bn.apply(variables, x, use_running_average=True)
+
+  Attributes:
+    use_running_average: True: normalize with the stored running statistics; False: with
+      the batch statistics, updating the running ones. Give it here or at call time.
+    axis: the feature axis or axes (int or tuple; negative allowed). NHWC: -1, NCHW: 1.
+    momentum: weight on the old running value (Keras/Flax convention; PyTorch's 0.1 is 0.9
+      here), or None for the cumulative average.
+    epsilon: added to the variance before the square root.
+    dtype: dtype of the result; default: promotion of the input and the params (Flax's rule).
+    param_dtype: dtype of ``scale`` and ``bias``.
+    use_bias: add the learned ``bias`` (beta).
+    use_scale: multiply by the learned ``scale`` (gamma).
+    bias_init: initializer of ``bias``.
+    scale_init: initializer of ``scale``.
+    axis_name: a mapped axis (``shard_map``, ``pmap``) whose devices share batch statistics.
+      Not used during ``init``, as in Flax. Not needed under ``jax.jit`` over a sharded batch.
+    axis_index_groups: groups of indices of ``axis_name`` that share statistics.
+    use_fast_variance: Flax's flag; True means ``variance='fast'``. Default False (Flax: True).
+    variance: ``'two_pass'`` (default), ``'shifted'`` or ``'fast'``; see ``bnjax.moments``.
+    running_variance: ``'biased'`` (Flax, Keras) or ``'unbiased'`` (PyTorch).
+  """
+
+  use_running_average: bool | None = None
+  axis: int | tuple[int, ...] = -1
+  momentum: float | None = 0.99
+  epsilon: float = 1e-5
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = initializers.zeros
+  scale_init: Initializer = initializers.ones
+  axis_name: str | None = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = False
+  variance: str = "two_pass"
+  running_variance: str = "biased"
+
+  @module.compact
+  def __call__(
+      self,
+      x: jax.Array,
+      use_running_average: bool | jax.Array | None = None,
+      *,
+      mask: jax.Array | None = None,
+  ) -> jax.Array:
+    """Normalizes ``x``; in training also updates ``batch_stats`` (unless initializing).
+
+    Args:
+      x: input, floating, rank >= 2.
+      use_running_average: overrides nothing: give it here or as a field, not both (Flax's
+        rule). A Python bool, or a boolean scalar array (possibly traced).
+      mask: boolean, broadcastable to ``x``: statistics over the True elements only.
+
+    Returns:
+      The normalized input, of ``x``'s shape.
+    """
+    use_running_average = module.merge_param(
+        "use_running_average", self.use_running_average, use_running_average
+    )
+    training = _flax_common.training_from_flag(_FN, use_running_average)
+    variance = _flax_common.variance_algorithm(_FN, self.use_fast_variance, self.variance)
+    feature_axes = _checks.feature_axes(_FN, self.axis, jnp.ndim(x))
+    feature_shape = tuple(jnp.shape(x)[a] for a in feature_axes)
+
+    mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), feature_shape)
+    var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), feature_shape)
+    stats = {"mean": mean.value, "var": var.value}
+    count = None
+    if self.momentum is None:
+      count = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
+      stats["count"] = count.value
+
+    params = {}
+    if self.use_scale:
+      params["scale"] = self.param("scale", self.scale_init, feature_shape, self.param_dtype)
+    if self.use_bias:
+      params["bias"] = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
+
+    initializing = self.is_initializing()
+    y, new_stats = batch_norm(
+        x,
+        params,
+        stats,
+        training=training,
+        axis=self.axis,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        update_stats=not initializing,
+        running_variance=self.running_variance,
+        variance=variance,
+        mask=mask,
+        axis_name=None if initializing else self.axis_name,
+        axis_index_groups=None if initializing else self.axis_index_groups,
+        dtype=_flax_common.output_dtype(x, params.get("scale"), params.get("bias"), dtype=self.dtype),
+    )
+    if training is not False and not initializing:
+      mean.value = new_stats["mean"]
+      var.value = new_stats["var"]
+      if count is not None:
+        count.value = new_stats["count"]
+    return y

@@ -1,0 +1,226 @@
+"""``bnjax.nnx.BatchNorm``: a drop-in for ``flax.nnx.BatchNorm`` backed by ``bnjax.batch_norm``.
+
+Imported on demand (``from bnjax import nnx``); ``import bnjax`` alone never imports Flax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.nnx.module import first_from
+from flax.nnx.nn import initializers
+from flax.typing import Dtype, Initializer
+
+from bnjax import _checks, _flax_common
+from bnjax._core import batch_norm
+
+__all__ = ["BatchNorm"]
+
+_FN = "nnx.BatchNorm"
+
+
+class BatchNorm(nnx.Module):
+  """Batch normalization for Flax NNX, a drop-in for ``flax.nnx.BatchNorm``.
+
+  Same constructor, same state (``nnx.BatchStat`` ``mean``/``var`` in float32, ``nnx.Param``
+  ``scale``/``bias``), ``model.train()`` / ``model.eval()`` / ``nnx.view`` work as for Flax's
+  module. All arithmetic is ``bnjax.batch_norm``::
+
+      mean_B, var_B = mean and biased variance of x over the non-feature axes
+      y    = (x - mean_B) * (scale * rsqrt(var_B + epsilon)) + bias          (training)
+      y    = (x - mean)   * (scale * rsqrt(var   + epsilon)) + bias          (evaluation)
+      mean <- momentum * mean + (1 - momentum) * mean_B,  likewise var       (training)
+
+  Differences from ``flax.nnx.BatchNorm``:
+
+  - The batch variance is the accurate two-pass ``mean((x - mean)^2)`` by default. Flax's
+    default ``use_fast_variance=True`` is ``E[x^2] - E[x]^2``, which loses all float32
+    precision once ``|mean| / std`` reaches ~3e3. ``use_fast_variance=True`` here is an alias
+    for ``variance='fast'`` and reproduces Flax's default.
+  - ``num_features`` may be a tuple, one size per feature axis of a tuple ``axis``.
+  - With ``axis_name`` the devices' statistics are combined weighted by their counts (exact
+    for uneven shards and masks); Flax averages per-device means.
+  - ``momentum=None``: cumulative average of all batches seen (PyTorch's ``momentum=None``);
+    adds an int32 scalar ``nnx.BatchStat`` ``count``.
+  - ``running_variance='unbiased'`` stores the Bessel-corrected variance (PyTorch).
+  - ``use_running_average`` may be a traced boolean scalar: ``lax.cond`` picks the branch.
+  - Statistics are computed in at least float32 from the input as given; with an explicit
+    ``dtype`` Flax first casts the input and the running statistics to ``dtype`` (for
+    ``dtype=bfloat16`` it normalizes with bfloat16-rounded statistics); bnjax does not, and
+    only the output is cast. Flax's ``promote_dtype`` hook is not offered.
+
+  Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from bnjax import nnx as bnnnx
+      >>> bn = bnnnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))
+      >>> x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3)) * 3.0 + 1e4
+      >>> y = bn(x)              # training (the default): batch statistics, stats updated
+      >>> bn.eval()
+      >>> y_eval = bn(x)         # running statistics
+      >>> sorted(nnx.state(bn, nnx.BatchStat))
+      ['mean', 'var']
+
+  Args:
+    num_features: the size of the feature axis, or a tuple of sizes for a tuple ``axis``.
+    use_running_average: True: normalize with the stored running statistics; False (default):
+      with the batch statistics, updating the running ones. A call-time value wins.
+    axis: the feature axis or axes (int or tuple; negative allowed). NHWC: -1, NCHW: 1.
+    momentum: weight on the old running value (Keras/Flax convention; PyTorch's 0.1 is 0.9
+      here), or None for the cumulative average.
+    epsilon: added to the variance before the square root.
+    dtype: dtype of the result; default: promotion of the input, the statistics and the
+      params (Flax NNX's rule).
+    param_dtype: dtype of ``scale`` and ``bias``.
+    use_bias: add the learned ``bias`` (beta).
+    use_scale: multiply by the learned ``scale`` (gamma).
+    bias_init: initializer of ``bias``.
+    scale_init: initializer of ``scale``.
+    axis_name: a mapped axis (``shard_map``, ``pmap``) whose devices share batch statistics.
+    axis_index_groups: groups of indices of ``axis_name`` that share statistics.
+    use_fast_variance: Flax's flag; True means ``variance='fast'``. Default False (Flax: True).
+    variance: ``'two_pass'`` (default), ``'shifted'`` or ``'fast'``; see ``bnjax.moments``.
+    running_variance: ``'biased'`` (Flax, Keras) or ``'unbiased'`` (PyTorch).
+    rngs: the ``nnx.Rngs`` whose ``params`` stream feeds the initializers.
+    bias_metadata: metadata of the ``bias`` ``nnx.Param``.
+    scale_metadata: metadata of the ``scale`` ``nnx.Param``.
+  """
+
+  def __init__(
+      self,
+      num_features: int | tuple[int, ...],
+      *,
+      use_running_average: bool | None = False,
+      axis: int | tuple[int, ...] = -1,
+      momentum: float | None = 0.99,
+      epsilon: float = 1e-5,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = initializers.zeros_init(),
+      scale_init: Initializer = initializers.ones_init(),
+      axis_name: str | None = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = False,
+      variance: str = "two_pass",
+      running_variance: str = "biased",
+      rngs: nnx.Rngs,
+      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+      scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+  ):
+    variance = _flax_common.variance_algorithm(_FN, use_fast_variance, variance)
+    _checks.choice(_FN, "variance", variance, _checks.VARIANCE_ALGORITHMS)
+    _checks.choice(_FN, "running_variance", running_variance, _checks.RUNNING_VARIANCES)
+    _checks.momentum(_FN, momentum)
+    feature_shape = (
+        (num_features,) if isinstance(num_features, (int, np.integer)) else tuple(num_features)
+    )
+
+    self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
+    if momentum is None:
+      self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+    self.scale: nnx.Param[jax.Array] | None
+    if use_scale:
+      self.scale = nnx.Param(
+          scale_init(rngs.params(), feature_shape, param_dtype), **scale_metadata
+      )
+    else:
+      self.scale = nnx.data(None)
+    self.bias: nnx.Param[jax.Array] | None
+    if use_bias:
+      self.bias = nnx.Param(
+          bias_init(rngs.params(), feature_shape, param_dtype), **bias_metadata
+      )
+    else:
+      self.bias = nnx.data(None)
+
+    self.num_features = num_features
+    self.use_running_average = use_running_average
+    self.axis = axis
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.variance = variance
+    self.running_variance = running_variance
+
+  def __call__(
+      self,
+      x: jax.Array,
+      use_running_average: bool | jax.Array | None = None,
+      *,
+      mask: jax.Array | None = None,
+  ) -> jax.Array:
+    """Normalizes ``x``; in training also updates the ``nnx.BatchStat`` variables.
+
+    Args:
+      x: input, floating, rank >= 2.
+      use_running_average: overrides the attribute (set by ``train()`` / ``eval()``) when
+        given. A Python bool, or a boolean scalar array (possibly traced).
+      mask: boolean, broadcastable to ``x``: statistics over the True elements only.
+
+    Returns:
+      The normalized input, of ``x``'s shape.
+    """
+    use_running_average = first_from(
+        use_running_average,
+        self.use_running_average,
+        error_msg=(
+            "No `use_running_average` argument was provided to bnjax.nnx.BatchNorm. Pass it to"
+            " the constructor or the call, or use `model.train()` / `model.eval()`."
+        ),
+    )
+    training = _flax_common.training_from_flag(_FN, use_running_average)
+    stats = {"mean": self.mean[...], "var": self.var[...]}
+    if self.momentum is None:
+      stats["count"] = self.count[...]
+    params = {}
+    if self.scale is not None:
+      params["scale"] = self.scale[...]
+    if self.bias is not None:
+      params["bias"] = self.bias[...]
+
+    y, new_stats = batch_norm(
+        x,
+        params,
+        stats,
+        training=training,
+        axis=self.axis,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        running_variance=self.running_variance,
+        variance=self.variance,
+        mask=mask,
+        axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups,
+        dtype=_flax_common.output_dtype(
+            x, stats["mean"], stats["var"], params.get("scale"), params.get("bias"),
+            dtype=self.dtype,
+        ),
+    )
+    if training is not False:
+      self.mean[...] = new_stats["mean"]
+      self.var[...] = new_stats["var"]
+      if self.momentum is None:
+        self.count[...] = new_stats["count"]
+    return y
+
+  def set_view(self, use_running_average: bool | None = None):
+    """Used by ``nnx.view``: sets ``use_running_average`` when given."""
+    if use_running_average is not None:
+      self.use_running_average = use_running_average

@@ -1,0 +1,371 @@
+"""bnjax.linen.BatchNorm against flax.linen.BatchNorm: variables, numbers, transforms, errors.
+
+Flax's own module is run under the standard promotion rules (it mixes bfloat16 and float32
+implicitly); bnjax's adapter runs under the strict rules set by conftest.
+"""
+
+import doctest
+
+import flax
+import flax.linen as fnn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax_compare import MAX_DIFF, assert_close, assert_trees_close, flax_promotion
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tolerances import offset_atol, tolerance
+
+import bnjax.linen
+
+
+@pytest.fixture(autouse=True, scope="module")
+def report_max_differences():
+  """Prints the largest differences from Flax seen in this file (visible with pytest -s)."""
+  MAX_DIFF.clear()
+  yield
+  print(f"\nbnjax.linen vs flax.linen, per dtype (max abs diff, max rel diff): {MAX_DIFF}")
+
+
+def layout(tree):
+  return jax.tree.map(lambda a: (a.shape, jnp.dtype(a.dtype).name), tree)
+
+
+def data(shape, dtype=np.float32, seed=0, offset=100.0):
+  """NumPy-made data (no compiles), std 1.5 + seed, mean `offset`.
+
+  At the default offset (|mean| / std up to ~70) Flax's default one-pass variance is off by
+  more than 1e-4, so matching Flax's two-pass variance to 1e-6 pins bnjax's default algorithm.
+  """
+  x = np.random.default_rng(seed).standard_normal(shape, np.float32) * (1.5 + seed) + offset
+  return x.astype(dtype)
+
+
+# id, input shape, kwargs for both modules, input dtype, mask shape (or None)
+CASES = [
+    ("nhwc-axis-1", (4, 5, 5, 3), dict(axis=-1), jnp.float32, None),
+    ("nchw-axis1", (4, 3, 5, 5), dict(axis=1), jnp.float32, None),
+    ("tuple-axis-1-3", (4, 3, 5, 2), dict(axis=(1, 3)), jnp.float32, None),
+    ("2d-momentum0.9-eps1e-3", (16, 6), dict(momentum=0.9, epsilon=1e-3), jnp.float32, None),
+    ("5d-ndhwc", (2, 3, 4, 5, 3), dict(), jnp.float32, None),
+    ("mask-per-example", (8, 4, 3), dict(), jnp.float32, (8, 1, 1)),
+    ("mask-elementwise", (8, 4, 3), dict(), jnp.float32, (8, 4, 3)),
+    ("bf16-input", (4, 5, 5, 3), dict(), jnp.bfloat16, None),
+    ("bf16-input-bf16-params", (4, 5, 5, 3), dict(param_dtype=jnp.bfloat16), jnp.bfloat16, None),
+    ("f32-input-bf16-output", (4, 5, 5, 3), dict(dtype=jnp.bfloat16), jnp.float32, None),
+    ("no-scale", (8, 6), dict(use_scale=False), jnp.float32, None),
+    ("no-bias", (8, 6), dict(use_bias=False), jnp.float32, None),
+    ("no-scale-no-bias", (8, 6), dict(use_scale=False, use_bias=False), jnp.float32, None),
+    (
+        "custom-init",
+        (8, 6),
+        dict(
+            scale_init=jax.nn.initializers.normal(1.0),
+            bias_init=jax.nn.initializers.uniform(2.0),
+        ),
+        jnp.float32,
+        None,
+    ),
+    ("param-dtype-bf16", (8, 6), dict(param_dtype=jnp.bfloat16), jnp.float32, None),
+]
+
+
+def make_mask(shape, seed):
+  if shape is None:
+    return None
+  mask = np.random.default_rng(100 + seed).random(shape) < 0.6
+  mask[0] = True  # every channel sees at least one element
+  return mask
+
+
+def run(module, x_shape, x_dtype, mask_shape, *, steps=3, variables=None, offset=100.0):
+  """Init, `steps` training steps (a `lax.scan`), then evaluation, in one small jit.
+
+  Returns (variables after init and after each step, [y of each step..., y of eval]), as lists.
+  """
+  xs = np.stack([data(x_shape, x_dtype, step, offset) for step in range(steps)])
+  masks = None if mask_shape is None else np.stack([make_mask(mask_shape, s) for s in range(steps)])
+  x_eval = data(x_shape, x_dtype, 7, offset)
+
+  @jax.jit
+  def go(variables, xs, masks, x_eval):
+    if variables is None:
+      variables = module.init(jax.random.key(42), xs[0], use_running_average=False)
+
+    def train_step(variables, x_and_mask):
+      x, mask = x_and_mask
+      y, updates = module.apply(
+          variables, x, use_running_average=False, mask=mask, mutable=["batch_stats"]
+      )
+      variables = {**variables, **updates}
+      return variables, (variables, y)
+
+    final, (history, ys) = jax.lax.scan(train_step, variables, (xs, masks))
+    return variables, history, ys, module.apply(final, x_eval, use_running_average=True)
+
+  first, history, ys, y_eval = jax.device_get(go(variables, xs, masks, x_eval))
+  unstack = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+  return (
+      [first] + [unstack(history, i) for i in range(steps)],
+      [ys[i] for i in range(steps)] + [y_eval],
+  )
+
+
+@pytest.mark.parametrize(
+    "x_shape, kwargs, x_dtype, mask_shape",
+    [pytest.param(*c[1:], id=c[0]) for c in CASES],
+)
+def test_same_variables_and_numbers_as_flax(x_shape, kwargs, x_dtype, mask_shape):
+  ours_history, ours_ys = run(bnjax.linen.BatchNorm(**kwargs), x_shape, x_dtype, mask_shape)
+  with flax_promotion():
+    flax_history, flax_ys = run(
+        fnn.BatchNorm(use_fast_variance=False, **kwargs), x_shape, x_dtype, mask_shape
+    )
+  assert layout(ours_history[0]) == layout(flax_history[0])
+  for stage, (ours, theirs) in enumerate(zip(ours_history, flax_history)):
+    assert_trees_close(ours, theirs, f"variables after {stage} training steps ")
+  for step, (ours, theirs) in enumerate(zip(ours_ys, flax_ys)):
+    assert_close(ours, theirs, f"y at step {step} (last: eval)")
+  # the statistics moved, so the comparison above is not vacuous
+  assert not np.allclose(flax_history[-1]["batch_stats"]["mean"], 0.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param(dict(), id="default"),
+        pytest.param(dict(axis=(1, 3)), id="tuple-axis"),
+        pytest.param(dict(axis=(3, 1)), id="tuple-axis-unsorted"),
+        pytest.param(dict(use_scale=False, param_dtype=jnp.bfloat16), id="bf16-params-no-scale"),
+    ],
+)
+def test_identical_variable_tree(kwargs):
+  x = jax.ShapeDtypeStruct((2, 3, 4, 5), jnp.float32)
+  init = lambda bn: jax.eval_shape(bn.init, jax.random.key(0), x)  # noqa: E731
+  ours = init(bnjax.linen.BatchNorm(use_running_average=False, **kwargs))
+  with flax_promotion():
+    theirs = init(fnn.BatchNorm(use_running_average=False, **kwargs))
+  assert layout(ours) == layout(theirs)
+
+
+def test_init_does_not_update_statistics():
+  # as Flax: the data seen by init does not move the running statistics
+  variables = jax.jit(bnjax.linen.BatchNorm(use_running_average=False).init)(
+      jax.random.key(0), data((4, 3))
+  )
+  np.testing.assert_array_equal(variables["batch_stats"]["mean"], 0.0)
+  np.testing.assert_array_equal(variables["batch_stats"]["var"], 1.0)
+
+
+def test_flax_checkpoint_loads_unchanged():
+  x_shape = (8, 4, 4, 3)
+  with flax_promotion():
+    flax_bn = fnn.BatchNorm(use_fast_variance=False, momentum=0.8)
+    (*_, checkpoint), _ = run(flax_bn, x_shape, jnp.float32, None, steps=2)
+  ours_bn = bnjax.linen.BatchNorm(momentum=0.8)
+  x = data(x_shape, seed=5)
+  for flag in (True, False):
+    with flax_promotion():
+      theirs = flax_bn.apply(checkpoint, x, use_running_average=flag, mutable=["batch_stats"])
+    ours = ours_bn.apply(checkpoint, x, use_running_average=flag, mutable=["batch_stats"])
+    assert_trees_close(ours, theirs, f"use_running_average={flag} ")
+
+
+def test_use_fast_variance_true_matches_flax_default():
+  # near-centred data, where E[x^2] - E[x]^2 is accurate and its two codings agree
+  x_shape = (8, 5, 3)
+  with flax_promotion():
+    flax_history, flax_ys = run(fnn.BatchNorm(), x_shape, jnp.float32, None, offset=1.0)
+  ours_history, ours_ys = run(
+      bnjax.linen.BatchNorm(use_fast_variance=True), x_shape, jnp.float32, None, offset=1.0
+  )
+  assert_trees_close(ours_history, flax_history)
+  assert_trees_close(ours_ys, flax_ys)
+
+
+def test_mutable_batch_stats_train_updates_and_eval_leaves_unchanged():
+  bn = bnjax.linen.BatchNorm()
+  x = data((8, 3))
+  variables = bn.init(jax.random.key(0), x, use_running_average=False)
+  _, updates = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+  assert set(updates) == {"batch_stats"}
+  expected_mean = 0.01 * np.asarray(x, np.float64).mean(0)
+  np.testing.assert_allclose(updates["batch_stats"]["mean"], expected_mean, **tolerance(jnp.float32, 8))
+  trained = {**variables, **updates}
+  _, unchanged = bn.apply(trained, x, use_running_average=True, mutable=["batch_stats"])
+  assert_trees_close(unchanged, updates)
+  # evaluation needs no mutable collection
+  y = bn.apply(trained, x, use_running_average=True)
+  assert y.shape == x.shape
+
+
+def test_traced_flag_under_jit_matches_static():
+  bn = bnjax.linen.BatchNorm(momentum=0.9)
+  x = data((8, 4, 3))
+  variables = bn.init(jax.random.key(0), x, use_running_average=False)
+  variables = {**variables, **bn.apply(variables, data((8, 4, 3), seed=1),
+                                       use_running_average=False, mutable=["batch_stats"])[1]}
+
+  @jax.jit
+  def step(variables, x, use_running_average):
+    return bn.apply(variables, x, use_running_average, mutable=["batch_stats"])
+
+  for flag in (False, True):
+    traced = step(variables, x, jnp.asarray(flag))
+    static = bn.apply(variables, x, use_running_average=flag, mutable=["batch_stats"])
+    assert_trees_close(traced, static, f"flag={flag} ")
+  assert step._cache_size() == 1  # one compilation served both modes
+
+
+def test_traced_flag_needs_mutable_batch_stats():
+  bn = bnjax.linen.BatchNorm()
+  x = data((8, 3))
+  variables = bn.init(jax.random.key(0), x, use_running_average=False)
+  with pytest.raises(flax.errors.ModifyScopeVariableError):
+    jax.jit(lambda v, x, f: bn.apply(v, x, f))(variables, x, jnp.asarray(True))
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["two-pass", "fast-variance"])
+def test_axis_name_under_shard_map_matches_flax(fast):
+  # Flax averages the devices' means, bnjax weights them by count: equal in exact arithmetic,
+  # rounded differently. Near-centred data keeps that below the float32 tolerance (at mean 100
+  # it is an ulp of the mean, 7.6e-6).
+  mesh = jax.make_mesh((8,), ("batch",))
+  x = data((16, 5, 3), seed=1, offset=3.0)
+  x_sharded = jax.device_put(x, NamedSharding(mesh, P("batch")))
+  variables = fnn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
+
+  def sharded(module):
+    def step(variables, x):
+      return module.apply(variables, x, mutable=["batch_stats"])
+
+    return jax.jit(
+        jax.shard_map(step, mesh=mesh, in_specs=(P(), P("batch")), out_specs=(P("batch"), P()))
+    )
+
+  ours = sharded(
+      bnjax.linen.BatchNorm(use_running_average=False, axis_name="batch", use_fast_variance=fast)
+  )(variables, x_sharded)
+  with flax_promotion():
+    theirs = sharded(
+        fnn.BatchNorm(use_running_average=False, axis_name="batch", use_fast_variance=fast)
+    )(variables, x_sharded)
+  assert_trees_close(ours, theirs)
+  # and both equal the single-device result over the whole batch
+  whole = bnjax.linen.BatchNorm(use_running_average=False, use_fast_variance=fast).apply(
+      variables, x, mutable=["batch_stats"]
+  )
+  assert_trees_close(ours, whole)
+
+
+def test_axis_index_groups_under_shard_map_matches_flax():
+  mesh = jax.make_mesh((8,), ("batch",))
+  groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+  x = data((16, 3), seed=2, offset=3.0)  # near-centred: see the test above
+  x_sharded = jax.device_put(x, NamedSharding(mesh, P("batch")))
+  variables = fnn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
+
+  def sharded(module):
+    def step(variables, x):
+      y, updates = module.apply(variables, x, mutable=["batch_stats"])
+      return y, jax.tree.map(lambda s: s[None], updates)  # one row of statistics per device
+
+    return jax.jit(
+        jax.shard_map(
+            step, mesh=mesh, in_specs=(P(), P("batch")), out_specs=P("batch"), check_vma=False
+        )
+    )
+
+  kwargs = dict(use_running_average=False, axis_name="batch", axis_index_groups=groups)
+  ours = sharded(bnjax.linen.BatchNorm(**kwargs))(variables, x_sharded)
+  with flax_promotion():
+    theirs = sharded(fnn.BatchNorm(use_fast_variance=False, **kwargs))(variables, x_sharded)
+  assert_trees_close(ours, theirs)
+  means = np.asarray(ours[1]["batch_stats"]["mean"])
+  assert not np.allclose(means[0], means[4])  # the two groups did differ
+
+
+def test_momentum_none_is_cumulative_average():
+  bn = bnjax.linen.BatchNorm(momentum=None, epsilon=1e-3)
+  batches = [data((6, 4, 3), seed=s) for s in range(3)]
+  variables = bn.init(jax.random.key(0), batches[0], use_running_average=False)
+  assert layout(variables["batch_stats"]) == {
+      "mean": ((3,), "float32"), "var": ((3,), "float32"), "count": ((), "int32")
+  }
+  assert int(variables["batch_stats"]["count"]) == 0
+  for x in batches:
+    _, updates = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    variables = {**variables, **updates}
+  x64 = [np.asarray(x, np.float64).reshape(-1, 3) for x in batches]
+  expected_mean = np.mean([x.mean(0) for x in x64], 0)
+  expected_var = np.mean([x.var(0) for x in x64], 0)
+  stats = variables["batch_stats"]
+  assert int(stats["count"]) == 3
+  np.testing.assert_allclose(stats["mean"], expected_mean, **tolerance(jnp.float32, 24))
+  np.testing.assert_allclose(stats["var"], expected_var, **tolerance(jnp.float32, 24))
+  x_eval = np.asarray(data((6, 4, 3), seed=9), np.float64)
+  y = bn.apply(variables, x_eval.astype(np.float32), use_running_average=True)
+  y_ref = (x_eval - expected_mean) / np.sqrt(expected_var + 1e-3)
+  atol = offset_atol(jnp.float32, 24, max_abs_output=np.abs(y_ref).max(),
+                     offset_over_std=np.abs(x_eval).max() / np.sqrt(expected_var.min()))
+  np.testing.assert_allclose(y, y_ref, rtol=0, atol=atol)
+
+
+def test_running_variance_unbiased():
+  bn = bnjax.linen.BatchNorm(momentum=0.0, running_variance="unbiased")
+  x = data((5, 3))
+  variables = bn.init(jax.random.key(0), x, use_running_average=False)
+  _, updates = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+  np.testing.assert_allclose(
+      updates["batch_stats"]["var"], np.asarray(x, np.float64).var(0, ddof=1),
+      **tolerance(jnp.float32, 5),
+  )
+
+
+def test_init_with_use_running_average_true():
+  x = data((4, 5, 3))
+  ours_bn = bnjax.linen.BatchNorm(use_running_average=True)
+  flax_bn = fnn.BatchNorm(use_running_average=True)
+  ours_vars = ours_bn.init(jax.random.key(0), x)
+  with flax_promotion():
+    flax_vars = flax_bn.init(jax.random.key(0), x)
+    flax_y = flax_bn.apply(flax_vars, x)
+  assert_trees_close(ours_vars, flax_vars)
+  assert_close(ours_bn.apply(ours_vars, x), flax_y)
+
+
+def test_init_ignores_axis_name_like_flax():
+  # Flax does not reduce across devices during init, so no mapped axis is needed there.
+  x = data((4, 3))
+  variables = bnjax.linen.BatchNorm(use_running_average=False, axis_name="batch").init(
+      jax.random.key(0), x
+  )
+  assert layout(variables["batch_stats"]) == {"mean": ((3,), "float32"), "var": ((3,), "float32")}
+
+
+def test_errors_surface():
+  x = data((4, 3))
+  variables = bnjax.linen.BatchNorm().init(jax.random.key(0), x, use_running_average=False)
+  with pytest.raises(TypeError, match=r"bnjax\.batch_norm: `x` must have a floating dtype"):
+    bnjax.linen.BatchNorm().apply(variables, jnp.ones((4, 3), jnp.int32), use_running_average=True)
+  with pytest.raises(ValueError, match=r"bnjax\.linen\.BatchNorm: `axis`=5 is out of range"):
+    bnjax.linen.BatchNorm(axis=5).init(jax.random.key(0), x, use_running_average=False)
+  with pytest.raises(ValueError, match=r"`use_fast_variance=True` means variance='fast'"):
+    bnjax.linen.BatchNorm(use_fast_variance=True, variance="shifted").init(
+        jax.random.key(0), x, use_running_average=False
+    )
+  with pytest.raises(ValueError, match=r"bnjax\.batch_norm: `variance` must be one of"):
+    bnjax.linen.BatchNorm(variance="welford").init(jax.random.key(0), x, use_running_average=False)
+  with pytest.raises(TypeError, match=r"`use_running_average` must be a Python bool or a boolean"):
+    bnjax.linen.BatchNorm().apply(variables, x, use_running_average=jnp.ones(()))
+  with pytest.raises(ValueError, match=r"`momentum` must be in \[0, 1\)"):
+    bnjax.linen.BatchNorm(momentum=1.5).init(jax.random.key(0), x, use_running_average=False)
+  with pytest.raises(ValueError, match="passed to the constructor and at call time"):
+    bnjax.linen.BatchNorm(use_running_average=True).apply(variables, x, use_running_average=True)
+
+
+def test_docstring_example_runs():
+  result = doctest.testmod(bnjax.linen, optionflags=doctest.ELLIPSIS)
+  assert result.attempted > 0 and result.failed == 0
+

@@ -1,0 +1,291 @@
+"""bnjax.nnx.BatchNorm against flax.nnx.BatchNorm: state, numbers, train/eval, jit, grad, errors.
+
+Flax's own module is run under the standard promotion rules (it mixes bfloat16 and float32
+implicitly); bnjax's adapter runs under the strict rules set by conftest.
+"""
+
+import doctest
+
+import flax.linen as fnn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from flax_compare import (
+  MAX_DIFF,
+  assert_close,
+  assert_trees_close,
+  flat,
+  flax_promotion,
+)
+from tolerances import offset_atol, tolerance
+
+import bnjax.nnx
+
+
+@pytest.fixture(autouse=True, scope="module")
+def report_max_differences():
+  """Prints the largest differences from Flax seen in this file (visible with pytest -s)."""
+  MAX_DIFF.clear()
+  yield
+  print(f"\nbnjax.nnx vs flax.nnx, per dtype (max abs diff, max rel diff): {MAX_DIFF}")
+
+
+def state_layout(model):
+  return {
+      path: (type(v).__name__, v.shape, jnp.dtype(v.dtype).name)
+      for path, v in nnx.to_flat_state(nnx.state(model))
+  }
+
+
+def data(shape, dtype=np.float32, seed=0, offset=100.0):
+  """NumPy-made data (no compiles), std 1.5 + seed, mean `offset`.
+
+  At the default offset (|mean| / std up to ~70) Flax's default one-pass variance is off by
+  more than 1e-4, so matching Flax's two-pass variance to 1e-6 pins bnjax's default algorithm.
+  """
+  x = np.random.default_rng(seed).standard_normal(shape, np.float32) * (1.5 + seed) + offset
+  return x.astype(dtype)
+
+
+def make_mask(shape, seed):
+  if shape is None:
+    return None
+  mask = np.random.default_rng(100 + seed).random(shape) < 0.6
+  mask[0] = True  # every channel sees at least one element
+  return mask
+
+
+@nnx.jit
+def forward(model, x, mask):
+  return model(x, mask=mask)
+
+
+def run(model, x_shape, x_dtype, mask_shape, steps=3, offset=100.0):
+  """`steps` training steps after `model.train()`, then `model.eval()`; all under nnx.jit.
+
+  Returns ([state after each step], [y of each step..., y of eval]).
+  """
+  states, ys = [], []
+  model.train()
+  for step in range(steps):
+    ys.append(forward(model, data(x_shape, x_dtype, step, offset), make_mask(mask_shape, step)))
+    states.append(nnx.clone(nnx.state(model)))
+  model.eval()
+  ys.append(forward(model, data(x_shape, x_dtype, 7, offset), None))
+  return states, ys
+
+
+# id, input shape, constructor kwargs for both modules (num_features is the last axis' size
+# unless given), input dtype, mask shape (or None)
+CASES = [
+    ("nhwc-axis-1", (4, 5, 5, 3), dict(), np.float32, None),
+    ("nchw-axis1", (4, 3, 5, 5), dict(axis=1, num_features=3), np.float32, None),
+    ("2d-momentum0.9-eps1e-3", (16, 6), dict(momentum=0.9, epsilon=1e-3), np.float32, None),
+    ("mask-per-example", (8, 4, 3), dict(), np.float32, (8, 1, 1)),
+    ("bf16-input", (4, 5, 5, 3), dict(), jnp.bfloat16, None),
+    ("no-scale", (8, 6), dict(use_scale=False), np.float32, None),
+    ("no-scale-no-bias", (8, 6), dict(use_scale=False, use_bias=False), np.float32, None),
+    ("param-dtype-bf16", (8, 6), dict(param_dtype=jnp.bfloat16), np.float32, None),
+    (
+        "custom-init",
+        (8, 6),
+        dict(
+            scale_init=jax.nn.initializers.normal(1.0),
+            bias_init=jax.nn.initializers.uniform(2.0),
+        ),
+        np.float32,
+        None,
+    ),
+]
+
+
+def build(cls, x_shape, kwargs, **extra):
+  kwargs = {"num_features": x_shape[-1], **kwargs, **extra}
+  return cls(**kwargs, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(
+    "x_shape, kwargs, x_dtype, mask_shape",
+    [pytest.param(*c[1:], id=c[0]) for c in CASES],
+)
+def test_same_state_and_numbers_as_flax(x_shape, kwargs, x_dtype, mask_shape):
+  ours = build(bnjax.nnx.BatchNorm, x_shape, kwargs)
+  with flax_promotion():
+    theirs = build(nnx.BatchNorm, x_shape, kwargs, use_fast_variance=False)
+  assert state_layout(ours) == state_layout(theirs)
+  assert_trees_close(nnx.state(ours), nnx.state(theirs), "initial state ")
+
+  ours_states, ours_ys = run(ours, x_shape, x_dtype, mask_shape)
+  with flax_promotion():
+    flax_states, flax_ys = run(theirs, x_shape, x_dtype, mask_shape)
+  for step, (o, t) in enumerate(zip(ours_states, flax_states)):
+    assert_trees_close(o, t, f"state after step {step} ")
+  for step, (o, t) in enumerate(zip(ours_ys, flax_ys)):
+    assert_close(o, t, f"y at step {step} (last: eval)")
+  assert not np.allclose(flax_states[-1]["mean"][...], 0.0)  # the statistics did move
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param(dict(), id="default"),
+        pytest.param(dict(use_scale=False), id="no-scale"),
+        pytest.param(dict(use_bias=False, param_dtype=jnp.bfloat16), id="no-bias-bf16-params"),
+        pytest.param(dict(scale_metadata={"tag": "gamma"}), id="scale-metadata"),
+    ],
+)
+def test_identical_state_tree(kwargs):
+  ours = bnjax.nnx.BatchNorm(5, **kwargs, rngs=nnx.Rngs(0))
+  theirs = nnx.BatchNorm(5, **kwargs, rngs=nnx.Rngs(0))
+  assert state_layout(ours) == state_layout(theirs)
+  assert (ours.scale is None) == (theirs.scale is None)
+  assert (ours.bias is None) == (theirs.bias is None)
+  if "scale_metadata" in kwargs:
+    assert ours.scale.get_metadata()["tag"] == "gamma"
+
+
+@pytest.mark.parametrize(
+    "x_dtype, kwargs",
+    [
+        pytest.param(np.float32, dict(), id="f32"),
+        pytest.param(jnp.bfloat16, dict(), id="bf16-input"),
+        pytest.param(jnp.bfloat16, dict(param_dtype=jnp.bfloat16), id="bf16-input-bf16-params"),
+        pytest.param(jnp.bfloat16, dict(dtype=jnp.bfloat16), id="bf16-input-bf16-dtype"),
+        pytest.param(np.float32, dict(dtype=jnp.bfloat16), id="f32-input-bf16-dtype"),
+        pytest.param(jnp.bfloat16, dict(dtype=jnp.float32), id="bf16-input-f32-dtype"),
+    ],
+)
+@pytest.mark.parametrize("use_running_average", [False, True], ids=["train", "eval"])
+def test_output_dtype_matches_flax(x_dtype, kwargs, use_running_average):
+  x = jax.ShapeDtypeStruct((4, 3), x_dtype)
+  call = lambda m, x: m(x, use_running_average)  # noqa: E731
+  ours = nnx.eval_shape(lambda: bnjax.nnx.BatchNorm(3, **kwargs, rngs=nnx.Rngs(0)))
+  with flax_promotion():
+    theirs = nnx.eval_shape(lambda: nnx.BatchNorm(3, **kwargs, rngs=nnx.Rngs(0)))
+    expected = jax.eval_shape(call, theirs, x).dtype
+  assert jax.eval_shape(call, ours, x).dtype == expected
+
+
+def test_tuple_axis_matches_flax_linen():
+  # flax.nnx.BatchNorm takes one feature axis; bnjax's takes a tuple, as flax.linen's does.
+  x_shape, axis = (4, 3, 5, 2), (1, 3)
+  ours = bnjax.nnx.BatchNorm((3, 2), axis=axis, rngs=nnx.Rngs(0))
+  assert state_layout(ours)[("mean",)] == ("BatchStat", (3, 2), "float32")
+  ours_states, ours_ys = run(ours, x_shape, np.float32, None, steps=2)
+  linen = fnn.BatchNorm(axis=axis, use_fast_variance=False)
+  x0, x1, x_eval = (data(x_shape, seed=s) for s in (0, 1, 7))
+  with flax_promotion():
+    variables = linen.init(jax.random.key(0), x0, use_running_average=False)
+    y0, u0 = linen.apply(variables, x0, use_running_average=False, mutable=["batch_stats"])
+    y1, u1 = linen.apply(
+        {**variables, **u0}, x1, use_running_average=False, mutable=["batch_stats"]
+    )
+    y_eval = linen.apply({**variables, **u1}, x_eval, use_running_average=True)
+  for o, t in zip(ours_ys, [y0, y1, y_eval]):
+    assert_close(o, t)
+  assert_close(ours_states[-1]["var"][...], u1["batch_stats"]["var"])
+
+
+def test_use_fast_variance_true_matches_flax_default():
+  x_shape = (8, 5, 3)
+  ours = bnjax.nnx.BatchNorm(3, use_fast_variance=True, rngs=nnx.Rngs(0))
+  theirs = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+  # near-centred data, where E[x^2] - E[x]^2 is accurate and its two codings agree
+  ours_states, ours_ys = run(ours, x_shape, np.float32, None, offset=1.0)
+  with flax_promotion():
+    flax_states, flax_ys = run(theirs, x_shape, np.float32, None, offset=1.0)
+  for o, t in zip(ours_states, flax_states):
+    assert_trees_close(o, t)
+  for o, t in zip(ours_ys, flax_ys):
+    assert_close(o, t)
+
+
+def test_grad_matches_flax():
+  x = data((8, 4, 3))
+  weights = data((8, 4, 3), seed=3)
+
+  @nnx.jit
+  def grads(model, x):
+    def loss(model, x):
+      return jnp.sum(model(x) * weights)
+
+    return nnx.grad(loss, argnums=(0, 1))(model, x)
+
+  ours = bnjax.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+  theirs = nnx.BatchNorm(3, use_fast_variance=False, rngs=nnx.Rngs(0))
+  ours_model_grad, ours_x_grad = grads(ours, x)
+  with flax_promotion():
+    flax_model_grad, flax_x_grad = grads(theirs, x)
+  assert_trees_close(ours_model_grad, flax_model_grad, "d loss / d params ")
+  assert sorted(flat(ours_model_grad)) == [("bias",), ("scale",)]
+  # through the batch statistics: the input gradient is far from the naive scale / std
+  np.testing.assert_allclose(ours_x_grad, flax_x_grad, **tolerance(jnp.float32, x.size // 3))
+  # the running statistics were updated inside grad, as Flax's
+  assert_trees_close(nnx.state(ours, nnx.BatchStat), nnx.state(theirs, nnx.BatchStat))
+
+
+def test_traced_flag_and_view():
+  x = data((8, 4, 3))
+  model = bnjax.nnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))
+  forward(model, data((8, 4, 3), seed=1), None)  # move the statistics away from 0 and 1
+
+  @nnx.jit
+  def step(model, x, flag):
+    return model(x, flag)
+
+  for flag in (False, True):
+    traced_model, static_model = nnx.clone(model), nnx.clone(model)
+    traced_y = step(traced_model, x, jnp.asarray(flag))
+    static_y = forward(nnx.view(static_model, use_running_average=flag), x, None)
+    assert_close(traced_y, static_y, f"flag={flag} ")
+    assert_trees_close(nnx.state(traced_model), nnx.state(static_model), f"flag={flag} ")
+  # evaluation left the statistics alone, training moved them
+  assert_trees_close(nnx.state(static_model), nnx.state(model))
+  assert not np.allclose(nnx.state(traced_model)["mean"][...], 0.0)
+
+
+def test_momentum_none_is_cumulative_average():
+  model = bnjax.nnx.BatchNorm(3, momentum=None, epsilon=1e-3, rngs=nnx.Rngs(0))
+  assert state_layout(model)[("count",)] == ("BatchStat", (), "int32")
+  batches = [data((6, 4, 3), seed=s) for s in range(3)]
+  for x in batches:
+    forward(model, x, None)
+  x64 = [np.asarray(x, np.float64).reshape(-1, 3) for x in batches]
+  expected_mean = np.mean([x.mean(0) for x in x64], 0)
+  expected_var = np.mean([x.var(0) for x in x64], 0)
+  assert int(model.count[...]) == 3
+  np.testing.assert_allclose(model.mean[...], expected_mean, **tolerance(jnp.float32, 24))
+  np.testing.assert_allclose(model.var[...], expected_var, **tolerance(jnp.float32, 24))
+  model.eval()
+  x_eval = data((6, 4, 3), seed=9)
+  y_ref = (x_eval.astype(np.float64) - expected_mean) / np.sqrt(expected_var + 1e-3)
+  atol = offset_atol(jnp.float32, 24, max_abs_output=np.abs(y_ref).max(),
+                     offset_over_std=np.abs(x_eval).max() / np.sqrt(expected_var.min()))
+  np.testing.assert_allclose(forward(model, x_eval, None), y_ref, rtol=0, atol=atol)
+
+
+def test_errors():
+  with pytest.raises(ValueError, match=r"`use_fast_variance=True` means variance='fast'"):
+    bnjax.nnx.BatchNorm(3, use_fast_variance=True, variance="shifted", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"bnjax\.nnx\.BatchNorm: `variance` must be one of"):
+    bnjax.nnx.BatchNorm(3, variance="welford", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"bnjax\.nnx\.BatchNorm: `running_variance` must be one"):
+    bnjax.nnx.BatchNorm(3, running_variance="bessel", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"`momentum` must be in \[0, 1\).*PyTorch"):
+    bnjax.nnx.BatchNorm(3, momentum=1.0, rngs=nnx.Rngs(0))
+  model = bnjax.nnx.BatchNorm(3, use_running_average=None, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="No `use_running_average` argument"):
+    model(jnp.ones((4, 3)))
+  with pytest.raises(TypeError, match=r"bnjax\.batch_norm: `x` must have a floating dtype"):
+    model(jnp.ones((4, 3), jnp.int32), use_running_average=True)
+  with pytest.raises(TypeError, match=r"`use_running_average` must be a Python bool or a boolean"):
+    model(jnp.ones((4, 3)), use_running_average=jnp.zeros((2,), bool))
+  with pytest.raises(ValueError, match=r"`params\['scale'\]` must have the shape"):
+    model(jnp.ones((4, 5)), use_running_average=True)
+
+
+def test_docstring_example_runs():
+  result = doctest.testmod(bnjax.nnx, optionflags=doctest.ELLIPSIS)
+  assert result.attempted > 0 and result.failed == 0
