@@ -139,3 +139,19 @@ def test_float64(training):
   y_ref, stats_ref = oracle_batch_norm(np.asarray(x), params, stats, training=training, axis=1)
   assert_close(y, y_ref, jnp.float64, layout.reduction_size())
   assert_close(new_stats["var"], stats_ref["var"], jnp.float64, layout.reduction_size())
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize(
+    "x_dtype, stats_dtype", [(jnp.float64, jnp.float32), (jnp.float32, jnp.bfloat16)],
+    ids=["f64-x-f32-stats", "f32-x-bf16-stats"],
+)
+def test_running_stats_keep_their_dtype(x_dtype, stats_dtype):
+  # Regression: the update mixed dtypes in jnp.where, which strict promotion rejects.
+  x, params, stats = random_inputs(LAYOUTS["dense"], dtype=x_dtype)
+  stats = {k: v.astype(stats_dtype) for k, v in stats.items()}
+  _, new_stats = bnjax.batch_norm(x, params, stats, training=True, momentum=0.5)
+  _, expected = oracle_batch_norm(np.asarray(x), params, stats, training=True, momentum=0.5)
+  for key in ("mean", "var"):
+    assert new_stats[key].dtype == stats_dtype
+    assert_close(new_stats[key], expected[key].astype(stats_dtype), stats_dtype, what=key)
