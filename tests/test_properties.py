@@ -4,7 +4,7 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from oracle import batch_norm as oracle_batch_norm
 from tolerances import assert_close, offset_atol
@@ -31,6 +31,8 @@ def problems(draw):
 @SETTINGS
 @given(problems(), st.booleans(), st.sampled_from(["two_pass", "shifted"]),
        st.sampled_from(["biased", "unbiased"]))
+# Found by hypothesis in CI: a small output that is the difference of two larger terms.
+@example(((1, 2, 3), (2,), (1, 1, 1), 0), False, "two_pass", "biased")
 def test_matches_oracle(problem, use_mask, variance, running_variance):
   shape, axis, mask_shape, seed = problem
   rng = np.random.default_rng(seed)
