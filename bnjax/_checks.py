@@ -20,6 +20,9 @@ PARAM_KEYS = ("scale", "bias")
 REQUIRED_STAT_KEYS = ("mean", "var")
 VARIANCE_ALGORITHMS = ("two_pass", "shifted", "fast")
 RUNNING_VARIANCES = ("biased", "unbiased")
+RENORM_STAT_KEYS = ("renorm_mean", "renorm_stddev", "stddev")
+CLIPPING_KEYS = ("rmin", "rmax", "dmax")
+ZERO_DEBIAS = ("mean", "mean_and_var")
 
 
 def fail(fn: str, message: str, error: type[Exception] = ValueError):
@@ -118,7 +121,9 @@ def params(fn: str, params: Any, feature_shape: tuple[int, ...]) -> dict[str, ja
   return {k: _feature_array(fn, f"params['{k}']", v, feature_shape) for k, v in params.items()}
 
 
-def stats(fn: str, stats: Any, feature_shape: tuple[int, ...], *, need_count: bool) -> dict[str, Any]:
+def stats(
+    fn: str, stats: Any, feature_shape: tuple[int, ...], *, need_count: bool, need_renorm: bool
+) -> dict[str, Any]:
   if not isinstance(stats, Mapping):
     fail(
         fn,
@@ -133,8 +138,15 @@ def stats(fn: str, stats: Any, feature_shape: tuple[int, ...], *, need_count: bo
         " Hint: Flax's names are 'mean' and 'var' (Keras: moving_mean, moving_variance);"
         " `bnjax.init(num_features)` builds them.",
     )
+  missing_renorm = [k for k in RENORM_STAT_KEYS if k not in stats]
+  if need_renorm and missing_renorm:
+    fail(
+        fn,
+        f"`renorm=True` needs the running statistics {missing_renorm} in `stats`, got keys"
+        f" {sorted(stats)}. Hint: `bnjax.init(num_features, renorm=True)`.",
+    )
   checked = dict(stats)
-  for k in REQUIRED_STAT_KEYS:
+  for k in REQUIRED_STAT_KEYS + (RENORM_STAT_KEYS if need_renorm else ()):
     checked[k] = _feature_array(fn, f"stats['{k}']", stats[k], feature_shape)
   if "count" in stats:
     count = array_like(fn, "stats['count']", stats["count"])
@@ -148,18 +160,19 @@ def stats(fn: str, stats: Any, feature_shape: tuple[int, ...], *, need_count: bo
   elif need_count:
     fail(
         fn,
-        "`momentum=None` (the cumulative average) needs the number of batches seen in"
-        f" `stats['count']`, got stats with keys {sorted(stats)}."
+        "`momentum=None` (the cumulative average) and `zero_debias` need the number of"
+        f" updates so far in `stats['count']`, got stats with keys {sorted(stats)}."
         " Hint: `bnjax.init(num_features, track_count=True)`.",
     )
   return checked
 
 
-def momentum(fn: str, momentum: Any) -> float | None:
-  if momentum is None:
+def momentum(fn: str, momentum: Any, *, name: str = "momentum") -> float | None:
+  if momentum is None and name == "momentum":
     return None
   if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-    fail(fn, f"`momentum` must be a float in [0, 1) or None, got {momentum!r}.", TypeError)
+    allowed = " or None" if name == "momentum" else ""
+    fail(fn, f"`{name}` must be a float in [0, 1){allowed}, got {momentum!r}.", TypeError)
   if not 0.0 <= momentum < 1.0:
     hint = (
         f" Hint: bnjax weighs the old value (Keras/Flax); PyTorch's momentum={momentum} is"
@@ -167,7 +180,7 @@ def momentum(fn: str, momentum: Any) -> float | None:
         if 0.0 < momentum <= 1.0
         else ""
     )
-    fail(fn, f"`momentum` must be in [0, 1), got {momentum}.{hint}")
+    fail(fn, f"`{name}` must be in [0, 1), got {momentum}.{hint}")
   return float(momentum)
 
 
@@ -285,3 +298,76 @@ def warn_single_element(fn: str, per_channel: int) -> None:
         " Hint: use a larger batch, or training=False.",
         stacklevel=3,
     )
+
+
+def renorm_clipping(fn: str, clipping: Any, renorm: bool) -> dict[str, float]:
+  if clipping is None:
+    return {}
+  if not renorm:
+    fail(fn, "`renorm_clipping` needs `renorm=True`, got renorm=False.")
+  if not isinstance(clipping, Mapping):
+    fail(fn, f"`renorm_clipping` must be a dict, got {type(clipping).__name__}.", TypeError)
+  unknown = sorted(set(clipping) - set(CLIPPING_KEYS))
+  if unknown:
+    fail(fn, f"`renorm_clipping` has unknown keys {unknown}; expected some of {CLIPPING_KEYS}.")
+  bounds = {}
+  for key, value in clipping.items():
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+      fail(fn, f"`renorm_clipping['{key}']` must be a number, got {value!r}.", TypeError)
+    bounds[key] = float(value)
+  rmin, rmax, dmax = (bounds.get(k) for k in CLIPPING_KEYS)
+  if (rmin is not None and rmin <= 0) or (rmax is not None and rmax <= 0):
+    fail(fn, f"`renorm_clipping` needs rmin, rmax > 0, got {clipping}.")
+  if rmin is not None and rmax is not None and rmin > rmax:
+    fail(fn, f"`renorm_clipping` needs rmin <= rmax, got {clipping}.")
+  if dmax is not None and dmax < 0:
+    fail(fn, f"`renorm_clipping` needs dmax >= 0, got {clipping}.")
+  return bounds
+
+
+def zero_debias(fn: str, value: Any, *, momentum: float | None, renorm: bool) -> str | None:
+  if value is None:
+    return None
+  choice(fn, "zero_debias", value, ZERO_DEBIAS)
+  if momentum is None:
+    fail(fn, "`zero_debias` needs a float `momentum`: the cumulative average (momentum=None)"
+         " has no bias to remove.")
+  if renorm:
+    fail(fn, "`zero_debias` and `renorm=True` cannot be combined: tf_keras's renorm tracks a"
+         " standard deviation that this debiasing does not cover.")
+  return value
+
+
+def virtual_batch_size(
+    fn: str, size: Any, shape: tuple[int, ...], reduced_axes: tuple[int, ...], axis_name: Any
+) -> int | None:
+  if size is None:
+    return None
+  if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+    fail(fn, f"`virtual_batch_size` must be a positive int or None, got {size!r}.", TypeError)
+  if 0 not in reduced_axes:
+    fail(fn, "`virtual_batch_size` splits axis 0, the batch, but `axis` makes it a feature axis.")
+  if shape[0] % size:
+    fail(
+        fn,
+        f"`virtual_batch_size`={size} must divide the batch size, got x.shape[0]={shape[0]}."
+        " Hint: tf_keras raises the same way; pad or drop the last partial batch.",
+    )
+  if axis_name is not None:
+    fail(fn, "`virtual_batch_size` with `axis_name` is not supported: ghost batches are"
+         " per-device by design. Hint: drop axis_name to normalize each device's groups.")
+  return int(size)
+
+
+def adjustment(fn: str, adjustment: Any, *, virtual_batch_size: int | None):
+  if adjustment is not None and virtual_batch_size is not None:
+    fail(fn, "`adjustment` with `virtual_batch_size` is not supported (tf_keras rejects it too).")
+  if adjustment is not None and not callable(adjustment):
+    fail(
+        fn,
+        f"`adjustment` must be a callable shape -> (scale, bias), got {type(adjustment).__name__}.",
+        TypeError,
+    )
+  return adjustment

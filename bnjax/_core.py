@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax import _checks, _running, _stats
+from bnjax import _checks, _renorm, _running, _stats
 
 Params = dict[str, jax.Array]  # {'scale': (*F,), 'bias': (*F,)}, either may be absent
 Stats = dict[str, jax.Array]  # {'mean': (*F,), 'var': (*F,)} (+ 'count': int32[] if tracked)
@@ -22,6 +23,7 @@ def init(
     use_bias: bool = True,
     dtype: Any = jnp.float32,
     track_count: bool = False,
+    renorm: bool = False,
 ) -> tuple[Params, Stats]:
   """Initial ``(params, stats)`` for ``batch_norm``, with Flax's names and layout.
 
@@ -31,11 +33,14 @@ def init(
     use_bias: include the learned bias (beta), initialized to 0.
     dtype: dtype of ``params``. Running statistics are kept in at least float32.
     track_count: add ``stats['count']`` (int32 scalar, the number of updates, PyTorch's
-      ``num_batches_tracked``); needed by ``momentum=None``.
+      ``num_batches_tracked``); needed by ``momentum=None`` and ``zero_debias``.
+    renorm: add the running statistics batch renormalization needs: ``renorm_mean`` (0),
+      ``renorm_stddev`` (1) and ``stddev`` (1), tf_keras's ``renorm_mean``, ``renorm_stddev``
+      and ``moving_stddev``.
 
   Returns:
     ``params = {'scale': ones, 'bias': zeros}`` without the disabled entries, and
-    ``stats = {'mean': zeros, 'var': ones}`` (+ ``'count': 0``).
+    ``stats = {'mean': zeros, 'var': ones}`` (+ ``'count': 0``, + the renorm statistics).
   """
   shape = _checks.num_features("init", num_features)
   _checks.floating_dtype("init", "dtype", dtype)
@@ -48,19 +53,33 @@ def init(
   stats = {"mean": jnp.zeros(shape, stat_dtype), "var": jnp.ones(shape, stat_dtype)}
   if track_count:
     stats["count"] = jnp.zeros((), jnp.int32)
+  if renorm:
+    stats |= _renorm.init_stats(shape, stat_dtype)
   return params, stats
 
 
-def _normalize(x, mean, var, params, *, epsilon, broadcast_shape, out_dtype):
-  """y = (x - mean) * (scale * rsqrt(var + epsilon)) + bias, in the statistics' dtype."""
+def _normalize(x, mean, var, scale, offset, *, epsilon, out_dtype):
+  """y = (x - mean) * (scale * rsqrt(var + epsilon)) + offset, in the statistics' dtype.
+
+  ``scale`` and ``offset`` (None: 1 and 0) broadcast against ``x``. The subtraction comes
+  first: folding it into the offset (``x * inv + (offset - mean * inv)``, TensorFlow's
+  order) cancels catastrophically when |mean| >> std.
+  """
   dtype = mean.dtype
   inv = lax.rsqrt(var + jnp.asarray(epsilon, dtype))
-  if "scale" in params:
-    inv = inv * params["scale"].astype(dtype).reshape(broadcast_shape)
+  if scale is not None:
+    inv = inv * scale
   y = (x.astype(dtype) - mean) * inv
-  if "bias" in params:
-    y = y + params["bias"].astype(dtype).reshape(broadcast_shape)
+  if offset is not None:
+    y = y + offset
   return y.astype(out_dtype)
+
+
+def _then(inner_scale, inner_offset, scale, offset):
+  """(scale, offset) of v -> (v * inner_scale + inner_offset) * scale + offset (None: 1, 0)."""
+  if scale is not None:
+    inner_scale, inner_offset = inner_scale * scale, inner_offset * scale
+  return inner_scale, inner_offset if offset is None else inner_offset + offset
 
 
 def batch_norm(
@@ -79,6 +98,12 @@ def batch_norm(
     axis_name: Any = None,
     axis_index_groups: Any = None,
     dtype: Any = None,
+    renorm: bool = False,
+    renorm_clipping: dict[str, float] | None = None,
+    renorm_momentum: float = 0.99,
+    virtual_batch_size: int | None = None,
+    adjustment: Callable[[tuple[int, ...]], tuple[jax.Array, jax.Array]] | None = None,
+    zero_debias: str | None = None,
 ) -> tuple[jax.Array, Stats]:
   """Batch normalization as a pure function: ``y, new_stats = batch_norm(x, params, stats, ...)``.
 
@@ -98,13 +123,18 @@ def batch_norm(
   Running statistics, with ``n`` elements per channel and ``w`` the weight on the old value::
 
       var_R = var_B * n / max(n - 1, 1)  if running_variance == 'unbiased' else var_B
-      w     = momentum, or 1 - 1/count with momentum=None (count incremented first)
+      w     = momentum; 1 - 1/(t+1) with momentum=None; m(1 - m^t)/(1 - m^(t+1)) debiased
       mean <- w * mean + (1 - w) * mean_B;   var <- w * var + (1 - w) * var_R
+
+  TensorFlow's training-only features compose as tf_keras composes them: with ``xhat`` the
+  normalized input, ``(r, d)`` the renorm correction and ``(a, b) = adjustment(shape)``,
+  ``y = ((xhat * r + d) * a + b) * scale + bias``.
 
   Args:
     x: input, float16, bfloat16, float32 or float64, any rank >= 2.
     params: ``{'scale': (*F,), 'bias': (*F,)}``; a missing entry means scale 1 / bias 0.
-    stats: ``{'mean': (*F,), 'var': (*F,)}`` running statistics (+ ``'count'``).
+    stats: ``{'mean': (*F,), 'var': (*F,)}`` running statistics (+ ``'count'``, + the renorm
+      statistics): build them with ``bnjax.init``.
     training: required. True: normalize with batch statistics and update the running ones.
       False: normalize with the running statistics; ``stats`` come back unchanged. A traced
       boolean scalar picks the branch at run time with ``lax.cond``, so one compiled
@@ -133,6 +163,18 @@ def batch_norm(
       reduction itself.
     axis_index_groups: groups of indices of ``axis_name`` that share statistics.
     dtype: dtype of ``y``; default ``x.dtype``.
+    renorm: batch renormalization (tf_keras ``renorm=True``): needs ``init(..., renorm=True)``.
+      See ``bnjax._renorm`` for the formulas.
+    renorm_clipping: ``{'rmin', 'rmax', 'dmax'}`` bounds for ``r`` and ``d``; missing: no clip.
+    renorm_momentum: weight on the old value of the renorm averages.
+    virtual_batch_size: ghost batches: statistics over groups of this many examples of axis 0,
+      grouped as tf_keras groups them: example ``i`` belongs to group ``i % (N // size)``. The
+      running statistics move once per step toward the groups' average mean and variance.
+    adjustment: tf_keras's ``adjustment``: called in training with ``x.shape``, returns
+      ``(a, b)`` broadcastable to ``x``; ``y = (xhat * a + b) * scale + bias``. Not with
+      ``virtual_batch_size`` (tf_keras rejects that pair too).
+    zero_debias: ``'mean'`` (tf.contrib's ``zero_debias_moving_mean``) or ``'mean_and_var'``:
+      running averages debiased as if started at the first batch; needs ``stats['count']``.
 
   Returns:
     ``(y, new_stats)``: ``y`` of ``x``'s shape in ``dtype``; ``new_stats`` with ``stats``'s
@@ -146,8 +188,16 @@ def batch_norm(
   feature_shape = tuple(x.shape[a] for a in feature_axes)
   broadcast_shape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
   momentum = _checks.momentum(fn, momentum)
+  renorm = _checks.flag(fn, "renorm", renorm)
+  renorm_clipping = _checks.renorm_clipping(fn, renorm_clipping, renorm)
+  renorm_momentum = _checks.momentum(fn, renorm_momentum, name="renorm_momentum")
+  zero_debias = _checks.zero_debias(fn, zero_debias, momentum=momentum, renorm=renorm)
   params = _checks.params(fn, params, feature_shape)
-  stats = _checks.stats(fn, stats, feature_shape, need_count=momentum is None and update_stats)
+  stats = _checks.stats(
+      fn, stats, feature_shape,
+      need_count=update_stats and (momentum is None or zero_debias is not None),
+      need_renorm=renorm,
+  )
   stats = jax.tree.map(lax.stop_gradient, stats)  # running statistics are state, not parameters
   epsilon = _checks.epsilon(fn, epsilon)
   update_stats = _checks.flag(fn, "update_stats", update_stats)
@@ -157,39 +207,63 @@ def batch_norm(
   variance = _checks.choice(fn, "variance", variance, _checks.VARIANCE_ALGORITHMS)
   mask = _checks.mask(fn, mask, x.shape)
   _checks.axis_name(fn, axis_name, axis_index_groups)
+  virtual_batch_size = _checks.virtual_batch_size(
+      fn, virtual_batch_size, x.shape, reduced_axes, axis_name
+  )
+  adjustment = _checks.adjustment(fn, adjustment, virtual_batch_size=virtual_batch_size)
   out_dtype = _checks.output_dtype(fn, dtype, x.dtype)
-  if training is True and mask is None and axis_name is None:
-    _checks.warn_single_element(fn, math.prod(x.shape[a] for a in reduced_axes))
+  stat_dtype = _stats.stat_dtype(x.dtype)
+  scale, offset = (
+      params[k].astype(stat_dtype).reshape(broadcast_shape) if k in params else None
+      for k in ("scale", "bias")
+  )
 
   def normalize_with_batch_statistics():
+    # Virtual batches: (N, ...) -> (size, N // size, ...), statistics per column (axis 1).
+    if virtual_batch_size is None:
+      xv, mask_v, axes_v, group_axis, features_v = x, mask, reduced_axes, None, broadcast_shape
+    else:
+      grouped = (virtual_batch_size, x.shape[0] // virtual_batch_size) + x.shape[1:]
+      xv = x.reshape(grouped)
+      mask_v = None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(grouped)
+      axes_v, group_axis = (0,) + tuple(a + 1 for a in reduced_axes if a != 0), 1
+      features_v = (1,) + broadcast_shape  # x's axis 0 is reduced, so broadcast_shape[0] == 1
+    if training is True and mask is None and axis_name is None:
+      _checks.warn_single_element(fn, math.prod(xv.shape[a] for a in axes_v))
     batch = _stats.batch_moments(
-        x, reduced_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
+        xv, axes_v, mask=mask_v, axis_name=axis_name, axis_index_groups=axis_index_groups,
         variance=variance,
     )
+    target = _running.targets(
+        batch, running_variance=running_variance, feature_shape=feature_shape,
+        group_axis=group_axis,
+    )
+    scale_v, offset_v = (None if v is None else v.reshape(features_v) for v in (scale, offset))
+    if adjustment is not None:
+      a, b = (jnp.asarray(v).astype(stat_dtype) for v in adjustment(xv.shape))
+      scale_v, offset_v = _then(a, b, scale_v, offset_v)
+    if renorm:
+      r, d = _renorm.correction(
+          target.mean, target.var, stats, epsilon=epsilon, clipping=renorm_clipping
+      )
+      scale_v, offset_v = _then(r.reshape(features_v), d.reshape(features_v), scale_v, offset_v)
     # The barrier keeps XLA from sharing `x - mean` between the variance and the output:
     # shared, XLA:CPU writes it out in full (one more write and read of x); apart, each pass
     # recomputes it in its own fusion: 17.0 -> 12.7 ms for (32, 56, 56, 128) f32 on 2 CPU cores
     # (benchmarks/NOTES.md).
     mean, var = lax.optimization_barrier((batch.mean, batch.var))
-    y = _normalize(
-        x, mean, var, params,
-        epsilon=epsilon, broadcast_shape=broadcast_shape, out_dtype=out_dtype,
-    )
+    y = _normalize(xv, mean, var, scale_v, offset_v, epsilon=epsilon, out_dtype=out_dtype)
+    y = y.reshape(x.shape)
     if not update_stats:
       return y, stats
     return y, _running.update(
-        stats, batch,
-        momentum=momentum, running_variance=running_variance, feature_shape=feature_shape,
+        stats, target, momentum=momentum, zero_debias=zero_debias, renorm=renorm,
+        renorm_momentum=renorm_momentum, epsilon=epsilon,
     )
 
   def normalize_with_running_statistics():
-    dtype = _stats.stat_dtype(x.dtype)
-    mean, var = (stats[k].astype(dtype).reshape(broadcast_shape) for k in ("mean", "var"))
-    y = _normalize(
-        x, mean, var, params,
-        epsilon=epsilon, broadcast_shape=broadcast_shape, out_dtype=out_dtype,
-    )
-    return y, stats
+    mean, var = (stats[k].astype(stat_dtype).reshape(broadcast_shape) for k in ("mean", "var"))
+    return _normalize(x, mean, var, scale, offset, epsilon=epsilon, out_dtype=out_dtype), stats
 
   if training is True:
     return normalize_with_batch_statistics()

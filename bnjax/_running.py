@@ -1,13 +1,19 @@
-"""Running-statistics updates: exponential moving average or cumulative average.
+"""Running-statistics updates: exponential, cumulative or zero-debiased moving averages.
 
 With batch statistics ``mean_B``, ``var_B`` over ``n`` elements per channel:
 
     var_R  = var_B * n / max(n - 1, 1)   if running_variance == 'unbiased'   (Bessel)
            = var_B                       if running_variance == 'biased'
-    w      = momentum                    (EMA; the weight on the old value, Keras/Flax style)
-           = 1 - 1 / count               (momentum=None: cumulative average, count += 1 first)
+    w      = momentum                              (EMA; weight on the OLD value, Keras/Flax)
+           = 1 - 1 / (t + 1)                       (momentum=None: cumulative average)
+           = m * (1 - m^t) / (1 - m^(t + 1))       (zero_debias: as if started at this batch)
     mean  <- w * mean + (1 - w) * mean_B
     var   <- w * var  + (1 - w) * var_R
+
+where ``t = stats['count']`` is the number of earlier updates. With virtual batches, mean_B and
+var_R are averages over the virtual batches (one update per step, as tf_keras does). With
+renorm, ``stddev`` moves toward sqrt(var_R + epsilon) and ``var = max(stddev^2 - epsilon, 0)``;
+see ``_renorm``.
 
 Conventions differ between frameworks:
 - Keras, Flax and bnjax pass ``momentum`` as the weight on the OLD value (0.99 by default);
@@ -17,6 +23,10 @@ Conventions differ between frameworks:
   biased batch variance.
 - With one element per channel, n / (n - 1) is undefined; TensorFlow's fused kernel uses
   n / max(n - 1, 1) and so does bnjax (PyTorch raises instead).
+- The zero-debiased average is tf.contrib's ``zero_debias_moving_mean``: an EMA started at 0
+  and divided by 1 - m^t. It removes the cold start: with momentum 0.999 a plain EMA needs
+  ~1000 steps to forget its initial value; the debiased one equals the first batch's value
+  after one step.
 
 A channel with no valid element (all masked out) keeps its running statistics. ``count``, when
 present, counts the updates (PyTorch's ``num_batches_tracked``).
@@ -24,43 +34,95 @@ present, counts the updates (PyTorch's ``num_batches_tracked``).
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from bnjax._stats import Moments
 
 
+class Targets(NamedTuple):
+  """Per-feature values the running statistics move toward, shaped like ``stats['mean']``."""
+
+  mean: jax.Array  # mean_B
+  var: jax.Array  # var_B, biased (what renorm compares with)
+  running_var: jax.Array  # var_R: var_B, Bessel-corrected if asked
+  count: jax.Array  # elements seen per feature (0: keep the old statistics)
+
+
+def targets(
+    batch: Moments, *, running_variance: str, feature_shape, group_axis: int | None
+) -> Targets:
+  """Reduces batch ``Moments`` to per-feature targets, averaging over virtual batches."""
+  mean, var, count = (lax.stop_gradient(v) for v in batch)
+  count = jnp.broadcast_to(count, mean.shape)
+  running_var = var
+  if running_variance == "unbiased":
+    running_var = var * (count / jnp.maximum(count - 1, 1))
+  if group_axis is not None:
+    mean, var, running_var = (v.mean(group_axis) for v in (mean, var, running_var))
+    count = count.sum(group_axis)
+  return Targets(*(v.reshape(feature_shape) for v in (mean, var, running_var, count)))
+
+
+def _weight_old(momentum: float | None, zero_debias: bool, count, dtype) -> jax.Array:
+  """w, the weight on the old value, given ``count`` = t earlier updates."""
+  if momentum is None:
+    return 1 - 1 / (count.astype(dtype) + 1)
+  m = jnp.asarray(momentum, dtype)
+  if not zero_debias:
+    return m
+  # 1 - m^k = -expm1(k * log1p(-(1 - m))), exact to a few ulps even where 1 - m^k is tiny
+  # (momentum 0.999, t = 1: 0.002, which the direct form gets to only ~1e-4 in float32).
+  log_m = jnp.asarray(math.log1p(-(1.0 - momentum)), dtype)
+  t = count.astype(dtype)
+  return m * jnp.expm1(t * log_m) / jnp.expm1((t + 1) * log_m)
+
+
+def _move(old, target, weight_old, seen):
+  dtype = max(old.dtype, target.dtype, key=lambda d: d.itemsize)
+  w = weight_old.astype(dtype)
+  moved = w * old.astype(dtype) + (1 - w) * target.astype(dtype)
+  return jnp.where(seen, moved, old.astype(dtype)).astype(old.dtype)
+
+
 def update(
     stats: dict[str, Any],
-    batch: Moments,
+    batch: Targets,
     *,
     momentum: float | None,
-    running_variance: str,
-    feature_shape: tuple[int, ...],
+    zero_debias: str | None,
+    renorm: bool,
+    renorm_momentum: float,
+    epsilon: float,
 ) -> dict[str, Any]:
-  """Returns ``stats`` with ``mean``, ``var`` (and ``count``) moved toward the batch.
+  """Returns ``stats`` moved toward ``batch``; other keys pass through unchanged.
 
-  No gradient flows through the update: ``stats`` arrive stopped, ``batch`` is stopped here.
+  No gradient flows through the update: ``stats`` arrive stopped, ``batch`` is stopped.
   """
-  batch_mean, batch_var, count = (lax.stop_gradient(v) for v in batch)
-  if running_variance == "unbiased":
-    batch_var = batch_var * (count / jnp.maximum(count - 1, 1))
-
+  dtype = batch.mean.dtype
+  count = stats.get("count")
+  weight_mean = _weight_old(momentum, zero_debias in ("mean", "mean_and_var"), count, dtype)
+  weight_var = _weight_old(momentum, zero_debias == "mean_and_var", count, dtype)
+  seen = batch.count > 0
   new_stats = dict(stats)
-  if "count" in stats:
-    new_stats["count"] = stats["count"] + jnp.ones((), stats["count"].dtype)
-  if momentum is None:
-    weight_old = 1 - 1 / new_stats["count"].astype(batch_mean.dtype)
-  else:
-    weight_old = jnp.asarray(momentum, batch_mean.dtype)
+  if count is not None:
+    new_stats["count"] = count + jnp.ones((), count.dtype)
+  new_stats["mean"] = _move(stats["mean"], batch.mean, weight_mean, seen)
+  if not renorm:
+    new_stats["var"] = _move(stats["var"], batch.running_var, weight_var, seen)
+    return new_stats
 
-  seen = jnp.reshape(count > 0, count.shape if count.shape == () else feature_shape)
-  for key, batch_value in (("mean", batch_mean), ("var", batch_var)):
-    old = stats[key]
-    dtype = max(old.dtype, batch_value.dtype, key=lambda d: d.itemsize)
-    w = weight_old.astype(dtype)
-    moved = w * old.astype(dtype) + (1 - w) * batch_value.reshape(feature_shape).astype(dtype)
-    new_stats[key] = jnp.where(seen, moved, old.astype(dtype)).astype(old.dtype)
+  eps = jnp.asarray(epsilon, dtype)
+  stddev = _move(stats["stddev"], jnp.sqrt(batch.running_var + eps), weight_var, seen)
+  new_stats["stddev"] = stddev
+  new_stats["var"] = jnp.maximum(jnp.square(stddev.astype(dtype)) - eps, 0).astype(stats["var"].dtype)
+  renorm_weight = jnp.asarray(renorm_momentum, dtype)
+  new_stats["renorm_mean"] = _move(stats["renorm_mean"], batch.mean, renorm_weight, seen)
+  new_stats["renorm_stddev"] = _move(
+      stats["renorm_stddev"], jnp.sqrt(batch.var + eps), renorm_weight, seen
+  )
   return new_stats

@@ -5,6 +5,7 @@ Imported on demand (``import bnjax.linen``); ``import bnjax`` alone never import
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -14,7 +15,7 @@ from flax.typing import Dtype, Initializer
 from jax.nn import initializers
 
 from bnjax import _checks, _flax_common
-from bnjax._core import batch_norm
+from bnjax._core import batch_norm, init
 
 __all__ = ["BatchNorm"]
 
@@ -86,6 +87,10 @@ class BatchNorm(module.Module):
     use_fast_variance: Flax's flag; True means ``variance='fast'``. Default False (Flax: True).
     variance: ``'two_pass'`` (default), ``'shifted'`` or ``'fast'``; see ``bnjax.moments``.
     running_variance: ``'biased'`` (Flax, Keras) or ``'unbiased'`` (PyTorch).
+    renorm, renorm_clipping, renorm_momentum, virtual_batch_size, adjustment, zero_debias:
+      TensorFlow's training-only features, as in ``bnjax.batch_norm``; renorm adds
+      ``renorm_mean``, ``renorm_stddev`` and ``stddev`` to ``batch_stats``, zero_debias a
+      ``count``.
   """
 
   use_running_average: bool | None = None
@@ -103,6 +108,12 @@ class BatchNorm(module.Module):
   use_fast_variance: bool = False
   variance: str = "two_pass"
   running_variance: str = "biased"
+  renorm: bool = False
+  renorm_clipping: dict[str, float] | None = None
+  renorm_momentum: float = 0.99
+  virtual_batch_size: int | None = None
+  adjustment: Callable[[tuple[int, ...]], tuple[jax.Array, jax.Array]] | None = None
+  zero_debias: str | None = None
 
   @module.compact
   def __call__(
@@ -131,13 +142,15 @@ class BatchNorm(module.Module):
     feature_axes = _checks.feature_axes(_FN, self.axis, jnp.ndim(x))
     feature_shape = tuple(jnp.shape(x)[a] for a in feature_axes)
 
-    mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), feature_shape)
-    var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), feature_shape)
-    stats = {"mean": mean.value, "var": var.value}
-    count = None
-    if self.momentum is None:
-      count = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
-      stats["count"] = count.value
+    # The running statistics bnjax.init lays out for these options, as batch_stats variables.
+    _, initial = init(
+        feature_shape, track_count=self.momentum is None or self.zero_debias is not None,
+        renorm=self.renorm,
+    )
+    variables = {
+        key: self.variable("batch_stats", key, lambda v=value: v) for key, value in initial.items()
+    }
+    stats = {key: variable.value for key, variable in variables.items()}
 
     params = {}
     if self.use_scale:
@@ -161,10 +174,14 @@ class BatchNorm(module.Module):
         axis_name=None if initializing else self.axis_name,
         axis_index_groups=None if initializing else self.axis_index_groups,
         dtype=_flax_common.output_dtype(x, params.get("scale"), params.get("bias"), dtype=self.dtype),
+        renorm=self.renorm,
+        renorm_clipping=self.renorm_clipping,
+        renorm_momentum=self.renorm_momentum,
+        virtual_batch_size=self.virtual_batch_size,
+        adjustment=self.adjustment,
+        zero_debias=self.zero_debias,
     )
     if training is not False and not initializing:
-      mean.value = new_stats["mean"]
-      var.value = new_stats["var"]
-      if count is not None:
-        count.value = new_stats["count"]
+      for key, variable in variables.items():
+        variable.value = new_stats[key]
     return y

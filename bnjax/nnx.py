@@ -5,7 +5,7 @@ Imported on demand (``from bnjax import nnx``); ``import bnjax`` alone never imp
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -18,7 +18,7 @@ from flax.nnx.nn import initializers
 from flax.typing import Dtype, Initializer
 
 from bnjax import _checks, _flax_common
-from bnjax._core import batch_norm
+from bnjax._core import batch_norm, init
 
 __all__ = ["BatchNorm"]
 
@@ -88,6 +88,9 @@ class BatchNorm(nnx.Module):
     use_fast_variance: Flax's flag; True means ``variance='fast'``. Default False (Flax: True).
     variance: ``'two_pass'`` (default), ``'shifted'`` or ``'fast'``; see ``bnjax.moments``.
     running_variance: ``'biased'`` (Flax, Keras) or ``'unbiased'`` (PyTorch).
+    renorm, renorm_clipping, renorm_momentum, virtual_batch_size, adjustment, zero_debias:
+      TensorFlow's training-only features, as in ``bnjax.batch_norm``; renorm adds the
+      ``renorm_mean``, ``renorm_stddev`` and ``stddev`` BatchStats, zero_debias a ``count``.
     rngs: the ``nnx.Rngs`` whose ``params`` stream feeds the initializers.
     bias_metadata: metadata of the ``bias`` ``nnx.Param``.
     scale_metadata: metadata of the ``scale`` ``nnx.Param``.
@@ -112,6 +115,12 @@ class BatchNorm(nnx.Module):
       use_fast_variance: bool = False,
       variance: str = "two_pass",
       running_variance: str = "biased",
+      renorm: bool = False,
+      renorm_clipping: dict[str, float] | None = None,
+      renorm_momentum: float = 0.99,
+      virtual_batch_size: int | None = None,
+      adjustment: Callable[[tuple[int, ...]], tuple[jax.Array, jax.Array]] | None = None,
+      zero_debias: str | None = None,
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
@@ -124,10 +133,13 @@ class BatchNorm(nnx.Module):
         (num_features,) if isinstance(num_features, (int, np.integer)) else tuple(num_features)
     )
 
-    self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
-    self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
-    if momentum is None:
-      self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+    # The running statistics bnjax.init lays out for these options, one BatchStat each.
+    _, initial = init(
+        feature_shape, track_count=momentum is None or zero_debias is not None, renorm=renorm
+    )
+    for key, value in initial.items():
+      setattr(self, key, nnx.BatchStat(value))
+    self.stat_keys = tuple(initial)
 
     self.scale: nnx.Param[jax.Array] | None
     if use_scale:
@@ -158,6 +170,12 @@ class BatchNorm(nnx.Module):
     self.use_fast_variance = use_fast_variance
     self.variance = variance
     self.running_variance = running_variance
+    self.renorm = renorm
+    self.renorm_clipping = renorm_clipping
+    self.renorm_momentum = renorm_momentum
+    self.virtual_batch_size = virtual_batch_size
+    self.adjustment = adjustment
+    self.zero_debias = zero_debias
 
   def __call__(
       self,
@@ -186,9 +204,7 @@ class BatchNorm(nnx.Module):
         ),
     )
     training = _flax_common.training_from_flag(_FN, use_running_average)
-    stats = {"mean": self.mean[...], "var": self.var[...]}
-    if self.momentum is None:
-      stats["count"] = self.count[...]
+    stats = {key: getattr(self, key)[...] for key in self.stat_keys}
     params = {}
     if self.scale is not None:
       params["scale"] = self.scale[...]
@@ -212,12 +228,16 @@ class BatchNorm(nnx.Module):
             x, stats["mean"], stats["var"], params.get("scale"), params.get("bias"),
             dtype=self.dtype,
         ),
+        renorm=self.renorm,
+        renorm_clipping=self.renorm_clipping,
+        renorm_momentum=self.renorm_momentum,
+        virtual_batch_size=self.virtual_batch_size,
+        adjustment=self.adjustment,
+        zero_debias=self.zero_debias,
     )
     if training is not False:
-      self.mean[...] = new_stats["mean"]
-      self.var[...] = new_stats["var"]
-      if self.momentum is None:
-        self.count[...] = new_stats["count"]
+      for key in self.stat_keys:
+        getattr(self, key)[...] = new_stats[key]
     return y
 
   def set_view(self, use_running_average: bool | None = None):

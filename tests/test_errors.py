@@ -9,6 +9,8 @@ import bnjax
 
 X = jnp.ones((4, 5, 5, 3))
 PARAMS, STATS = bnjax.init(3)
+RENORM_STATS = bnjax.init(3, renorm=True)[1]
+COUNT_STATS = bnjax.init(3, track_count=True)[1]
 
 
 def bn(x=X, params=PARAMS, stats=STATS, **options):
@@ -38,7 +40,7 @@ CASES = {
     "stats-shape": (lambda: bn(stats={"mean": jnp.zeros(4), "var": jnp.ones(3)}), ValueError, r"`stats\['mean'\]` must have the shape"),
     "stats-integer": (lambda: bn(stats={"mean": jnp.zeros(3, jnp.int32), "var": jnp.ones(3)}), TypeError, r"`stats\['mean'\]` must have a floating dtype"),
     "stats-count-float": (lambda: bn(stats=STATS | {"count": jnp.zeros(())}), TypeError, r"`stats\['count'\]` must be an integer scalar"),
-    "cumulative-without-count": (lambda: bn(momentum=None), ValueError, r"`momentum=None`.*track_count=True"),
+    "cumulative-without-count": (lambda: bn(momentum=None), ValueError, r"`momentum=None`.*`stats\['count'\]`.*track_count=True"),
     "momentum-one": (lambda: bn(momentum=1.0), ValueError, r"`momentum` must be in \[0, 1\), got 1.0"),
     "momentum-negative": (lambda: bn(momentum=-0.1), ValueError, r"`momentum` must be in \[0, 1\)"),
     "momentum-torch-style": (lambda: bn(momentum=1.5), ValueError, r"must be in \[0, 1\)"),
@@ -66,6 +68,28 @@ CASES = {
     "moments-mask": (lambda: bnjax.moments(X, 0, mask=jnp.ones(2, bool)), ValueError, r"bnjax.moments: `mask`"),
     "moments-variance": (lambda: bnjax.moments(X, 0, variance="exact"), ValueError, r"bnjax.moments: `variance`"),
     "moments-axis-name": (lambda: bnjax.moments(X, 0, axis_name="i"), NameError, r"bnjax.moments: `axis_name`"),
+    "renorm-without-stats": (lambda: bn(renorm=True), ValueError, r"`renorm=True` needs the running statistics \['renorm_mean', 'renorm_stddev', 'stddev'\].*renorm=True"),
+    "renorm-not-bool": (lambda: bn(renorm=1), TypeError, r"`renorm` must be a Python bool"),
+    "renorm-clipping-without-renorm": (lambda: bn(renorm_clipping={"rmax": 2.0}), ValueError, r"`renorm_clipping` needs `renorm=True`"),
+    "renorm-clipping-not-dict": (lambda: bn(stats=RENORM_STATS, renorm=True, renorm_clipping=[2.0]), TypeError, r"`renorm_clipping` must be a dict"),
+    "renorm-clipping-key": (lambda: bn(stats=RENORM_STATS, renorm=True, renorm_clipping={"r_max": 2.0}), ValueError, r"unknown keys \['r_max'\]"),
+    "renorm-clipping-value": (lambda: bn(stats=RENORM_STATS, renorm=True, renorm_clipping={"rmax": "2"}), TypeError, r"`renorm_clipping\['rmax'\]` must be a number"),
+    "renorm-clipping-order": (lambda: bn(stats=RENORM_STATS, renorm=True, renorm_clipping={"rmin": 2.0, "rmax": 1.5}), ValueError, r"rmin <= rmax"),
+    "renorm-clipping-rmin-negative": (lambda: bn(stats=RENORM_STATS, renorm=True, renorm_clipping={"rmin": -1.0}), ValueError, r"rmin, rmax > 0"),
+    "renorm-clipping-dmax": (lambda: bn(stats=RENORM_STATS, renorm=True, renorm_clipping={"dmax": -1.0}), ValueError, r"dmax >= 0"),
+    "renorm-momentum": (lambda: bn(stats=RENORM_STATS, renorm=True, renorm_momentum=1.0), ValueError, r"`renorm_momentum` must be in \[0, 1\)"),
+    "renorm-momentum-none": (lambda: bn(stats=RENORM_STATS, renorm=True, renorm_momentum=None), TypeError, r"`renorm_momentum` must be a float in \[0, 1\), got None"),
+    "zero-debias-value": (lambda: bn(stats=COUNT_STATS, zero_debias=True), ValueError, r"`zero_debias` must be one of \('mean', 'mean_and_var'\)"),
+    "zero-debias-cumulative": (lambda: bn(stats=COUNT_STATS, zero_debias="mean", momentum=None), ValueError, r"`zero_debias` needs a float `momentum`"),
+    "zero-debias-renorm": (lambda: bn(stats=RENORM_STATS | COUNT_STATS, zero_debias="mean", renorm=True), ValueError, r"cannot be combined"),
+    "zero-debias-without-count": (lambda: bn(zero_debias="mean"), ValueError, r"`zero_debias` need the number of updates.*track_count=True"),
+    "virtual-batch-size-type": (lambda: bn(virtual_batch_size=2.0), TypeError, r"`virtual_batch_size` must be a positive int"),
+    "virtual-batch-size-zero": (lambda: bn(virtual_batch_size=0), TypeError, r"`virtual_batch_size` must be a positive int"),
+    "virtual-batch-size-divides": (lambda: bn(virtual_batch_size=3), ValueError, r"`virtual_batch_size`=3 must divide the batch size, got x.shape\[0\]=4"),
+    "virtual-batch-size-feature-axis": (lambda: bn(x=jnp.ones((4, 5)), params={}, stats=bnjax.init(4)[1], axis=0, virtual_batch_size=2), ValueError, r"splits axis 0.*feature axis"),
+    "virtual-batch-size-axis-name": (lambda: jax.vmap(lambda x: bn(x, virtual_batch_size=2, axis_name="i"), axis_name="i")(jnp.ones((2,) + X.shape)), ValueError, r"`virtual_batch_size` with `axis_name` is not supported"),
+    "adjustment-not-callable": (lambda: bn(adjustment=(1.0, 0.0)), TypeError, r"`adjustment` must be a callable"),
+    "adjustment-with-virtual-batches": (lambda: bn(adjustment=lambda s: (1.0, 0.0), virtual_batch_size=2), ValueError, r"`adjustment` with `virtual_batch_size` is not supported"),
     "init-num-features": (lambda: bnjax.init(0), ValueError, r"bnjax.init: `num_features` must be a positive int"),
     "init-num-features-float": (lambda: bnjax.init(3.0), ValueError, r"bnjax.init: `num_features`"),
     "init-dtype": (lambda: bnjax.init(3, dtype=jnp.int32), TypeError, r"bnjax.init: `dtype` must be a floating dtype"),

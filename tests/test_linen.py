@@ -369,3 +369,31 @@ def test_docstring_example_runs():
   result = doctest.testmod(bnjax.linen, optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0
 
+
+
+TF_FEATURES = {
+    "renorm": dict(renorm=True, renorm_clipping={"rmax": 1.5, "dmax": 0.5}, renorm_momentum=0.9),
+    "virtual-batches": dict(virtual_batch_size=2),
+    "zero-debias": dict(zero_debias="mean_and_var"),
+    "adjustment": dict(adjustment=lambda shape: (jnp.full(shape[-1:], 1.5), jnp.full(shape[-1:], 0.1))),
+}
+
+
+@pytest.mark.parametrize("options", TF_FEATURES.values(), ids=TF_FEATURES.keys())
+def test_tf_features_are_wired_to_the_pure_function(options):
+  # The numbers themselves are checked against TensorFlow in test_tf_features_live.py; here:
+  # the module keeps the extra statistics bnjax.init lays out and threads every option.
+  bn = bnjax.linen.BatchNorm(momentum=0.9, **options)
+  x = data((8, 3), offset=2.0)
+  variables = bn.init(jax.random.key(0), x, use_running_average=False)
+  params, stats = bnjax.init(
+      3, renorm=options.get("renorm", False), track_count="zero_debias" in options
+  )
+  assert layout(variables["batch_stats"]) == layout(stats)
+  for step in range(2):
+    x_step = data((8, 3), seed=step, offset=2.0)
+    y, updates = bn.apply(variables, x_step, use_running_average=False, mutable=["batch_stats"])
+    variables = {**variables, **updates}
+    y_ref, stats = bnjax.batch_norm(x_step, params, stats, training=True, momentum=0.9, **options)
+    assert_close(y, y_ref, f"step {step} ")
+    assert_trees_close(variables["batch_stats"], stats, f"step {step} ")

@@ -289,3 +289,22 @@ def test_errors():
 def test_docstring_example_runs():
   result = doctest.testmod(bnjax.nnx, optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0
+
+
+def test_renorm_and_zero_debias_keep_their_statistics_as_batch_stats():
+  # The numbers are checked against TensorFlow in test_tf_features_live.py; here the wiring.
+  options = dict(renorm=True, renorm_clipping={"rmax": 1.5}, momentum=0.9)
+  model = bnjax.nnx.BatchNorm(3, rngs=nnx.Rngs(0), **options)
+  assert sorted(k for k, v in state_layout(model).items() if v[0] == "BatchStat") == [
+      ("mean",), ("renorm_mean",), ("renorm_stddev",), ("stddev",), ("var",)
+  ]
+  params, stats = bnjax.init(3, renorm=True)
+  for step in range(2):
+    x = data((8, 3), seed=step, offset=2.0)
+    y = model(x)
+    y_ref, stats = bnjax.batch_norm(x, params, stats, training=True, **options)
+    assert_close(y, y_ref, f"step {step} ")
+    for key in stats:
+      assert_close(getattr(model, key)[...], stats[key], f"step {step} {key} ")
+  debiased = bnjax.nnx.BatchNorm(3, zero_debias="mean", rngs=nnx.Rngs(0))
+  assert state_layout(debiased)[("count",)] == ("BatchStat", (), "int32")

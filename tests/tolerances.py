@@ -77,3 +77,49 @@ SAME_FORMULA = {
     "float32": {"rtol": 1e-6, "atol": 1e-6},
     "bfloat16": {"rtol": 8e-3, "atol": 8e-3},
 }
+
+
+def debiased_atol(steps: int, momentum: float, magnitude: float, reduction_size: int) -> float:
+  """Absolute tolerance of ``bnjax.diagnostics.debias`` against the float64 weighted average.
+
+  Three float32 errors, for values of size at most ``magnitude`` (batch statistics, running
+  values, initial values):
+  - the batch statistics themselves: 8 * eps * sqrt(n), as in ``tolerance``;
+  - the running value: each update rounds it twice (multiply-add, store), and momentum m
+    damps older errors, so it is off by at most 2 * eps * min(t, 1 / (1 - m)), doubled for the
+    float32 rounding of m itself;
+  - debiasing subtracts m^t * init and divides by 1 - m^t, which magnifies the running value's
+    error by 1 / (1 - m^t): 1000x for m = 0.999 after one step.
+  """
+  eps = EPS["float32"]
+  running = 4 * eps * min(steps, 1 / (1 - momentum)) / (1 - momentum**steps)
+  return magnitude * (8 * eps * math.sqrt(reduction_size) + running)
+
+
+
+# bnjax against ANOTHER framework's batch norm (TensorFlow, Keras, PyTorch, Flax), fed the same
+# (already rounded) inputs, both computing in float32. Each side lies within `tolerance(float32,
+# n)` of the exact value, so they differ by at most twice that: rtol = atol = 16 * eps * sqrt(n).
+# The absolute part is relative to the magnitude of the TERMS each result is computed from, not
+# of the (possibly cancelled) result, because the frameworks arrange the terms differently and
+# rounding is relative to what is added, not to the sum:
+# - y: the largest |x * a|, |mean * a|, |bias|, with a = scale / sqrt(var + eps).
+#   tf.nn.batch_normalization (Keras, tf_keras unfused) and PyTorch's CPU kernel compute
+#   x * a + (bias - mean * a), whose terms are |mean| / std times the result; bnjax computes
+#   (x - mean) * a + bias (bnjax/conventions.py, "order of the final multiply-add").
+# - dx = a * (dy - mean(dy) - xhat * mean(dy * xhat)): the largest |a * dy|. With 2 elements per
+#   channel the bracket cancels to a few percent of its terms (PyTorch's dx at N = 2: 7e-6 off at
+#   |dx| = 0.19 where |a * dy| ~ 20, three float32 ulps of the terms).
+# - dscale = sum(dy * xhat), dbias = sum(dy): the sums of the terms' absolute values.
+# - running statistics: max(1, |value|) (a few roundings per step; momentum is also rounded
+#   differently, float32(1 - 0.9) != float32(0.1): one ulp per step).
+# 16-bit outputs and dx: both sides round float32 values that differ in their last bits, so they
+# may land one 16-bit ulp apart: eps of the value, or of the terms' magnitude near zero.
+def cross_framework(dtype, reduction_size: int = 1) -> dict[str, float]:
+  """``dict(rtol=..., atol=...)`` for bnjax vs a reference framework in ``dtype``; ``atol`` is
+  relative to the terms' magnitude (see above)."""
+  name = np.dtype(dtype).name
+  if name in ("float16", "bfloat16"):
+    return {"rtol": EPS[name], "atol": EPS[name]}
+  bound = 2 * 8 * EPS[name] * math.sqrt(max(reduction_size, 1))
+  return {"rtol": bound, "atol": bound}
