@@ -1,4 +1,8 @@
-"""``batch_norm`` and ``init``: the one place where the normalization arithmetic lives."""
+"""``batch_norm`` and ``init``: the one place where the normalization arithmetic lives.
+
+Batch statistics come from ``_stats``, running-statistics updates from ``_running``, the renorm
+correction from ``_renorm``; this module validates, picks the branch and normalizes.
+"""
 
 from __future__ import annotations
 
@@ -192,6 +196,7 @@ def batch_norm(
   renorm_clipping = _checks.renorm_clipping(fn, renorm_clipping, renorm)
   renorm_momentum = _checks.momentum(fn, renorm_momentum, name="renorm_momentum")
   zero_debias = _checks.zero_debias(fn, zero_debias, momentum=momentum, renorm=renorm)
+  update_stats = _checks.flag(fn, "update_stats", update_stats)
   params = _checks.params(fn, params, feature_shape)
   stats = _checks.stats(
       fn, stats, feature_shape,
@@ -200,7 +205,6 @@ def batch_norm(
   )
   stats = jax.tree.map(lax.stop_gradient, stats)  # running statistics are state, not parameters
   epsilon = _checks.epsilon(fn, epsilon)
-  update_stats = _checks.flag(fn, "update_stats", update_stats)
   running_variance = _checks.choice(
       fn, "running_variance", running_variance, _checks.RUNNING_VARIANCES
   )
