@@ -33,11 +33,16 @@ def moments(x, reduced, mask=None):
 
 
 def batch_norm(x, params, stats, *, training, axis=-1, momentum=0.99, epsilon=1e-5,
-               update_stats=True, running_variance="biased", mask=None, variance=None):
-  """Returns (y, new_stats) in float64.
+               update_stats=True, running_variance="biased", mask=None, variance=None,
+               renorm=False, renorm_clipping=None, renorm_momentum=0.99,
+               virtual_batch_size=None, adjustment=None, zero_debias=None):
+  """Returns (y, new_stats) in float64, from the textbook definitions.
 
   ``variance`` names bnjax's algorithm; every algorithm estimates the same exact value, so the
-  oracle ignores it.
+  oracle ignores it. TensorFlow's training features follow the batch-renorm paper and tf_keras's
+  documented behaviour: ``y = ((xhat * r + d) * a + b) * scale + bias``; virtual batch ``j``
+  holds examples ``i`` with ``i % (N // size) == j``, and the running statistics move once
+  toward the groups' average; zero-debiased averages are EMAs from 0 divided by ``1 - m^t``.
   """
   x = np.asarray(x, np.float64)
   reduced, features = _axes(x.ndim, axis)
@@ -45,21 +50,69 @@ def batch_norm(x, params, stats, *, training, axis=-1, momentum=0.99, epsilon=1e
   scale = _features(params.get("scale", np.ones(feature_shape)), x.shape, features)
   bias = _features(params.get("bias", np.zeros(feature_shape)), x.shape, features)
   new_stats = {k: np.asarray(v) for k, v in stats.items()}
-  if training:
-    mean, var, n = moments(x, reduced, mask)
-    if update_stats:
-      stored_var = var * n / np.maximum(n - 1, 1) if running_variance == "unbiased" else var
-      if "count" in stats:
-        new_stats["count"] = np.asarray(stats["count"]) + 1
-      w = momentum if momentum is not None else 1.0 - 1.0 / float(new_stats["count"])
-      seen = n.reshape(feature_shape) > 0
-      for key, batch in (("mean", mean), ("var", stored_var)):
-        old = np.asarray(stats[key], np.float64)
-        new_stats[key] = np.where(seen, w * old + (1 - w) * batch.reshape(feature_shape), old)
-  else:
+  if not training:
     mean = _features(stats["mean"], x.shape, features)
     var = _features(stats["var"], x.shape, features)
-  y = (x - mean) / np.sqrt(var + epsilon) * scale + bias
+    return (x - mean) / np.sqrt(var + epsilon) * scale + bias, new_stats
+
+  xs, ms, group_axis = x, mask, None
+  if virtual_batch_size:  # example i -> row i // groups, column (group) i % groups
+    groups = x.shape[0] // virtual_batch_size
+    xs = x.reshape((virtual_batch_size, groups) + x.shape[1:])
+    if mask is not None:
+      ms = np.broadcast_to(mask, x.shape).reshape(xs.shape)
+    reduced, group_axis = (0,) + tuple(a + 1 for a in reduced if a != 0), 1
+    scale, bias = scale[None], bias[None]
+  mean, var, n = moments(xs, reduced, ms)
+  xhat = (xs - mean) / np.sqrt(var + epsilon)
+
+  def per_feature(v):  # group averages, as (*F,)
+    v = np.broadcast_to(v, mean.shape)
+    return (v if group_axis is None else v.mean(group_axis, keepdims=True)).reshape(feature_shape)
+
+  batch_mean, batch_var = per_feature(mean), per_feature(var)
+  if running_variance == "unbiased":
+    var = var * n / np.maximum(n - 1, 1)
+  running_var = per_feature(var)
+  seen = per_feature(n) > 0
+  a, b = (1.0, 0.0) if adjustment is None else (np.asarray(v, np.float64) for v in adjustment(xs.shape))
+  r, d = 1.0, 0.0
+  if renorm:
+    sigma = np.maximum(np.asarray(stats["renorm_stddev"], np.float64), np.sqrt(epsilon))
+    r = np.sqrt(batch_var + epsilon) / sigma
+    d = (batch_mean - stats["renorm_mean"]) / sigma
+    clip = renorm_clipping or {}
+    r = np.clip(r, clip.get("rmin", -np.inf), clip.get("rmax", np.inf))
+    d = np.clip(d, -clip.get("dmax", np.inf), clip.get("dmax", np.inf))
+    shape = [1] * xs.ndim
+    for f, size in zip(features if group_axis is None else [f + 1 for f in features], feature_shape):
+      shape[f] = size
+    r, d = r.reshape(shape), d.reshape(shape)
+  y = (((xhat * r + d) * a + b) * scale + bias).reshape(x.shape)
+  if not update_stats:
+    return y, new_stats
+
+  t = int(stats["count"]) if "count" in stats else None
+  if t is not None:
+    new_stats["count"] = np.asarray(stats["count"]) + 1
+
+  def weight(debiased):
+    if momentum is None:
+      return 1.0 - 1.0 / (t + 1)
+    return momentum * (1 - momentum**t) / (1 - momentum ** (t + 1)) if debiased else momentum
+
+  def move(key, target, w):
+    old = np.asarray(stats[key], np.float64)
+    return np.where(seen, w * old + (1 - w) * target, old)
+
+  new_stats["mean"] = move("mean", batch_mean, weight(zero_debias in ("mean", "mean_and_var")))
+  if not renorm:
+    new_stats["var"] = move("var", running_var, weight(zero_debias == "mean_and_var"))
+    return y, new_stats
+  new_stats["stddev"] = move("stddev", np.sqrt(running_var + epsilon), momentum)
+  new_stats["var"] = np.maximum(new_stats["stddev"] ** 2 - epsilon, 0)
+  new_stats["renorm_mean"] = move("renorm_mean", batch_mean, renorm_momentum)
+  new_stats["renorm_stddev"] = move("renorm_stddev", np.sqrt(batch_var + epsilon), renorm_momentum)
   return y, new_stats
 
 

@@ -13,8 +13,11 @@ import bnjax
 
 def _check(layout, *, training, options, mask=None, jit=False, steps=3):
   x, params, stats = random_inputs(layout)
-  if options.get("momentum", 0.99) is None:
+  if options.get("momentum", 0.99) is None or options.get("zero_debias"):
     stats["count"] = jnp.zeros((), jnp.int32)
+  if options.get("renorm"):  # start away from bnjax.init's values, so r and d are not 1, 0
+    stats["renorm_mean"], stats["renorm_stddev"] = stats["mean"] * 0.5, stats["var"] + 0.5
+    stats["stddev"] = jnp.sqrt(stats["var"] + 0.3)
   run = lambda x, stats: bnjax.batch_norm(
       x, params, stats, training=training, axis=layout.axis, mask=mask, **options
   )
@@ -52,6 +55,16 @@ OPTIONS = {
     "epsilon-0.1": {"epsilon": 0.1},
     "shifted": {"variance": "shifted"},
     "fast": {"variance": "fast"},
+    "renorm": {"renorm": True, "renorm_clipping": {"rmin": 0.9, "rmax": 1.1, "dmax": 0.2},
+               "renorm_momentum": 0.5, "momentum": 0.7},
+    "renorm-unclipped-unbiased": {"renorm": True, "running_variance": "unbiased"},
+    "virtual-batches": {"virtual_batch_size": 2, "momentum": 0.8},
+    "virtual-batches-renorm-unbiased": {"virtual_batch_size": 2, "renorm": True,
+                                        "running_variance": "unbiased"},
+    "adjustment": {"adjustment": lambda shape: (np.linspace(0.5, 2.0, shape[0]).reshape(
+        (-1,) + (1,) * (len(shape) - 1)), np.float32(0.25))},
+    "zero-debias-mean": {"zero_debias": "mean", "momentum": 0.9},
+    "zero-debias-mean-and-var": {"zero_debias": "mean_and_var", "momentum": 0.999},
 }
 
 
