@@ -3,8 +3,9 @@
     params, stats = bnjax.init(num_features)
     y, new_stats = bnjax.batch_norm(x, params, stats, training=True)
 
-Flax adapters live in ``bnjax.linen`` and ``bnjax.nnx`` (imported on demand: ``import bnjax``
-never imports Flax).
+Imported on demand (``import bnjax`` alone needs only jax and numpy): the Flax adapters
+``bnjax.linen`` and ``bnjax.nnx``, the optax training loop ``bnjax.training`` and the checks in
+``bnjax.diagnostics``.
 """
 
 from bnjax._core import batch_norm, init

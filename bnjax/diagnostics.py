@@ -1,0 +1,360 @@
+"""Checks for the classic batch-norm failures of a training loop, and debiased running statistics.
+
+Each check returns a list of ``Problem`` (empty when nothing is wrong) instead of warning or
+raising, so the loop decides what to do: print them, log them, or stop. ``check_epoch`` runs
+every check its arguments allow; at the end of an epoch it costs one copy of the running
+statistics to the host and two evaluation calls on one batch.
+
+- ``check_stats_updated``: running statistics still at their initial values (mean 0, var 1)
+  after training steps: the train step dropped the new ``batch_stats`` (Keras' "moving
+  averages stay at 0 and 1 with GradientTape", TF1's forgotten ``UPDATE_OPS``).
+- ``check_eval_mode``: an evaluation function that normalizes with batch statistics.
+- ``check_warmup``: a momentum too high for the steps taken (``debias`` is one remedy).
+- ``check_frozen``: frozen layers whose running statistics moved (run with batch statistics).
+
+Layers are found by their running statistics: every dict with ``'mean'`` and ``'var'`` in a
+``batch_stats`` tree, named by the '/'-joined keys leading to it (Flax's module paths, e.g.
+``'BatchNorm_0'``, ``'block/bn1'``; ``''`` when the tree is one layer's statistics). Frozen
+layers are named the same way (``covered_by``; ``bnjax.training.freeze`` uses the same rule).
+Imports only jax and numpy.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnjax import _checks
+
+__all__ = [
+    "Problem",
+    "layers",
+    "covered_by",
+    "check_stats_updated",
+    "check_eval_mode",
+    "check_warmup",
+    "check_frozen",
+    "check_epoch",
+    "debias",
+]
+
+# check_warmup's limit on momentum**steps, the weight the initial values still carry.
+INITIAL_WEIGHT_LIMIT = 0.05
+# check_eval_mode's limit on max|output difference| / max(1, max|output|). With running
+# statistics the two outputs compared come from one compiled program on one example and agree
+# to rounding (bitwise on CPU); with batch statistics they differ by the size of the outputs.
+EVAL_MODE_RTOL = 1e-4
+
+
+class Problem(NamedTuple):
+  """One finding of a check."""
+
+  check: str  # the check that found it: 'stats_updated', 'eval_mode', 'warmup' or 'frozen'
+  layer: str  # the layer's path in batch_stats; '' for the whole model
+  message: str  # what is wrong, why it matters and what to do
+
+
+def layers(batch_stats: Any) -> dict[str, Mapping[str, Any]]:
+  """Every layer's running statistics in ``batch_stats``: ``{path: {'mean', 'var', ...}}``."""
+  found = {}
+
+  def visit(node, path):
+    if not isinstance(node, Mapping):
+      return
+    if "mean" in node and "var" in node:
+      found["/".join(path)] = node
+      return
+    for key, child in node.items():
+      visit(child, (*path, str(key)))
+
+  visit(batch_stats, ())
+  if not found:
+    _checks.fail(
+        "diagnostics.layers",
+        "expected batch_stats holding at least one layer's {'mean', 'var'}, got"
+        f" {jax.tree.map(jnp.shape, batch_stats)!r}. Hint: pass state.batch_stats, not the params.",
+    )
+  return found
+
+
+def covered_by(path: str, frozen: Collection[str]) -> bool:
+  """Whether ``frozen`` names the layer (or parameter) at ``path`` or a module containing it.
+
+  ``covered_by('block/bn1', {'block'})`` is True: as Keras' ``trainable = False`` on a model
+  freezes all its layers, a path freezes everything under it; ``''`` covers everything.
+  """
+  return any(path == f or not f or path.startswith(f + "/") for f in frozen)
+
+
+def check_stats_updated(
+    batch_stats: Any, *, steps: int | jax.Array, frozen: Collection[str] = ()
+) -> list[Problem]:
+  """Layers whose running statistics are still exactly mean 0, var 1 after ``steps`` > 0 steps.
+
+  Any real batch moves them, so exact initial values mean the updates were never kept: the
+  train step computed new statistics and threw them away. Frozen layers are skipped.
+  """
+  found = layers(batch_stats)
+  frozen = _frozen("diagnostics.check_stats_updated", frozen)
+  steps = int(steps)
+  if steps <= 0:
+    return []
+  problems = []
+  for path, stats in found.items():
+    if covered_by(path, frozen):
+      continue
+    if np.all(np.asarray(stats["mean"]) == 0) and np.all(np.asarray(stats["var"]) == 1):
+      problems.append(Problem(
+          "stats_updated", path,
+          f"{_describe(path)}: running statistics are still at their initial values (mean 0,"
+          f" var 1) after {steps} training steps, so evaluation normalizes with the wrong"
+          " statistics. The train step computed new ones and dropped them. Hint: keep the"
+          " new_stats that bnjax.batch_norm returns (Flax: apply with"
+          " mutable=['batch_stats'] and store updates['batch_stats']), e.g. through"
+          " bnjax.training.make_train_step.",
+      ))
+  return problems
+
+
+def check_eval_mode(predict: Callable[[Any], Any], inputs: Any) -> list[Problem]:
+  """A problem if ``predict``'s output for one example depends on the rest of the batch.
+
+  Probe: ``predict(inputs)[0]`` against ``predict(copies)[0]``, where ``copies`` repeats
+  ``inputs[0]`` over the whole batch. With running statistics every example is normalized on
+  its own and the two agree (to ``EVAL_MODE_RTOL``); with batch statistics the second batch
+  has zero variance and the outputs differ by their own size. This tests the behaviour rather
+  than the compiled program: a search of the HLO or jaxpr for reductions would have to tell a
+  batch norm's from legitimate ones (a loss or metric over the batch, pooling, a softmax)
+  through reshapes, transposes and layouts.
+
+  Args:
+    predict: the evaluation function, ``inputs -> outputs`` with a leading batch axis, e.g.
+      ``lambda x: predict(state, x)`` with ``bnjax.training.make_predict``.
+    inputs: one batch holding at least two different examples.
+  """
+  fn = "diagnostics.check_eval_mode"
+  inputs = jnp.asarray(inputs)
+  copies = jnp.broadcast_to(inputs[:1], inputs.shape) if inputs.ndim else inputs
+  if inputs.ndim == 0 or bool(jnp.array_equal(inputs, copies)):
+    _checks.fail(
+        fn,
+        "`inputs` must be a batch holding at least two different examples, got shape"
+        f" {inputs.shape} with every example equal to the first.",
+    )
+  alone = np.asarray(predict(inputs)[0], np.float64)
+  among_copies = np.asarray(predict(copies)[0], np.float64)
+  difference = float(np.max(np.abs(alone - among_copies), initial=0.0))
+  if difference <= EVAL_MODE_RTOL * max(1.0, float(np.max(np.abs(alone), initial=0.0))):
+    return []
+  return [Problem(
+      "eval_mode", "",
+      f"the evaluation output of one example changed by {difference:.3g} when the rest of its"
+      " batch changed: evaluation normalizes with batch statistics, not the running ones."
+      " Hint: evaluate with training=False (bnjax.batch_norm) or use_running_average=True"
+      " (Flax), e.g. through bnjax.training.make_eval_step.",
+  )]
+
+
+def check_warmup(*, momentum: float | None, steps: int | jax.Array) -> list[Problem]:
+  """A problem if the initial values still weigh more than 5% in the running statistics.
+
+  After t updates with momentum m the running value is ``m^t * initial + (1 - m^t) * average``
+  (see ``debias``); m^t falls under ``INITIAL_WEIGHT_LIMIT`` = 0.05 after
+  ``ceil(log(0.05) / log(m))`` ~ 3 / (1 - m) steps: 29 for m = 0.9, 2995 for m = 0.999.
+  ``momentum=None`` (the cumulative average) needs no warm-up.
+  """
+  fn = "diagnostics.check_warmup"
+  momentum = _checks.momentum(fn, momentum)
+  steps = int(steps)
+  if momentum is None or steps <= 0:
+    return []
+  initial_weight = momentum**steps
+  if initial_weight <= INITIAL_WEIGHT_LIMIT:
+    return []
+  needed = math.ceil(math.log(INITIAL_WEIGHT_LIMIT) / math.log(momentum))
+  return [Problem(
+      "warmup", "",
+      f"momentum={momentum} after {steps} steps: the initial values (mean 0, var 1) still make"
+      f" up {initial_weight:.0%} of the running statistics (momentum**steps); they fall under"
+      f" {INITIAL_WEIGHT_LIMIT:.0%} after {needed} steps, about 3 / (1 - momentum). Hint: a"
+      " lower momentum (0.9 or 0.99), momentum=None (cumulative average, bnjax.init(...,"
+      " track_count=True)), or bnjax.diagnostics.debias on the statistics.",
+  )]
+
+
+def check_frozen(batch_stats: Any, reference: Any, *, frozen: Collection[str]) -> list[Problem]:
+  """Frozen layers whose running statistics differ from ``reference`` (e.g. the pretrained ones).
+
+  A frozen layer (Keras 3's ``trainable=False``) runs in inference mode and keeps its
+  statistics bit for bit; statistics that moved mean the model still ran it in training mode
+  (TF1's ``tf.layers`` behaviour, see ``bnjax.training.freeze``). A layer normalized with batch
+  statistics but not updated (``update_stats=False``, tf.keras before TF 2.0) keeps its
+  statistics too, so this check cannot see it.
+  """
+  fn = "diagnostics.check_frozen"
+  frozen = _frozen(fn, frozen)
+  found, expected = layers(batch_stats), layers(reference)
+  problems = []
+  for path in sorted(p for p in found if covered_by(p, frozen)):
+    if path not in expected:
+      _checks.fail(
+          fn,
+          f"expected `reference` to hold the frozen layer {path!r}, got layers"
+          f" {sorted(expected)}. Hint: the batch_stats the model was frozen with.",
+      )
+    moved = {
+        key: float(np.max(np.abs(np.asarray(found[path][key]) - np.asarray(expected[path][key]))))
+        for key in ("mean", "var")
+    }
+    if any(moved.values()):
+      problems.append(Problem(
+          "frozen", path,
+          f"{_describe(path)} is frozen but its running statistics moved (max |change|: mean"
+          f" {moved['mean']:.3g}, var {moved['var']:.3g}): the model ran it with batch"
+          " statistics. Hint: build it with use_running_average=True while frozen, e.g."
+          f" `use_running_average=not train or {path!r} in self.frozen`"
+          " (bnjax.training.freeze).",
+      ))
+  return problems
+
+
+def check_epoch(
+    state: Any,
+    *,
+    momentum: float | None,
+    predict: Callable[[Any, Any], Any] | None = None,
+    inputs: Any = None,
+    frozen: Collection[str] = (),
+    reference: Any = None,
+) -> list[Problem]:
+  """Every check the arguments allow, for the end of an epoch. Returns all problems found.
+
+  Runs ``check_stats_updated`` on ``state.batch_stats`` and ``state.step``;
+  ``check_warmup`` on ``state.step`` unless every layer is frozen (it assumes statistics that
+  started from their initial values at step 0); ``check_eval_mode`` on
+  ``lambda x: predict(state, x)`` with ``predict`` and ``inputs``; ``check_frozen`` against
+  ``reference`` with ``frozen``.
+
+  Args:
+    state: a ``bnjax.training.TrainState`` (anything with ``step`` and ``batch_stats``).
+    momentum: the batch-norm layers' momentum (the highest, if they differ).
+    predict: ``predict(state, inputs) -> outputs``, e.g. ``bnjax.training.make_predict``.
+    inputs: one evaluation batch for ``predict``, with at least two different examples.
+    frozen: paths of frozen layers (as given to ``bnjax.training.freeze``): the batch-norm
+      layers they cover are skipped by the initial-values check and compared with
+      ``reference``.
+    reference: the ``batch_stats`` the frozen layers must still hold.
+  """
+  fn = "diagnostics.check_epoch"
+  frozen = _frozen(fn, frozen)
+  if (predict is None) != (inputs is None):
+    _checks.fail(fn, "`predict` and `inputs` go together, got only one of them.")
+  if frozen and reference is None:
+    _checks.fail(
+        fn,
+        f"`frozen`={sorted(frozen)} needs `reference`, the batch_stats those layers must keep,"
+        " got None. Hint: the pretrained state's batch_stats.",
+    )
+  problems = check_stats_updated(state.batch_stats, steps=state.step, frozen=frozen)
+  if not all(covered_by(path, frozen) for path in layers(state.batch_stats)):
+    problems += check_warmup(momentum=momentum, steps=state.step)
+  if predict is not None:
+    problems += check_eval_mode(functools.partial(predict, state), inputs)
+  if frozen:
+    problems += check_frozen(state.batch_stats, reference, frozen=frozen)
+  return problems
+
+
+def debias(
+    stats: Mapping[str, Any],
+    *,
+    momentum: float,
+    count: int | jax.Array | None = None,
+    initial_mean: float = 0.0,
+    initial_var: float = 1.0,
+) -> dict[str, Any]:
+  """One layer's running statistics with the weight of their initial values removed.
+
+  After t updates with momentum m (the weight on the old value) from the initial value
+  ``init``, each running statistic is an average of the batch statistics b_1..b_t plus the
+  initial value::
+
+      EMA_t = m^t * init + (1 - m) * sum_{i=1..t} m^(t-i) * b_i
+            = m^t * init + (1 - m^t) * avg_t
+
+  where avg_t weighs b_i by (1 - m) m^(t-i) / (1 - m^t), weights summing to 1. Solving, with
+  m rounded to the statistics' dtype as the update rounded it::
+
+      log_m = log(m)                                  (float64, then the statistics' dtype)
+      w     = exp(t * log_m)                          (m^t)
+      avg_t = (EMA_t - w * init) / -expm1(t * log_m)  (1 - m^t, accurate where it is tiny)
+
+  for t >= 1; t = 0 returns the statistics unchanged. This is Adam's bias correction
+  generalized to a non-zero start (for init = 0, TensorFlow's ``assign_moving_average(...,
+  zero_debias=True)``). It works after the fact on a plain moving average;
+  ``bnjax.batch_norm(..., zero_debias='mean_and_var')`` keeps the debiased average during
+  training instead. Use either when a high momentum meets few steps: with m = 0.999 after 100
+  steps EMA_t still holds 90% of ``init``, avg_t none.
+
+  Args:
+    stats: ``{'mean', 'var'}`` of one layer, with ``'count'`` (the number of updates,
+      ``bnjax.init(..., track_count=True)``) unless ``count`` is given.
+    momentum: the momentum the statistics were updated with, in [0, 1).
+    count: the number of updates t, overriding ``stats['count']``; for layers without a
+      count that are updated once per train step, ``state.step``.
+    initial_mean: the mean's value before the first update (``bnjax.init``: 0).
+    initial_var: the variance's value before the first update (``bnjax.init``: 1).
+
+  Returns:
+    ``stats`` with ``'mean'`` and ``'var'`` replaced by avg_t, in their dtypes.
+  """
+  fn = "diagnostics.debias"
+  if momentum is None:
+    _checks.fail(
+        fn,
+        "`momentum` must be the float the statistics were updated with, got None; the"
+        " cumulative average (momentum=None) carries no initial value to remove.",
+        TypeError,
+    )
+  momentum = _checks.momentum(fn, momentum)
+  if count is None:
+    if "count" not in stats:
+      _checks.fail(
+          fn,
+          f"expected the number of updates in stats['count'] or `count=`, got stats with keys"
+          f" {sorted(stats)} and count=None. Hint: bnjax.init(..., track_count=True), or"
+          " count=state.step for layers updated once per step.",
+      )
+    count = stats["count"]
+  debiased = dict(stats)
+  if momentum == 0.0:  # the running value is the last batch's: nothing to remove (and no log)
+    return debiased
+  count = jnp.asarray(count)
+  for key, initial in (("mean", initial_mean), ("var", initial_var)):
+    ema = jnp.asarray(stats[key])
+    log_m = jnp.asarray(math.log(np.asarray(momentum, ema.dtype)), ema.dtype)
+    t = count.astype(ema.dtype)
+    w = jnp.exp(t * log_m)
+    avg = (ema - w * initial) / jnp.where(count > 0, -jnp.expm1(t * log_m), 1)
+    debiased[key] = jnp.where(count > 0, avg, ema)
+  return debiased
+
+
+def _frozen(fn: str, frozen: Collection[str]) -> frozenset[str]:
+  if isinstance(frozen, str) or not isinstance(frozen, Collection):
+    _checks.fail(
+        fn,
+        f"`frozen` must be a collection of layer paths, got {frozen!r}. Hint: frozen={{'bn1'}}.",
+        TypeError,
+    )
+  return frozenset(frozen)
+
+
+def _describe(path: str) -> str:
+  return f"layer {path!r}" if path else "the layer"
