@@ -8,9 +8,10 @@ Imported on demand (``import bnjax`` alone needs only jax and numpy): the Flax a
 ``bnjax.diagnostics``.
 """
 
+from bnjax import conventions
 from bnjax._core import batch_norm, init
 from bnjax._stats import moments
 
 __version__ = "0.1.0"
 
-__all__ = ["batch_norm", "init", "moments", "__version__"]
+__all__ = ["batch_norm", "conventions", "init", "moments", "__version__"]

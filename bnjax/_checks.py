@@ -251,10 +251,14 @@ def mask(fn: str, mask: Any, shape: tuple[int, ...]) -> jax.Array | None:
   return mask
 
 
-def axis_name(fn: str, axis_name: Any, axis_index_groups: Any) -> None:
+def axis_name(fn: str, axis_name: Any, axis_index_groups: Any, *, communicates: bool = True) -> None:
+  """``communicates=False`` (evaluation) skips the binding check: nothing crosses devices then,
+  so a module built with an axis name also runs under plain ``jit``, as Flax's does."""
   if axis_name is None:
     if axis_index_groups is not None:
       fail(fn, "`axis_index_groups` needs `axis_name`, got axis_name=None.")
+    return
+  if not communicates:
     return
   try:
     jax.lax.axis_size(axis_name)

@@ -210,7 +210,7 @@ def batch_norm(
   )
   variance = _checks.choice(fn, "variance", variance, _checks.VARIANCE_ALGORITHMS)
   mask = _checks.mask(fn, mask, x.shape)
-  _checks.axis_name(fn, axis_name, axis_index_groups)
+  _checks.axis_name(fn, axis_name, axis_index_groups, communicates=training is not False)
   virtual_batch_size = _checks.virtual_batch_size(
       fn, virtual_batch_size, x.shape, reduced_axes, axis_name
   )

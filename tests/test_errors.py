@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerances import assert_close
 
 import bnjax
 
@@ -116,6 +117,13 @@ def test_errors_are_raised_at_trace_time():
   # Nothing runs: eval_shape only traces.
   with pytest.raises(ValueError, match="out of range"):
     jax.eval_shape(lambda x: bn(x, axis=9), X)
+
+
+def test_unbound_axis_name_is_harmless_in_evaluation():
+  # Evaluation never communicates: like flax.linen.BatchNorm(use_running_average=True,
+  # axis_name=...), it runs under plain jit.
+  y, _ = jax.jit(lambda x: bn(x, training=False, axis_name="batch"))(X)
+  assert_close(y, bn(X, training=False)[0], jnp.float32)  # jit and eager: an ulp apart
 
 
 def test_numpy_bool_flags_are_accepted():

@@ -69,5 +69,17 @@ def test_core_dependencies_are_jax_and_numpy_only():
 def test_public_names():
   import bnjax
 
-  assert set(bnjax.__all__) == {"batch_norm", "init", "moments", "__version__"}
+  assert set(bnjax.__all__) == {"batch_norm", "conventions", "init", "moments", "__version__"}
   assert re.fullmatch(r"\d+\.\d+\.\d+", bnjax.__version__)
+
+
+def _by_preset(text: str) -> str:
+  found = re.search(r"#+ By preset\n\n(\|.*?)\n\n", text, re.DOTALL)
+  assert found, "no 'By preset' table"
+  return found.group(1)
+
+
+def test_readme_equivalence_table_is_the_generated_one():
+  # The README quotes docs/EQUIVALENCE.md, which tools/equivalence_report.py writes.
+  generated = (ROOT / "docs" / "EQUIVALENCE.md").read_text()
+  assert _by_preset(README) == _by_preset(generated)

@@ -1,0 +1,306 @@
+"""What does synchronizing batch statistics across 8 devices cost, next to local batch norm?
+
+Both cases run ``bnjax.batch_norm(training=True)`` per device inside one ``jax.shard_map`` over
+8 fake CPU devices, on the same global batch split 8 ways:
+
+  local    axis_name=None: each device normalizes with the statistics of its own shard
+  synced   axis_name='d': the devices combine their (count, mean, M2) in one all_gather and
+           all normalize with the statistics of the global batch
+
+for the training forward pass (``train``: y and the new running statistics) and forward plus
+backward (``train+grad``: the gradients with respect to x, scale and bias of sum(y * dy)).
+Cases run interleaved call by call (local, synced, synced, local, ...), ``--rounds`` rounds of
+``--reps`` calls each; a time is the median over all calls with the interquartile range, a
+ratio the median over rounds of the per-round ratio of medians. The compiled HLO of each case
+is checked for its collectives: one all-gather per synced forward (its transpose, a
+reduce-scatter, in the backward pass), none when local.
+Writes a markdown report (``--output``) and prints it.
+
+    python benchmarks/bench_sync.py            # ~1 min on 2 CPU cores
+    python benchmarks/bench_sync.py --quick    # tiny shapes, a smoke test (~10 s, compiling)
+
+Without 8 devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``) the script re-runs
+itself in a process that has them.
+
+The 8 devices are threads of one process sharing the host's cores, so the collective is an
+in-memory rendezvous: this measures the synchronization and the extra arithmetic, not a
+network. docs/multi_device.md works out the bytes a real interconnect carries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+import bnjax
+
+DEVICES = 8
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "SYNC.md"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  rounds: int = 7
+  reps: int = 10  # timed calls per case per round, interleaved call by call
+  warmup: int = 2  # untimed calls per case after compiling
+  quick: bool = False
+  output: Path = DEFAULT_OUTPUT
+  progress: bool = True
+
+
+class Shape(NamedTuple):
+  name: str
+  shape: tuple[int, ...]  # the global batch; split 8 ways along axis 0; features last
+
+
+SHAPES = (
+    Shape("NHWC", (64, 16, 16, 64)),
+    Shape("NHWC-wide", (32, 8, 8, 512)),
+    Shape("dense", (1024, 256)),
+)
+QUICK_SHAPES = (Shape("NHWC", (16, 4, 4, 8)),)
+PASSES = ("train", "train+grad")
+MODES = ("local", "synced")
+
+
+def make_case(shape: Shape, mesh, mode: str, pass_: str):
+  """A compiled shard_map program and its arguments."""
+  channels = shape.shape[-1]
+  rng = np.random.default_rng(0)
+  x = rng.normal(1.0, 2.0, shape.shape).astype(np.float32)
+  dy = rng.standard_normal(shape.shape, np.float32)
+  params, stats = bnjax.init(channels)
+  axis_name = "d" if mode == "synced" else None
+
+  def forward(x, params):
+    return bnjax.batch_norm(x, params, stats, training=True, axis_name=axis_name)
+
+  if pass_ == "train":
+    def body(x, dy, params):
+      y, new_stats = forward(x, params)
+      return y, jax.tree.map(lambda s: s[None], new_stats)
+  else:
+    def body(x, dy, params):
+      def loss(x, params):
+        return jnp.vdot(forward(x, params)[0], dy)
+      dx, dparams = jax.grad(loss, argnums=(0, 1))(x, params)
+      return dx, jax.tree.map(lambda g: g[None], dparams)
+
+  # Same program shape for both modes: per-device outputs (P('d')), no replication check.
+  fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("d"), P("d"), P()),
+                             out_specs=P("d"), check_vma=False))
+  split = NamedSharding(mesh, P("d"))
+  args = (jax.device_put(x, split), jax.device_put(dy, split),
+          jax.device_put(params, NamedSharding(mesh, P())))
+  return fn.lower(*args).compile(), args
+
+
+_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def collectives(compiled) -> dict[str, int]:
+  hlo = compiled.as_text()
+  return {op: len(re.findall(rf" {op}(?:-start)?\(", hlo)) for op in _COLLECTIVES}
+
+
+def _describe(counts: dict[str, int]) -> str:
+  """'all-gather x1, reduce-scatter x1', or 'none'."""
+  return ", ".join(f"{op} x{n}" for op, n in counts.items() if n) or "none"
+
+
+def time_call(fn: Callable, args: tuple) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - start
+
+
+def measure(shapes, config: Config):
+  """times[shape][pass][mode] = (rounds, reps) seconds; hlo[shape][pass][mode] = collectives."""
+  mesh = jax.make_mesh((DEVICES,), ("d",))
+  cases = {s.name: {p: {m: make_case(s, mesh, m, p) for m in MODES} for p in PASSES}
+           for s in shapes}
+  hlo = {
+      s: {p: {m: collectives(compiled) for m, (compiled, _) in by_mode.items()}
+          for p, by_mode in by_pass.items()}
+      for s, by_pass in cases.items()
+  }
+  for by_pass in cases.values():
+    for by_mode in by_pass.values():
+      for fn, args in by_mode.values():
+        for _ in range(config.warmup):
+          time_call(fn, args)
+  times = {s.name: {p: {m: np.zeros((config.rounds, config.reps)) for m in MODES} for p in PASSES}
+           for s in shapes}
+  show_bar = config.progress and sys.stderr.isatty()
+  for r in tqdm(range(config.rounds), desc="rounds", disable=not show_bar):
+    for name, by_pass in cases.items():
+      for p, by_mode in by_pass.items():
+        for k in range(config.reps):
+          order = MODES if (r + k) % 2 == 0 else MODES[::-1]  # alternate which goes first
+          for m in order:
+            fn, args = by_mode[m]
+            times[name][p][m][r, k] = time_call(fn, args)
+  return times, hlo
+
+
+def _ms(samples: np.ndarray) -> str:
+  q25, q50, q75 = np.percentile(samples, [25, 50, 75]) * 1e3
+  return f"{q50:.3g} [{q25:.3g}, {q75:.3g}]"
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> str:
+  per_round = np.median(num, axis=1) / np.median(den, axis=1)
+  q25, q50, q75 = np.percentile(per_round, [25, 50, 75])
+  return f"{q50:.2f} [{q25:.2f}, {q75:.2f}]"
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.processor() or "unknown processor"
+
+
+def _load() -> str:
+  try:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg()) + " (1, 5, 15 min)"
+  except OSError:
+    return "unknown"
+
+
+def environment(config: Config) -> dict[str, str]:
+  device = jax.devices()[0]
+  return {
+      "device": f"{device.device_kind} ({device.platform}), {jax.device_count()} device(s)",
+      "CPUs": f"{os.cpu_count()} (usable by this process: {len(os.sched_getaffinity(0))})",
+      "processor": f"{_cpu_model()}, {platform.machine()}",
+      "load average at the end": _load(),
+      "XLA_FLAGS": os.environ.get("XLA_FLAGS", "(unset)") or "(empty)",
+      "versions": (
+          f"python {platform.python_version()}, jax {jax.__version__},"
+          f" jaxlib {importlib.metadata.version('jaxlib')}, numpy {np.__version__},"
+          f" bnjax {bnjax.__version__}"
+      ),
+      "settings": (
+          f"rounds={config.rounds}, reps={config.reps}, warmup={config.warmup},"
+          f" quick={config.quick}"
+      ),
+      "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+  }
+
+
+def report(shapes, times, hlo, config: Config) -> str:
+  rows = []
+  for s in shapes:
+    per_device = (s.shape[0] // DEVICES, *s.shape[1:])
+    channels = s.shape[-1]
+    sent = (2 * channels + 1) * 4  # bytes one device contributes: count, C means, C M2s
+    for p in PASSES:
+      t, h = times[s.name][p], hlo[s.name][p]
+      rows.append(
+          f"| {s.name} {'x'.join(map(str, s.shape))} | {'x'.join(map(str, per_device))} |"
+          f" {channels} | {sent} B / {DEVICES * sent} B | {p} | {_ms(t['local'])} |"
+          f" {_ms(t['synced'])} | {_ratio(t['synced'], t['local'])} |"
+          f" {_describe(h['synced'])} | {_describe(h['local'])} |"
+      )
+  env = environment(config)
+  lines = [
+      "# Synchronized vs local batch norm on 8 devices",
+      "",
+      "Written by `benchmarks/bench_sync.py`; do not edit by hand, re-run the script.",
+      "",
+      ("`bnjax.batch_norm(training=True)` per device inside `jax.shard_map` over 8 fake CPU devices"
+      " (threads of one process sharing the host's cores: the collective is an in-memory"
+      " rendezvous, not a network). local: `axis_name=None`, each device uses its own shard's"
+      " statistics; synced: `axis_name='d'`, one all-gather of (count, mean, M2). train: forward"
+      " (y and new running statistics); train+grad: forward and backward (d/dx, d/dscale,"
+      " d/dbias of sum(y * dy)). float32, `jax.jit`, `block_until_ready`; cases interleaved call"
+      f" by call, {config.rounds} rounds x {config.reps} calls each."),
+      "",
+      ("Times in ms: median [25th, 75th percentile] over all calls. Ratio: median [25th, 75th]"
+      " over rounds of the per-round ratio of medians. Bytes: what one device contributes to"
+      " the all-gather, (2C+1) float32, and what every device receives, 8 (2C+1). Collectives:"
+      " counted in the compiled HLO (structure, not timing)."),
+      "",
+      ("| global shape | per device | C | all-gather bytes (sent / received) | pass | local |"
+      " synced | synced / local | collectives (synced) | collectives (local) |"),
+      "|---|---|---:|---:|---|---:|---:|---:|---|---|",
+      *rows,
+      "",
+      "## Environment",
+      "",
+      "| | |",
+      "|---|---|",
+      *(f"| {k} | {v} |" for k, v in env.items()),
+      "",
+  ]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> Path:
+  defaults = Config()
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--rounds", type=int, default=None,
+                      help="rounds over all shapes and cases; ratios are medians over rounds"
+                      f" (default: {defaults.rounds}; 2 with --quick)")
+  parser.add_argument("--reps", type=int, default=None,
+                      help="timed calls per case in each round, local and synced interleaved"
+                      f" call by call (default: {defaults.reps}; 2 with --quick)")
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny shapes and few rounds: a smoke test of the script, not a"
+                      " measurement")
+  parser.add_argument("--output", type=Path, default=defaults.output,
+                      help="where to write the markdown report"
+                      " (default: benchmarks/SYNC.md next to this script)")
+  parser.add_argument("--no-progress", dest="progress", action="store_false",
+                      help="hide the progress bar (also hidden when stderr is not a terminal)")
+  args = parser.parse_args(argv)
+  for name in ("rounds", "reps"):
+    if getattr(args, name) is None:
+      setattr(args, name, 2 if args.quick else getattr(defaults, name))
+  config = dataclasses.replace(defaults, **vars(args))
+  if config.rounds < 1 or config.reps < 1:
+    parser.error(f"--rounds and --reps must be >= 1, got {config.rounds} and {config.reps}")
+  if jax.device_count() < DEVICES:
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in flags:
+      parser.error(f"expected {DEVICES} devices, got {jax.device_count()} (XLA_FLAGS={flags!r})")
+    # XLA reads the device count at start-up only: run again in a process that fakes 8 CPUs.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={DEVICES}".strip()}
+    argv = sys.argv[1:] if argv is None else list(argv)
+    subprocess.run([sys.executable, __file__, *argv], env=env, check=True)
+    return config.output
+
+  shapes = QUICK_SHAPES if config.quick else SHAPES
+  start = time.perf_counter()
+  times, hlo = measure(shapes, config)
+  text = report(shapes, times, hlo, config)
+  config.output.parent.mkdir(parents=True, exist_ok=True)
+  config.output.write_text(text)
+  print(text)
+  print(f"wrote {config.output} in {time.perf_counter() - start:.0f} s")
+  return config.output
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,32 @@
+"""Batch-norm weights and settings in and out of Keras and PyTorch.
+
+    import bnjax.interop.torch
+    params, stats, convention = bnjax.interop.torch.from_torch(module)   # a BatchNorm2d
+    y, stats = bnjax.batch_norm(x, params, stats, training=True, **convention.options())
+
+- ``bnjax.interop.keras``: Keras 3 and tf_keras ``BatchNormalization`` layers
+  (``from_keras``, ``to_keras``, ``assign_to_keras``).
+- ``bnjax.interop.torch``: ``torch.nn.BatchNorm1d/2d/3d`` modules and their state dicts
+  (``from_torch``, ``to_torch``, ``to_state_dict``).
+
+Values are copied exactly (float32 stays float32, 16-bit values are widened exactly where the
+target stores float32), so a round trip loses nothing, and the ``Convention`` carries the
+layer's momentum, epsilon, axis and variance conventions. Importing this package imports
+neither TensorFlow nor PyTorch: each function imports what it needs when called.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from bnjax.conventions import Convention
+
+__all__ = ["Converted"]
+
+
+class Converted(NamedTuple):
+  """What a framework's batch norm becomes in bnjax."""
+
+  params: dict[str, Any]  # {'scale': (C,), 'bias': (C,)}, without what the layer lacks
+  stats: dict[str, Any]  # {'mean': (C,), 'var': (C,)} (+ 'count': int32[] for PyTorch)
+  convention: Convention  # keyword options for bnjax.batch_norm: convention.options()

@@ -1,0 +1,186 @@
+"""PyTorch ``BatchNorm1d/2d/3d`` modules and state dicts to and from bnjax.
+
+    converted = from_torch(module)                      # Converted(params, stats, convention)
+    converted = from_torch(model.state_dict(), prefix="layer1.bn1.", momentum=0.1, eps=1e-5)
+    module = to_torch(*converted, ndim=4)               # a torch.nn.BatchNorm2d
+    state = to_state_dict(params, stats, prefix="layer1.bn1.")
+
+Names: torch ``weight, bias, running_mean, running_var, num_batches_tracked`` are bnjax
+``scale, bias, mean, var, count`` (int32 here, int64 there). ``affine=False`` drops ``scale``
+and ``bias``. The convention is ``bnjax.conventions.pytorch(momentum, eps)``: torch's momentum
+(weight on the new value, or None) converted exactly, channels on axis 1, unbiased running
+variance. A state dict carries no momentum or epsilon: pass the module's.
+
+``track_running_stats=False`` has no running statistics: such a module always normalizes with
+batch statistics, which is ``bnjax.batch_norm(..., training=True, update_stats=False)``; it is
+refused here. PyTorch is imported only inside the functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from bnjax import _checks, conventions
+from bnjax.conventions import Convention
+from bnjax.interop import Converted
+
+__all__ = ["from_torch", "to_torch", "to_state_dict"]
+
+_NAMES = (("weight", "params", "scale"), ("bias", "params", "bias"),
+          ("running_mean", "stats", "mean"), ("running_var", "stats", "var"))
+_MODULES = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+def _fail(fn: str, message: str, error: type[Exception] = ValueError):
+  _checks.fail(f"interop.torch.{fn}", message, error)
+
+
+def _to_jax(tensor: Any) -> Any:
+  """A torch tensor as a jax array of the same dtype, exactly (bfloat16 through float32)."""
+  import torch
+
+  tensor = tensor.detach().cpu()
+  if tensor.dtype == torch.bfloat16:
+    return jnp.asarray(tensor.to(torch.float32).numpy()).astype(jnp.bfloat16)
+  return jnp.asarray(tensor.numpy())
+
+
+def _to_torch(value: Any) -> Any:
+  """A jax array as a torch tensor of the same dtype, exactly, owning its (writable) memory."""
+  import torch
+
+  value = jnp.asarray(value)
+  if value.dtype == jnp.bfloat16:
+    return torch.from_numpy(np.array(value.astype(jnp.float32))).to(torch.bfloat16)
+  return torch.from_numpy(np.array(value))
+
+
+def from_torch(
+    module_or_state_dict: Any,
+    *,
+    prefix: str = "",
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+) -> Converted:
+  """A torch BatchNorm module, or its entries in a state dict, as bnjax params, stats, convention.
+
+  Args:
+    module_or_state_dict: a ``torch.nn.BatchNorm1d/2d/3d`` (or ``SyncBatchNorm``), or a state
+      dict holding ``{prefix}running_mean``, ``{prefix}running_var`` and, if affine,
+      ``{prefix}weight`` and ``{prefix}bias``, and ``{prefix}num_batches_tracked``.
+    prefix: the module's key prefix in a state dict, e.g. ``'layer1.bn1.'``.
+    momentum, eps: the module's settings, for a state dict (a module brings its own).
+  """
+  fn = "from_torch"
+  import torch
+
+  if isinstance(module_or_state_dict, torch.nn.Module):
+    module = module_or_state_dict
+    if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+      _fail(fn, f"`module_or_state_dict` must be a torch BatchNorm module or a state dict, got"
+            f" {type(module).__name__}.", TypeError)
+    if not module.track_running_stats:
+      _fail(fn, "the module has track_running_stats=False, so no running statistics: it always"
+            " normalizes with batch statistics. Hint: bnjax.batch_norm(..., training=True,"
+            " update_stats=False) does the same.")
+    if prefix:
+      _fail(fn, f"`prefix` is for state dicts, got prefix={prefix!r} with a module.")
+    momentum, eps = module.momentum, module.eps
+    state = module.state_dict()
+  elif isinstance(module_or_state_dict, Mapping):
+    state = {k[len(prefix):]: v for k, v in module_or_state_dict.items() if k.startswith(prefix)}
+    unknown = sorted(set(state) - {n for n, _, _ in _NAMES} - {"num_batches_tracked"})
+    if unknown:
+      _fail(fn, f"the state dict has unexpected keys under prefix {prefix!r}:"
+            f" {[prefix + k for k in unknown]}. Hint: the prefix should end at the BatchNorm"
+            " module, e.g. 'layer1.bn1.'.")
+  else:
+    _fail(fn, f"`module_or_state_dict` must be a torch BatchNorm module or a state dict, got"
+          f" {type(module_or_state_dict).__name__}.", TypeError)
+
+  missing = [prefix + k for k in ("running_mean", "running_var") if k not in state]
+  if ("weight" in state) != ("bias" in state):
+    missing.append(prefix + ("bias" if "weight" in state else "weight"))
+  if missing:
+    _fail(fn, f"the state dict lacks {missing} (got {sorted(prefix + k for k in state)}).")
+  params, stats = {}, {}
+  for name, tree, key in _NAMES:
+    if name in state:
+      (params if tree == "params" else stats)[key] = _to_jax(state[name])
+  count = int(state["num_batches_tracked"]) if "num_batches_tracked" in state else 0
+  if not 0 <= count <= _INT32_MAX:
+    _fail(fn, f"num_batches_tracked={count} does not fit bnjax's int32 count.")
+  stats["count"] = jnp.asarray(count, jnp.int32)
+  return Converted(params, stats, conventions.pytorch(momentum=momentum, eps=eps))
+
+
+def to_state_dict(params: dict[str, Any], stats: dict[str, Any], *, prefix: str = "") -> dict:
+  """``params`` and ``stats`` as a torch BatchNorm state dict (``load_state_dict`` ready).
+
+  ``num_batches_tracked`` is ``stats['count']``, or 0 without one. Dtypes are kept.
+  """
+  fn = "to_state_dict"
+  import torch
+
+  if ("scale" in params) != ("bias" in params):
+    _fail(fn, f"PyTorch's affine parameters come in pairs: `params` has only"
+          f" {sorted(params)}. Hint: add the missing one (scale 1 or bias 0).")
+  missing = [k for k in ("mean", "var") if k not in stats]
+  if missing:
+    _fail(fn, f"`stats` lacks {missing}.")
+  state = {}
+  for name, tree, key in _NAMES:
+    source = params if tree == "params" else stats
+    if key in source:
+      state[prefix + name] = _to_torch(source[key])
+  count = int(stats["count"]) if "count" in stats else 0
+  state[prefix + "num_batches_tracked"] = torch.tensor(count, dtype=torch.long)
+  return state
+
+
+def _torch_arguments(fn: str, convention: Convention, ndim: int) -> dict[str, Any]:
+  if not isinstance(convention, Convention):
+    _fail(fn, "`convention` must be a bnjax.conventions.Convention, got"
+          f" {type(convention).__name__}.", TypeError)
+  if ndim not in _MODULES:
+    _fail(fn, f"`ndim` (the input's rank) must be 2, 3, 4 or 5, got {ndim!r}.")
+  options = convention.options()
+  problems = []
+  if options["axis"] not in (1, 1 - ndim) and not (ndim == 2 and options["axis"] == -1):
+    problems.append(f"axis={options['axis']!r} (PyTorch's channels are on axis 1)")
+  if options["running_variance"] != "unbiased":
+    problems.append("running_variance='biased' (PyTorch stores the unbiased variance)")
+  if options["variance"] == "fast":
+    problems.append("variance='fast'")
+  if convention.extra:
+    problems.append(f"extra options {dict(convention.extra)}")
+  if problems:
+    _fail(fn, f"torch.nn.{_MODULES[ndim]} cannot reproduce {', '.join(problems)}.")
+  return dict(momentum=conventions.to_torch_momentum(options["momentum"]), eps=options["epsilon"])
+
+
+def to_torch(
+    params: dict[str, Any], stats: dict[str, Any], convention: Convention, *, ndim: int
+) -> Any:
+  """A new ``torch.nn.BatchNorm1d/2d/3d`` (by the input rank ``ndim``) holding ``params`` and
+  ``stats`` (dtypes kept) and reproducing ``convention``; raises for what PyTorch cannot
+  express (another axis, the biased running variance, the fast variance, extra options)."""
+  fn = "to_torch"
+  import torch
+
+  arguments = _torch_arguments(fn, convention, ndim)
+  state = to_state_dict(params, stats)
+  features = tuple(state["running_mean"].shape)
+  if len(features) != 1:
+    _fail(fn, f"PyTorch has one feature axis; `stats['mean']` has shape {features}.")
+  module = getattr(torch.nn, _MODULES[ndim])(features[0], affine="scale" in params, **arguments)
+  for name, tensor in state.items():  # replaced, not copied into: each keeps its dtype
+    if isinstance(getattr(module, name), torch.nn.Parameter):
+      tensor = torch.nn.Parameter(tensor)
+    setattr(module, name, tensor)
+  return module
