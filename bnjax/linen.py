@@ -174,12 +174,7 @@ class BatchNorm(module.Module):
         axis_name=None if initializing else self.axis_name,
         axis_index_groups=None if initializing else self.axis_index_groups,
         dtype=_flax_common.output_dtype(x, params.get("scale"), params.get("bias"), dtype=self.dtype),
-        renorm=self.renorm,
-        renorm_clipping=self.renorm_clipping,
-        renorm_momentum=self.renorm_momentum,
-        virtual_batch_size=self.virtual_batch_size,
-        adjustment=self.adjustment,
-        zero_debias=self.zero_debias,
+        **_flax_common.tf_features(self),
     )
     if training is not False and not initializing:
       for key, variable in variables.items():

@@ -228,12 +228,7 @@ class BatchNorm(nnx.Module):
             x, stats["mean"], stats["var"], params.get("scale"), params.get("bias"),
             dtype=self.dtype,
         ),
-        renorm=self.renorm,
-        renorm_clipping=self.renorm_clipping,
-        renorm_momentum=self.renorm_momentum,
-        virtual_batch_size=self.virtual_batch_size,
-        adjustment=self.adjustment,
-        zero_debias=self.zero_debias,
+        **_flax_common.tf_features(self),
     )
     if training is not False:
       for key in self.stat_keys:
