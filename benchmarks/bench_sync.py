@@ -31,15 +31,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import importlib.metadata
 import os
-import platform
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -51,6 +47,10 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 import bnjax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+from _common import environment_section, format_ms, format_ratio, time_call  # noqa: E402
 
 DEVICES = 8
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "SYNC.md"
@@ -126,12 +126,6 @@ def _describe(counts: dict[str, int]) -> str:
   return ", ".join(f"{op} x{n}" for op, n in counts.items() if n) or "none"
 
 
-def time_call(fn: Callable, args: tuple) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - start
-
-
 def measure(shapes, config: Config):
   """times[shape][pass][mode] = (rounds, reps) seconds; hlo[shape][pass][mode] = collectives."""
   mesh = jax.make_mesh((DEVICES,), ("d",))
@@ -161,25 +155,6 @@ def measure(shapes, config: Config):
   return times, hlo
 
 
-def _ms(samples: np.ndarray) -> str:
-  q25, q50, q75 = np.percentile(samples, [25, 50, 75]) * 1e3
-  return f"{q50:.3g} [{q25:.3g}, {q75:.3g}]"
-
-
-def _ratio(num: np.ndarray, den: np.ndarray) -> str:
-  per_round = np.median(num, axis=1) / np.median(den, axis=1)
-  q25, q50, q75 = np.percentile(per_round, [25, 50, 75])
-  return f"{q50:.2f} [{q25:.2f}, {q75:.2f}]"
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.processor() or "unknown processor"
-
-
 def _load() -> str:
   try:
     return " ".join(f"{v:.2f}" for v in os.getloadavg()) + " (1, 5, 15 min)"
@@ -188,24 +163,7 @@ def _load() -> str:
 
 
 def environment(config: Config) -> dict[str, str]:
-  device = jax.devices()[0]
-  return {
-      "device": f"{device.device_kind} ({device.platform}), {jax.device_count()} device(s)",
-      "CPUs": f"{os.cpu_count()} (usable by this process: {len(os.sched_getaffinity(0))})",
-      "processor": f"{_cpu_model()}, {platform.machine()}",
-      "load average at the end": _load(),
-      "XLA_FLAGS": os.environ.get("XLA_FLAGS", "(unset)") or "(empty)",
-      "versions": (
-          f"python {platform.python_version()}, jax {jax.__version__},"
-          f" jaxlib {importlib.metadata.version('jaxlib')}, numpy {np.__version__},"
-          f" bnjax {bnjax.__version__}"
-      ),
-      "settings": (
-          f"rounds={config.rounds}, reps={config.reps}, warmup={config.warmup},"
-          f" quick={config.quick}"
-      ),
-      "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-  }
+  return _common.environment(config, **{"load average at the end": _load()})
 
 
 def report(shapes, times, hlo, config: Config) -> str:
@@ -218,8 +176,8 @@ def report(shapes, times, hlo, config: Config) -> str:
       t, h = times[s.name][p], hlo[s.name][p]
       rows.append(
           f"| {s.name} {'x'.join(map(str, s.shape))} | {'x'.join(map(str, per_device))} |"
-          f" {channels} | {sent} B / {DEVICES * sent} B | {p} | {_ms(t['local'])} |"
-          f" {_ms(t['synced'])} | {_ratio(t['synced'], t['local'])} |"
+          f" {channels} | {sent} B / {DEVICES * sent} B | {p} | {format_ms(t['local'])} |"
+          f" {format_ms(t['synced'])} | {format_ratio(t['synced'], t['local'])} |"
           f" {_describe(h['synced'])} | {_describe(h['local'])} |"
       )
   env = environment(config)
@@ -246,12 +204,7 @@ def report(shapes, times, hlo, config: Config) -> str:
       "|---|---|---:|---:|---|---:|---:|---:|---|---|",
       *rows,
       "",
-      "## Environment",
-      "",
-      "| | |",
-      "|---|---|",
-      *(f"| {k} | {v} |" for k, v in env.items()),
-      "",
+      *environment_section(env),
   ]
   return "\n".join(lines)
 

@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import importlib.metadata
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -43,6 +40,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import bnjax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+from _common import environment_section, format_ms, format_ratio, time_call  # noqa: E402
 
 MALLOC_ENV = {
     "MALLOC_ARENA_MAX": "1",
@@ -166,12 +167,6 @@ def hlo_facts(cases: dict[str, tuple[Callable, tuple]]) -> dict[str, bool | None
   }
 
 
-def time_call(fn: Callable, args: tuple) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - start
-
-
 def measure(shapes, config: Config):
   """times[shape][case] = array (rounds, reps) of seconds; facts[shape] = hlo_facts."""
   all_cases = {s.name: make_cases(s) for s in shapes}
@@ -192,46 +187,12 @@ def measure(shapes, config: Config):
   return times, facts
 
 
-def _ms(samples: np.ndarray) -> str:
-  q25, q50, q75 = np.percentile(samples, [25, 50, 75]) * 1e3
-  return f"{q50:.3g} [{q25:.3g}, {q75:.3g}]"
-
-
-def _ratio(num: np.ndarray, den: np.ndarray) -> str:
-  per_round = np.median(num, axis=1) / np.median(den, axis=1)
-  q25, q50, q75 = np.percentile(per_round, [25, 50, 75])
-  return f"{q50:.2f} [{q25:.2f}, {q75:.2f}]"
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.processor() or "unknown processor"
-
-
 def environment(config: Config) -> dict[str, str]:
-  device = jax.devices()[0]
   active = all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())
   malloc = " ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in MALLOC_ENV)
-  return {
-      "device": f"{device.device_kind} ({device.platform}), {jax.device_count()} device(s)",
-      "CPUs": f"{os.cpu_count()} (usable by this process: {len(os.sched_getaffinity(0))})",
-      "processor": f"{_cpu_model()}, {platform.machine()}",
-      "malloc env": f"{'tuned' if active else 'NOT the tuned setting'}: {malloc}",
-      "XLA_FLAGS": os.environ.get("XLA_FLAGS", "(unset)") or "(empty)",
-      "versions": (
-          f"python {platform.python_version()}, jax {jax.__version__},"
-          f" jaxlib {importlib.metadata.version('jaxlib')}, numpy {np.__version__},"
-          f" bnjax {bnjax.__version__}"
-      ),
-      "settings": (
-          f"rounds={config.rounds}, reps={config.reps}, warmup={config.warmup},"
-          f" quick={config.quick}"
-      ),
-      "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-  }
+  return _common.environment(
+      config, **{"malloc env": f"{'tuned' if active else 'NOT the tuned setting'}: {malloc}"}
+  )
 
 
 def report(shapes, times, facts, config: Config) -> str:
@@ -240,11 +201,11 @@ def report(shapes, times, facts, config: Config) -> str:
     t = times[s.name]
     label = f"{s.name} {'x'.join(map(str, s.shape))} axis={s.axis}"
     gbs = 2 * np.prod(s.shape) * 4 / np.median(t["copy"]) / 1e9
-    time_rows.append(f"| {label} | " + " | ".join(_ms(t[c]) for c in CASES) + f" | {gbs:.1f} |")
+    time_rows.append(f"| {label} | " + " | ".join(format_ms(t[c]) for c in CASES) + f" | {gbs:.1f} |")
     ratio_rows.append(
-        f"| {label} | {_ratio(t['traced_eval'], t['static_eval'])} |"
-        f" {_ratio(t['static_eval'], t['copy'])} | {_ratio(t['traced_eval'], t['copy'])} |"
-        f" {_ratio(t['static_train'], t['static_eval'])} |"
+        f"| {label} | {format_ratio(t['traced_eval'], t['static_eval'])} |"
+        f" {format_ratio(t['static_eval'], t['copy'])} | {format_ratio(t['traced_eval'], t['copy'])} |"
+        f" {format_ratio(t['static_train'], t['static_eval'])} |"
     )
     yes = {True: "yes", False: "no", None: "n/a"}
     hlo_rows.append(f"| {label} | " + " | ".join(yes[v] for v in facts[s.name].values()) + " |")
@@ -278,12 +239,7 @@ def report(shapes, times, facts, config: Config) -> str:
       "|---|---|---|---|---|",
       *hlo_rows,
       "",
-      "## Environment",
-      "",
-      "| | |",
-      "|---|---|",
-      *(f"| {k} | {v} |" for k, v in env.items()),
-      "",
+      *environment_section(env),
   ]
   return "\n".join(lines)
 
