@@ -14,7 +14,11 @@ Gradients are of sum(y * dy) with respect to x, scale and bias (GradientTape, au
 jax.vjp). Frameworks are imported on first use, once per process. Multi-replica and TF1 cases
 run in one subprocess (tests/tf_subprocess.py): TF1 layers need TF_USE_LEGACY_KERAS=1 before
 TensorFlow is imported, and MirroredStrategy needs two logical CPUs configured before TensorFlow
-runs anything.
+runs anything. Keras 3 on the JAX backend runs in another (tests/keras_jax_subprocess.py): Keras
+picks its backend once, at import, and this process's Keras is TensorFlow's.
+
+Renorm cases also trace the renorm statistics (step{i}/stddev, renorm_mean, renorm_stddev),
+starting from values in the case's data, so r and d are clipped from the first step.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class Case:
   training: bool = True  # bnjax's `training` for the reference's training-mode call
   replicas: int = 1  # > 1: batch split over replicas (MirroredStrategy / shard_map)
   offset: float = 0.0  # added to every channel's mean, to show the multiply-add order
+  params: tuple[str, ...] = ("scale", "bias")  # bnjax params the layer has (center/scale)
 
   @property
   def feature_axis(self) -> int:
@@ -67,6 +72,14 @@ class Case:
   @property
   def reduction_size(self) -> int:
     return int(np.prod(self.shape)) // self.shape[self.feature_axis]
+
+  @property
+  def renorm(self) -> bool:
+    return bool(dict(self.convention.extra).get("renorm"))
+
+
+RENORM_STATS = ("stddev", "renorm_mean", "renorm_stddev")  # bnjax names; Keras: moving_stddev
+STAT_KEYS = ("mean", "var") + RENORM_STATS
 
 
 def _round(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -97,6 +110,10 @@ def make_data(case: Case) -> dict[str, np.ndarray]:
     mask = rng.random((STEPS + 1,) + case.shape[:-1]) < 0.7
     mask[:, 0] = True  # every channel sees an element
     data["mask"] = mask
+  if case.renorm:  # drawn last: the other cases' data stay as they were
+    data["stddev"] = np.sqrt(data["var"])  # as Keras initializes it, from the variance
+    data["renorm_mean"] = rng.standard_normal(channels).astype(np.float32)
+    data["renorm_stddev"] = rng.uniform(0.5, 2.0, channels).astype(np.float32)
   return data
 
 
@@ -104,10 +121,21 @@ def make_data(case: Case) -> dict[str, np.ndarray]:
 # bnjax
 
 
+def _freeze(options: dict) -> tuple:
+  """Options as a hashable static argument (``renorm_clipping`` is a dict); ``_thaw`` undoes it."""
+  return tuple(sorted((k, ("dict", tuple(sorted(v.items()))) if isinstance(v, dict) else v)
+                      for k, v in options.items()))
+
+
+def _thaw(options: tuple) -> dict:
+  return {k: dict(v[1]) if isinstance(v, tuple) and v[:1] == ("dict",) else v
+          for k, v in options}
+
+
 @functools.partial(jax.jit, static_argnames=("training", "options"))
 def _bnjax_step(x, dy, params, stats, mask, *, training, options):
   def f(x, params):
-    return bnjax.batch_norm(x, params, stats, training=training, mask=mask, **dict(options))
+    return bnjax.batch_norm(x, params, stats, training=training, mask=mask, **_thaw(options))
 
   y, vjp, new_stats = jax.vjp(f, x, params, has_aux=True)
   dx, dparams = vjp(dy.astype(y.dtype))
@@ -123,7 +151,7 @@ def _sharded_step(replicas: int, options):
     def f(x, params):
       def local(x, params, mask):
         return bnjax.batch_norm(x, params, stats, training=training, mask=mask,
-                                axis_name="replica", **dict(options))
+                                axis_name="replica", **_thaw(options))
       return jax.shard_map(local, mesh=mesh, in_specs=(P("replica"), P(), P("replica")),
                            out_specs=(P("replica"), P()))(x, params, mask)
 
@@ -136,10 +164,10 @@ def _sharded_step(replicas: int, options):
 
 def run_bnjax(case: Case, data: dict[str, np.ndarray]) -> Trace:
   """bnjax.batch_norm with ``case.convention.options()``, over the protocol above."""
-  options = tuple(sorted(case.convention.options().items()))
+  options = _freeze(case.convention.options())
   dtype = jnp.dtype(case.dtype)
-  params = {"scale": jnp.asarray(data["scale"]), "bias": jnp.asarray(data["bias"])}
-  stats = {"mean": jnp.asarray(data["mean"]), "var": jnp.asarray(data["var"])}
+  params = {k: jnp.asarray(data[k]) for k in case.params}
+  stats = {k: jnp.asarray(data[k]) for k in STAT_KEYS if k in data}
   if case.convention.track_count:
     stats["count"] = jnp.zeros((), jnp.int32)
   step = _sharded_step(case.replicas, options) if case.replicas > 1 else None
@@ -159,11 +187,12 @@ def run_bnjax(case: Case, data: dict[str, np.ndarray]) -> Trace:
       y, new_stats, dx, dparams = _bnjax_step(x, dy, params, stats, mask,
                                               training=training, options=options)
     prefix = f"step{i}" if i < STEPS else "eval"
-    trace.update(_record(prefix, y, dx, dparams["scale"], dparams["bias"]))
+    trace.update(_record(prefix, y, dx, dparams.get("scale"), dparams.get("bias")))
     if i < STEPS:
       stats = new_stats
-      trace[f"{prefix}/mean"] = np.asarray(stats["mean"], np.float64)
-      trace[f"{prefix}/var"] = np.asarray(stats["var"], np.float64)
+      for key in STAT_KEYS:
+        if key in stats:
+          trace[f"{prefix}/{key}"] = np.asarray(stats[key], np.float64)
       if "count" in stats:
         trace[f"{prefix}/count"] = np.asarray(stats["count"], np.float64)
   return trace
@@ -175,8 +204,10 @@ def _as64(a) -> np.ndarray:
 
 
 def _record(prefix, y, dx, dscale, dbias) -> Trace:
-  return {f"{prefix}/y": _as64(y), f"{prefix}/dx": _as64(dx),
-          f"{prefix}/dscale": _as64(dscale), f"{prefix}/dbias": _as64(dbias)}
+  """The step's entries; a missing parameter (None: center/scale off) has no gradient entry."""
+  values = {"y": y, "dx": dx, "dscale": dscale, "dbias": dbias}
+  return {f"{prefix}/{k}": _as64(v).reshape(-1) if k in ("dscale", "dbias") else _as64(v)
+          for k, v in values.items() if v is not None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,17 +299,31 @@ def run_tf_fused(case: Case, data) -> Trace:
   return trace
 
 
+# Keras weight names -> bnjax names (interop.keras converts the same way)
+KERAS_NAMES = {"gamma": "scale", "beta": "bias", "moving_mean": "mean",
+               "moving_variance": "var", "moving_stddev": "stddev", "renorm_mean": "renorm_mean",
+               "renorm_stddev": "renorm_stddev"}
+
+
+def _keras_variables(layer, unwrap) -> dict:
+  """The layer's weights by bnjax name (``unwrap``: Keras 3 variable -> its tf.Variable)."""
+  return {ours: unwrap(getattr(layer, theirs)) for theirs, ours in KERAS_NAMES.items()
+          if getattr(layer, theirs, None) is not None}
+
+
 def _keras_layer_trace(case, data, layer, variables) -> Trace:
   """Runs a built Keras layer (Keras 3 or tf_keras) through the protocol.
 
-  ``variables`` are the underlying tf.Variables (gamma, beta, moving_mean, moving_variance).
-  A frozen layer (``trainable=False``) has non-trainable weights, which a tape does not watch
-  on its own, so all are watched explicitly.
+  ``variables``: the underlying tf.Variables by bnjax name (``_keras_variables``). A frozen
+  layer (``trainable=False``) has non-trainable weights, which a tape does not watch on its
+  own, so all are watched explicitly.
   """
   t = tf()
-  gamma, beta, moving_mean, moving_var = variables
-  for v, key in zip(variables, ("scale", "bias", "mean", "var"), strict=True):
+  assert sorted(k for k in variables if k in ("scale", "bias")) == sorted(case.params), case.id
+  for key, v in variables.items():
     v.assign(data[key])
+  gamma, beta = variables.get("scale"), variables.get("bias")
+  params = [v for v in (gamma, beta) if v is not None]
   trace: Trace = {}
   for i in range(STEPS + 1):
     training = i < STEPS
@@ -287,14 +332,17 @@ def _keras_layer_trace(case, data, layer, variables) -> Trace:
     if training and "mask" in data:
       kwargs["mask"] = t.constant(data["mask"][i])
     with t.GradientTape(watch_accessed_variables=False) as tape:
-      tape.watch([x, gamma, beta])
+      tape.watch([x] + params)
       y = layer(x, training=training, **kwargs)
-    dx, dscale, dbias = tape.gradient(y, [x, gamma, beta], output_gradients=t.cast(dy, y.dtype))
+    dx, *dparams = tape.gradient(y, [x] + params, output_gradients=t.cast(dy, y.dtype))
+    dscale = dparams.pop(0) if gamma is not None else None
+    dbias = dparams.pop(0) if beta is not None else None
     prefix = f"step{i}" if training else "eval"
     trace.update(_record(prefix, y, dx, dscale, dbias))
     if training:
-      trace[f"{prefix}/mean"] = np.asarray(moving_mean.numpy(), np.float64)
-      trace[f"{prefix}/var"] = np.asarray(moving_var.numpy(), np.float64)
+      for key in STAT_KEYS:
+        if key in variables:
+          trace[f"{prefix}/{key}"] = np.asarray(variables[key].numpy(), np.float64)
   return trace
 
 
@@ -313,8 +361,7 @@ def run_keras(case: Case, data) -> Trace:
   layer = keras.layers.BatchNormalization(dtype=_POLICIES[case.dtype], **layer_kwargs)
   layer.build(case.shape)
   layer.trainable = trainable
-  variables = [w.value for w in (layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance)]
-  return _keras_layer_trace(case, data, layer, variables)
+  return _keras_layer_trace(case, data, layer, _keras_variables(layer, lambda w: w.value))
 
 
 @functools.cache
@@ -336,8 +383,7 @@ def run_tf_keras(case: Case, data) -> Trace:
   if layer.fused != expected_fused:
     raise AssertionError(f"{case.id}: tf_keras resolved fused={layer.fused}, the case's"
                          f" convention assumes fused={expected_fused}")
-  variables = [layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance]
-  return _keras_layer_trace(case, data, layer, variables)
+  return _keras_layer_trace(case, data, layer, _keras_variables(layer, lambda w: w))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,12 +494,31 @@ RUNNERS = {
     "torch": run_torch,
     "flax": run_flax,
 }
-# Run by tests/tf_subprocess.py, all cases in one process.
-SUBPROCESS_REFERENCES = ("tf_v1_layers", "keras_sync", "tf_keras_sync")
+# reference -> the script that runs it, all of a script's cases in one process
+SUBPROCESS_SCRIPTS = {
+    "tf_v1_layers": "tf_subprocess.py",
+    "keras_sync": "tf_subprocess.py",
+    "tf_keras_sync": "tf_subprocess.py",
+    "keras_jax": "keras_jax_subprocess.py",
+}
+SUBPROCESS_REFERENCES = tuple(SUBPROCESS_SCRIPTS)
+# What each script's process needs set before it imports anything.
+_SUBPROCESS_ENV = {
+    "tf_subprocess.py": {"TF_USE_LEGACY_KERAS": "1"},
+    "keras_jax_subprocess.py": {"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"},
+}
+SUBPROCESS_TIMEOUT_S = 600
 
 
 def run_subprocess(cases: list[Case]) -> dict[str, Trace]:
-  """Traces of ``cases`` (all SUBPROCESS_REFERENCES) from one run of tests/tf_subprocess.py."""
+  """Traces of ``cases`` (all SUBPROCESS_REFERENCES): one process per script."""
+  out: dict[str, Trace] = {}
+  for script in dict.fromkeys(SUBPROCESS_SCRIPTS[c.reference] for c in cases):
+    out.update(_run_script(script, [c for c in cases if SUBPROCESS_SCRIPTS[c.reference] == script]))
+  return out
+
+
+def _run_script(script: str, cases: list[Case]) -> dict[str, Trace]:
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
     arrays, specs = {}, []
@@ -466,13 +531,17 @@ def run_subprocess(cases: list[Case]) -> dict[str, Trace]:
     np.savez(tmp / "inputs.npz", **arrays)
     (tmp / "cases.json").write_text(json.dumps(specs))
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env.update(TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
-    done = subprocess.run(
-        [sys.executable, str(HERE / "tf_subprocess.py"), str(tmp)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore", **_SUBPROCESS_ENV[script])
+    try:
+      done = subprocess.run([sys.executable, str(HERE / script), str(tmp)], env=env, check=False,
+                            capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+      stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+      raise RuntimeError(f"tests/{script} did not finish in {SUBPROCESS_TIMEOUT_S} s"
+                         f" ({len(cases)} cases); its stderr ends:\n{(stderr or '')[-4000:]}"
+                         ) from None
     if done.returncode != 0:
-      raise RuntimeError(f"tests/tf_subprocess.py failed ({done.returncode}):\n"
+      raise RuntimeError(f"tests/{script} failed ({done.returncode}):\n"
                          f"{done.stderr[-4000:]}")
     with np.load(tmp / "traces.npz") as f:
       out: dict[str, Trace] = {}
@@ -487,10 +556,12 @@ def run_subprocess(cases: list[Case]) -> dict[str, Trace]:
 
 
 def kind(name: str) -> str:
-  """'outputs' (y), 'gradients' (dx, dscale, dbias) or 'statistics' (mean, var, count)."""
+  """'outputs' (y), 'gradients' (dx, dscale, dbias) or 'statistics' (mean, var, count and
+  renorm's stddev, renorm_mean, renorm_stddev)."""
   leaf = name.split("/")[1]
-  return {"y": "outputs", "mean": "statistics", "var": "statistics", "count": "statistics"}.get(
-      leaf, "gradients")
+  if leaf in STAT_KEYS + ("count",):
+    return "statistics"
+  return "outputs" if leaf == "y" else "gradients"
 
 
 def tolerance_for(case: Case, name: str) -> dict[str, float]:
@@ -504,7 +575,9 @@ def term_magnitudes(case: Case, data: dict[str, np.ndarray], expected: Trace) ->
   """The magnitude of the terms each traced value is computed from (tolerances.cross_framework).
 
   In float64 from the inputs: batch statistics in training steps (over the mask), the
-  reference's own running statistics where it normalizes with them.
+  reference's own running statistics where it normalizes with them. With renorm, training
+  steps compute y = xhat * (r * scale) + (d * scale + bias), with r and d from the
+  reference's renorm statistics before the step.
   """
   axes = tuple(_reduced_axes(case))
   shape = [1] * len(case.shape)
@@ -513,8 +586,11 @@ def term_magnitudes(case: Case, data: dict[str, np.ndarray], expected: Trace) ->
   def col(v):
     return np.asarray(v, np.float64).reshape(shape)
 
-  eps = case.convention.options()["epsilon"]
-  scale, bias = col(data["scale"]), col(data["bias"])
+  options = case.convention.options()
+  eps = options["epsilon"]
+  ones = col(np.ones(case.shape[case.feature_axis]))
+  scale = col(data["scale"]) if "scale" in case.params else ones
+  bias = col(data["bias"]) if "bias" in case.params else 0 * ones
   mean, var = col(data["mean"]), col(data["var"])
   out = {}
   for i in range(STEPS + 1):
@@ -531,13 +607,33 @@ def term_magnitudes(case: Case, data: dict[str, np.ndarray], expected: Trace) ->
       m, v = mean, var
     else:
       m, v = col(expected[f"step{STEPS - 1}/mean"]), col(expected[f"step{STEPS - 1}/var"])
-    a = scale / np.sqrt(v + eps)
+    r, d = ones, 0 * ones
+    if case.renorm and i < STEPS and case.training:
+      before = data if i == 0 else {k: expected[f"step{i - 1}/{k}"] for k in RENORM_STATS}
+      r, d = _renorm_correction(m, v, col(before["renorm_mean"]), col(before["renorm_stddev"]),
+                                eps, options.get("renorm_clipping") or {})
+    a = scale * r / np.sqrt(v + eps)
     xhat = (x - m) / np.sqrt(v + eps)
-    out[f"{prefix}/y"] = float(max(np.abs(x * a).max(), np.abs(m * a).max(), np.abs(bias).max()))
+    out[f"{prefix}/y"] = float(max(np.abs(x * a).max(), np.abs(m * a).max(),
+                                   np.abs(d * scale).max(), np.abs(bias).max()))
     out[f"{prefix}/dx"] = float(np.abs(a * dy).max())
-    out[f"{prefix}/dscale"] = float(np.abs(dy * xhat).sum(axes).max())
+    out[f"{prefix}/dscale"] = float((np.abs(dy) * (np.abs(xhat) * r + np.abs(d))).sum(axes).max())
     out[f"{prefix}/dbias"] = float(np.abs(dy).sum(axes).max())
   return out
+
+
+def _renorm_correction(mean, var, renorm_mean, renorm_stddev, eps, clipping):
+  """Batch renormalization's (r, d) in float64, as bnjax._renorm and Keras compute them."""
+  sigma = np.maximum(renorm_stddev, np.sqrt(eps))
+  r = np.sqrt(var + eps) / sigma
+  d = (mean - renorm_mean) / sigma
+  if clipping.get("rmin") is not None:
+    r = np.maximum(r, clipping["rmin"])
+  if clipping.get("rmax") is not None:
+    r = np.minimum(r, clipping["rmax"])
+  if clipping.get("dmax") is not None:
+    d = np.clip(d, -clipping["dmax"], clipping["dmax"])
+  return r, d
 
 
 def errors(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
@@ -588,6 +684,22 @@ def compare(case: Case, got: Trace, expected: Trace, data=None) -> dict[str, Err
 # the reference takes one, frozen layers, and two replicas.
 
 _KERAS_NCHW = cv.KERAS.replace(axis=1)
+# Renorm: clipping bounds that bind at some step for these inputs (the renorm statistics start
+# away from the batch's), and a renorm momentum low enough for them to move.
+_RENORM = dict(renorm=True, renorm_clipping={"rmin": 0.8, "rmax": 1.4, "dmax": 0.6},
+               renorm_momentum=0.7)
+
+
+def _labelled(convention: cv.Convention, label: str) -> cv.Convention:
+  """The same options under a name that tells the report's rows apart (``[jax]``, ``[renorm]``)."""
+  return convention.replace(name=convention.name + label)
+
+
+def _keras_jax(**options) -> cv.Convention:
+  """Keras 3 on the JAX backend: the KERAS preset's arithmetic (jnp.var and x * a + (bias -
+  mean * a), as on TensorFlow)."""
+  return _labelled(cv.keras(**options), "[jax]")
+
 
 CASES: list[Case] = [
     # tf.nn.moments + tf.nn.batch_normalization, user-owned moving averages (decay form)
@@ -681,6 +793,31 @@ CASES: list[Case] = [
          dict(momentum=0.9), replicas=2),
     Case("tf_keras-synchronized-2-replicas", "tf_keras_sync", (8, 3),
          cv.tf_keras(fused=False, synchronized=True, momentum=0.9), dict(momentum=0.9), replicas=2),
+    # Batch renormalization with clipping: tf_keras and Keras 3 (TensorFlow backend)
+    Case("tf_keras-renorm-nhwc", "tf_keras", (4, 3, 2, 3),
+         _labelled(cv.tf_keras(fused=False, momentum=0.9, **_RENORM), "[renorm]"),
+         dict(momentum=0.9, **_RENORM)),
+    Case("keras-renorm-2d", "keras", (6, 4),
+         _labelled(cv.keras(momentum=0.8, **_RENORM), "[renorm]"), dict(momentum=0.8, **_RENORM)),
+    # Keras 3 on the JAX backend (subprocess): gradients by jax.vjp of the layer's stateless_call
+    Case("keras_jax-nhwc-defaults", "keras_jax", (4, 3, 2, 3), _keras_jax()),
+    Case("keras_jax-nchw-momentum0.5", "keras_jax", (2, 3, 2, 2), _keras_jax(axis=1, momentum=0.5),
+         dict(axis=1, momentum=0.5)),
+    Case("keras_jax-2d-no-center", "keras_jax", (6, 4), _keras_jax(momentum=0.9, epsilon=1e-5),
+         dict(momentum=0.9, epsilon=1e-5, center=False), params=("scale",)),
+    Case("keras_jax-nhwc-no-scale", "keras_jax", (4, 3, 2, 3), _keras_jax(epsilon=0.1),
+         dict(epsilon=0.1, scale=False), params=("bias",)),
+    Case("keras_jax-3d-mask", "keras_jax", (4, 3, 3), _keras_jax(momentum=0.8), dict(momentum=0.8),
+         mask=True),
+    Case("keras_jax-nhwc-offset30", "keras_jax", (4, 3, 2, 3), _keras_jax(), offset=30.0),
+    Case("keras_jax-nhwc-mixed_float16", "keras_jax", (4, 3, 2, 3), _keras_jax(momentum=0.9),
+         dict(momentum=0.9), dtype="float16"),
+    Case("keras_jax-nchw-mixed_bfloat16", "keras_jax", (4, 3, 2, 2),
+         _keras_jax(axis=1, momentum=0.9), dict(axis=1, momentum=0.9), dtype="bfloat16"),
+    Case("keras_jax-trainable-false", "keras_jax", (4, 3, 2, 3), _keras_jax(),
+         dict(trainable=False), training=False),
+    Case("keras_jax-renorm-nhwc", "keras_jax", (4, 3, 2, 3),
+         _labelled(_keras_jax(momentum=0.9, **_RENORM), "[renorm]"), dict(momentum=0.9, **_RENORM)),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 assert len(CASES_BY_ID) == len(CASES), "case ids must be unique"

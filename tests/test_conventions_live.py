@@ -4,10 +4,12 @@ Each case (tests/live_frameworks.py) runs the framework's own batch norm and bnj
 matching ``bnjax.conventions`` preset over three training steps and one inference step, and
 compares outputs, gradients (dx, dscale, dbias) and running statistics after every step, within
 ``tolerances.cross_framework``. Cases skip where their framework is not installed; CI installs
-them all. TF1 layers and the two-replica MirroredStrategy cases run in one subprocess.
+them all. TF1 layers and the two-replica MirroredStrategy cases run in one subprocess, Keras 3 on
+the JAX backend in another.
 """
 
 import dataclasses
+import importlib.util
 
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +22,8 @@ from bnjax import conventions as cv
 REQUIRES = {"tf_nn": "tensorflow", "tf_fused": "tensorflow", "keras": "tensorflow",
             "tf_keras": "tf_keras", "torch": "torch", "flax": "flax"}
 IN_PROCESS = [c for c in lf.CASES if c.reference in lf.RUNNERS]
-SUBPROCESS = [c for c in lf.CASES if c.reference in lf.SUBPROCESS_REFERENCES]
+SUBPROCESS = [c for c in lf.CASES if lf.SUBPROCESS_SCRIPTS.get(c.reference) == "tf_subprocess.py"]
+KERAS_JAX = [c for c in lf.CASES if c.reference == "keras_jax"]
 
 
 def _require(reference):
@@ -37,18 +40,31 @@ def test_preset_matches_framework(case):
   lf.compare(case, lf.run_bnjax(case, data), expected, data)
 
 
-def test_tf1_layers_and_two_replicas_in_a_subprocess():
-  """All subprocess cases in one process start (TensorFlow's import is the cost)."""
-  pytest.importorskip("tensorflow")
-  pytest.importorskip("tf_keras")
-  traces = lf.run_subprocess(SUBPROCESS)
+def _compare_all(cases, traces):
   failures = []
-  for case in SUBPROCESS:
+  for case in cases:
     try:
       lf.compare(case, lf.run_bnjax(case, lf.make_data(case)), traces[case.id])
     except AssertionError as e:
       failures.append(f"{case.id}: {e}")
   assert not failures, "\n\n".join(failures)
+
+
+def test_tf1_layers_and_two_replicas_in_a_subprocess():
+  """All subprocess cases in one process start (TensorFlow's import is the cost)."""
+  pytest.importorskip("tensorflow")
+  pytest.importorskip("tf_keras")
+  _compare_all(SUBPROCESS, lf.run_subprocess(SUBPROCESS))
+
+
+def test_keras_on_the_jax_backend_in_a_subprocess():
+  """Keras 3 with KERAS_BACKEND=jax: every keras_jax case in one process (Keras picks its
+  backend at import, and this process's Keras runs on TensorFlow)."""
+  for module in ("keras", "jax"):
+    if importlib.util.find_spec(module) is None:  # not imported here: it would pick a backend
+      pytest.skip(f"{module} is not installed: Keras 3 on the JAX backend is not tested")
+  assert KERAS_JAX, "no keras_jax cases"
+  _compare_all(KERAS_JAX, lf.run_subprocess(KERAS_JAX))
 
 
 # The comparison is sharp enough to tell the conventions apart: swapping in a neighbouring
@@ -64,6 +80,9 @@ WRONG = {
     "keras-with-torch-epsilon": ("keras-nhwc-defaults", cv.KERAS.replace(epsilon=1e-5), "step0/"),
     "tf_fused-factor-as-momentum": ("tf_fused-nhwc-defaults",
                                     cv.TF_FUSED_NHWC.replace(momentum=0.99), "step0/mean"),
+    "tf_keras-renorm-unclipped": ("tf_keras-renorm-nhwc",
+                                  cv.tf_keras(fused=False, momentum=0.9, renorm=True,
+                                              renorm_momentum=0.7), "step0/"),
 }
 
 

@@ -24,6 +24,7 @@ ARRAYS = np.load(GOLDENS / "conventions.npz")
 FRAMEWORKS = {"tf_nn": ("tensorflow",), "tf_fused": ("tensorflow",), "keras": ("tensorflow",),
               "tf_keras": ("tensorflow", "tf_keras"), "tf_v1_layers": ("tensorflow", "tf_keras"),
               "keras_sync": ("tensorflow", "tf_keras"), "tf_keras_sync": ("tensorflow", "tf_keras"),
+              "keras_jax": ("keras", "jax"),
               "torch": ("torch",), "flax": ("flax",)}
 # reference -> its first case, always compared with bnjax (in-process references; the
 # subprocess ones compile a sharded step, and the live test compares them anyway)
