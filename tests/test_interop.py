@@ -67,16 +67,26 @@ def tf():
   return lf.tf()
 
 
+KERAS_WEIGHTS = ("gamma", "beta", "moving_mean", "moving_variance", "moving_stddev",
+                 "renorm_mean", "renorm_stddev")
+POSITIVE_WEIGHTS = ("gamma", "moving_variance", "moving_stddev", "renorm_stddev")
+
+
 def _keras_layer(library, shape, seed=0, **kwargs):
   """A built layer of ``library`` with random weights (so a conversion can't pass by luck)."""
   module = lf.tf().keras if library == "keras" else lf.tf_keras()
   layer = module.layers.BatchNormalization(**kwargs)
   layer.build(shape)
-  for i, name in enumerate(("gamma", "beta", "moving_mean", "moving_variance")):
+  for i, name in enumerate(KERAS_WEIGHTS):
     if getattr(layer, name, None) is not None:
-      low, high = (0.5, 2.0) if name in ("gamma", "moving_variance") else (None, None)
+      low, high = (0.5, 2.0) if name in POSITIVE_WEIGHTS else (None, None)
       getattr(layer, name).assign(_random(getattr(layer, name).shape, seed + i, low, high))
   return layer
+
+
+def _reduction_size(x, axis):
+  axes = (axis,) if isinstance(axis, int) else axis
+  return x.size // int(np.prod([x.shape[a] for a in axes]))
 
 
 KERAS_LAYERS = {
@@ -89,7 +99,30 @@ KERAS_LAYERS = {
                             cv.tf_keras(fused=True, axis=1, momentum=0.5)),
     "tf_keras-unfused-2d-no-scale": ("tf_keras", (6, 5), dict(scale=False),
                                      cv.TF_KERAS_UNFUSED),
+    "tf_keras-two-axes": ("tf_keras", (4, 3, 2, 5), dict(axis=[1, 3]),
+                          cv.tf_keras(fused=False, axis=(1, -1))),
+    # renorm: three more running statistics; virtual batches: (1, ..., C) weights
+    "keras-renorm": ("keras", (6, 5), dict(renorm=True, renorm_clipping={"rmax": 1.5, "dmax": 0.5},
+                                           renorm_momentum=0.9, momentum=0.8),
+                     cv.keras(momentum=0.8, renorm=True, renorm_clipping={"rmax": 1.5, "dmax": 0.5},
+                              renorm_momentum=0.9)),
+    "tf_keras-renorm-nhwc": ("tf_keras", (4, 3, 2, 5),
+                             dict(renorm=True, renorm_clipping={"rmin": 0.7, "rmax": 1.5},
+                                  momentum=0.9),
+                             cv.tf_keras(fused=False, momentum=0.9, renorm=True,
+                                         renorm_clipping={"rmin": 0.7, "rmax": 1.5})),
+    "tf_keras-renorm-unclipped-no-center": ("tf_keras", (6, 5), dict(renorm=True, center=False),
+                                            cv.tf_keras(fused=False, renorm=True)),
+    "tf_keras-virtual-batch-nhwc": ("tf_keras", (8, 3, 2, 5), dict(virtual_batch_size=4,
+                                                                   momentum=0.9),
+                                    cv.tf_keras(fused=False, momentum=0.9, virtual_batch_size=4)),
+    "tf_keras-virtual-batch-ncl-renorm": (
+        "tf_keras", (6, 5, 2), dict(axis=1, virtual_batch_size=3, renorm=True,
+                                    renorm_clipping={"dmax": 0.5}, renorm_momentum=0.5),
+        cv.tf_keras(fused=False, axis=1, virtual_batch_size=3, renorm=True,
+                    renorm_clipping={"dmax": 0.5}, renorm_momentum=0.5)),
 }
+KERAS_FEATURES = ("renorm", "renorm_clipping", "renorm_momentum", "virtual_batch_size")
 
 
 @pytest.mark.usefixtures("tf")
@@ -101,14 +134,18 @@ def test_keras_round_trips_lose_nothing(library, shape, kwargs, convention):
   assert got == convention
   assert ("bias" in params) == kwargs.get("center", True)
   assert ("scale" in params) == kwargs.get("scale", True)
+  if kwargs.get("renorm"):
+    assert sorted(stats) == ["mean", "renorm_mean", "renorm_stddev", "stddev", "var"]
+  assert all(v.shape == (5,) for v in params.values()) or kwargs.get("axis") == [1, 3]
   back = bk.to_keras(params, stats, got, input_shape=shape, library=library)
-  for name in ("gamma", "beta", "moving_mean", "moving_variance"):
+  for name in KERAS_WEIGHTS:
     mine, theirs = getattr(back, name, None), getattr(layer, name, None)
     assert (mine is None) == (theirs is None), name
     if mine is not None:
       np.testing.assert_array_equal(mine.numpy(), theirs.numpy(), err_msg=name)
-  for attribute in ("axis", "momentum", "epsilon", "center", "scale", "synchronized"):
-    assert getattr(back, attribute) == getattr(layer, attribute), attribute
+  for attribute in ("axis", "momentum", "epsilon", "center", "scale", "synchronized",
+                    *KERAS_FEATURES):
+    assert getattr(back, attribute, None) == getattr(layer, attribute, None), attribute
   if library == "tf_keras":
     assert back.fused == layer.fused
   again = bk.from_keras(back)
@@ -122,17 +159,57 @@ def test_keras_round_trips_lose_nothing(library, shape, kwargs, convention):
                          [v for k, v in KERAS_LAYERS.items() if k != "keras-synchronized"],
                          ids=[k for k in KERAS_LAYERS if k != "keras-synchronized"])
 def test_converted_keras_layer_gives_keras_outputs(library, shape, kwargs, convention):
-  """One training call then one inference call: outputs and moving statistics as Keras'."""
+  """One training call then one inference call: outputs and every running statistic (renorm's
+  too) as Keras'."""
   layer = _keras_layer(library, shape, **kwargs)
   converted = bk.from_keras(layer)
   x = _random(shape, 10) * 2 + 0.5
   y_train, new, y_eval = _train_and_eval(converted.convention, converted.params,
                                          converted.stats, x)
-  n = x.size // x.shape[converted.convention.axis]
+  n = _reduction_size(x, converted.convention.axis)
   _close(y_train, layer(x, training=True).numpy(), n, "training output")
-  _close(new["mean"], layer.moving_mean.numpy(), n, "moving mean")
-  _close(new["var"], layer.moving_variance.numpy(), n, "moving variance")
+  trained = bk.from_keras(layer).stats
+  assert sorted(new) == sorted(trained)
+  for key in trained:
+    _close(new[key], trained[key], n, f"stats[{key!r}] after the training call")
   _close(y_eval, layer(x, training=False).numpy(), n, "inference output")
+
+
+def test_tf_keras_adjustment_needs_a_jax_twin_and_round_trips():
+  """``adjustment`` is a TensorFlow function, not a weight: from_keras takes a JAX function that
+  computes the same, and to_keras the TensorFlow one back."""
+  tf = lf.tf()
+  shape = (6, 2, 2, 5)
+  a = (1.0 + 0.05 * np.arange(6 * 5)).reshape(6, 1, 1, 5).astype(np.float32)
+  b = (0.1 * np.arange(5) - 0.2).reshape(1, 1, 1, 5).astype(np.float32)
+  shapes = []
+
+  def tf_adjustment(s):
+    return tf.constant(a), tf.constant(b)
+
+  def jax_adjustment(s):
+    shapes.append(s)
+    return jnp.asarray(a), jnp.asarray(b)
+
+  layer = _keras_layer("tf_keras", shape, adjustment=tf_adjustment, momentum=0.9)
+  params, stats, convention = bk.from_keras(layer, adjustment=jax_adjustment)
+  assert convention == cv.tf_keras(fused=False, momentum=0.9, adjustment=jax_adjustment)
+  assert convention.options()["adjustment"] is jax_adjustment
+  back = bk.to_keras(params, stats, convention, input_shape=shape, library="tf_keras",
+                     adjustment=tf_adjustment)
+  assert back.adjustment is tf_adjustment and not back.fused
+  again = bk.from_keras(back, adjustment=jax_adjustment)
+  _assert_same(again.params, params)
+  _assert_same(again.stats, stats)
+  assert again.convention == convention
+  x = _random(shape, 13) * 2 + 0.5
+  y_train, new, y_eval = _train_and_eval(convention, params, stats, x)
+  assert shapes == [shape]  # called once, in training, with the input's shape
+  _close(y_train, layer(x, training=True).numpy(), 24, "training output")
+  _close(new["mean"], layer.moving_mean.numpy(), 24, "moving mean")
+  _close(new["var"], layer.moving_variance.numpy(), 24, "moving variance")
+  _close(y_eval, layer(x, training=False).numpy(), 24, "inference output")
+  assert np.abs(y_train - y_eval).max() > 0.1  # the adjustment shows in training only
 
 
 @pytest.mark.usefixtures("tf")
@@ -236,6 +313,7 @@ def test_converted_torch_module_gives_torch_outputs(torch, cls, shape, kwargs):
 def _keras_errors():
   layer = lambda **kw: _keras_layer("keras", (4, 3), **kw)
   tf_keras_layer = lambda **kw: _keras_layer("tf_keras", (4, 3), **kw)
+  adjust = lambda shape: (1.0, 0.0)
   params, stats, convention = Converted({"scale": jnp.ones(3), "bias": jnp.zeros(3)},
                                         {"mean": jnp.zeros(3), "var": jnp.ones(3)}, cv.KERAS)
   return {
@@ -246,13 +324,15 @@ def _keras_errors():
                       r"got keras.*LayerNormalization"),
       "not-built": (lambda: bk.from_keras(lf.tf().keras.layers.BatchNormalization()), ValueError,
                     r"`layer` is not built.*layer.build\(input_shape\)"),
-      "renorm": (lambda: bk.from_keras(layer(renorm=True)), ValueError,
-                 r"`layer.renorm` is set; from_keras does not convert such layers yet.*"
-                 r"bnjax.conventions.keras\(..., renorm=...\)"),
-      "virtual-batch": (lambda: bk.from_keras(tf_keras_layer(virtual_batch_size=2)), ValueError,
-                        r"`layer.virtual_batch_size` is set"),
-      "adjustment": (lambda: bk.from_keras(tf_keras_layer(adjustment=lambda s: (1.0, 0.0))),
-                     ValueError, r"`layer.adjustment` is set"),
+      "adjustment": (lambda: bk.from_keras(tf_keras_layer(adjustment=adjust)), ValueError,
+                     r"`layer.adjustment` is a TensorFlow function, not a weight, so it cannot be"
+                     r" converted. Hint: .*from_keras\(layer, adjustment=fn\)"),
+      "adjustment-not-on-layer": (lambda: bk.from_keras(layer(), adjustment=adjust), ValueError,
+                                  r"`adjustment` is given, but the keras layer has none"),
+      "adjustment-not-callable": (lambda: bk.from_keras(tf_keras_layer(adjustment=adjust),
+                                                        adjustment=1.0), TypeError,
+                                  r"`adjustment` must be a callable shape -> \(scale, bias\),"
+                                  r" got float"),
       "to-keras-library": (lambda: bk.to_keras(params, stats, convention, input_shape=(4, 3),
                                                library="keras2"), ValueError,
                            r"`library` must be one of \('keras', 'tf_keras'\)"),
@@ -275,6 +355,29 @@ def _keras_errors():
       "to-keras-fast-unbiased": (lambda: bk.to_keras(params, stats, cv.TF_KERAS_FUSED.replace(
           variance="fast"), input_shape=(4, 3, 2, 3), library="tf_keras"), ValueError,
                                  r"variance='fast' \(synchronized\) with the unbiased"),
+      "to-keras-virtual-batch": (lambda: bk.to_keras(params, stats, cv.tf_keras(
+          fused=False, virtual_batch_size=2), input_shape=(4, 3)), ValueError,
+                                 r"keras BatchNormalization cannot reproduce virtual_batch_size"
+                                 r" \(Keras 3 has no such argument; tf_keras has\)"),
+      "to-keras-two-axes": (lambda: bk.to_keras(params, stats, cv.KERAS.replace(axis=(1, -1)),
+                                                input_shape=(4, 3, 2)), ValueError,
+                            r"axis=\(1, -1\) \(Keras 3 takes one feature axis"),
+      "to-keras-clipping-without-renorm": (lambda: bk.to_keras(params, stats, cv.KERAS.replace(
+          extra={"renorm_clipping": {"rmax": 2.0}}), input_shape=(4, 3)), ValueError,
+                                           r"renorm_clipping or renorm_momentum without"
+                                           r" renorm=True"),
+      "to-keras-unbiased-renorm": (lambda: bk.to_keras(params, stats, cv.TF_KERAS_FUSED.replace(
+          extra={"renorm": True}), input_shape=(4, 3, 2, 3), library="tf_keras"), ValueError,
+                                   r"running_variance='unbiased' with \['renorm'\] \(tf_keras"
+                                   r" stores the unbiased variance only when fused"),
+      "to-keras-adjustment-missing": (lambda: bk.to_keras(params, stats, cv.tf_keras(
+          fused=False, adjustment=adjust), input_shape=(4, 3), library="tf_keras"), ValueError,
+                                      r"adjustment without its TensorFlow version.*"
+                                      r"to_keras\(..., adjustment=tf_fn\)"),
+      "to-keras-adjustment-unexpected": (lambda: bk.to_keras(params, stats, cv.KERAS,
+                                                             input_shape=(4, 3), adjustment=adjust),
+                                         ValueError, r"`adjustment` is given, but the convention"
+                                         r" has none"),
       "assign-lacks": (lambda: bk.assign_to_keras(layer(), {"scale": jnp.ones(3)}, stats),
                        ValueError, r"`params` lacks 'bias' but the layer has `beta`.*center=False"),
       "assign-has": (lambda: bk.assign_to_keras(layer(center=False), params, stats), ValueError,
@@ -283,6 +386,17 @@ def _keras_errors():
                                                                     "var": jnp.ones(3)}),
                        ValueError, r"`stats\['mean'\]` has shape \(4,\), the layer's"
                        r" `moving_mean` has \(3,\)"),
+      "assign-renorm-lacks": (lambda: bk.assign_to_keras(layer(renorm=True), params, stats),
+                              ValueError, r"`stats` lacks 'stddev' but the layer has"
+                              r" `moving_stddev`.*bnjax.init\(C, renorm=True\)"),
+      "assign-renorm-has": (lambda: bk.assign_to_keras(layer(), params, cv.keras(
+          renorm=True).init(3)[1]), ValueError,
+                            r"`stats` has 'stddev' but the layer has no `moving_stddev`"),
+      "assign-virtual-batch-shape": (lambda: bk.assign_to_keras(
+          tf_keras_layer(virtual_batch_size=2), params, {"mean": jnp.zeros(4), "var": jnp.ones(3)}),
+                                     ValueError, r"`stats\['mean'\]` has shape \(4,\), the"
+                                     r" layer's `moving_mean` has \(3,\)"
+                                     r" \(stored as \(1, 1, 3\)\)"),
       "assign-not-built": (lambda: bk.assign_to_keras(lf.tf().keras.layers.BatchNormalization(),
                                                       params, stats), ValueError,
                            r"assign_to_keras: `layer` is not built"),
@@ -291,11 +405,14 @@ def _keras_errors():
   }
 
 
-KERAS_ERRORS = ["not-a-layer", "other-layer", "not-built", "renorm", "virtual-batch", "adjustment",
-                "to-keras-library", "to-keras-not-convention", "to-keras-unbiased",
-                "to-keras-cumulative", "to-keras-shifted", "to-keras-extra",
-                "to-keras-fast-unbiased", "assign-lacks", "assign-has", "assign-shape",
-                "assign-not-built", "assign-not-a-layer"]
+KERAS_ERRORS = ["not-a-layer", "other-layer", "not-built", "adjustment", "adjustment-not-on-layer",
+                "adjustment-not-callable", "to-keras-library", "to-keras-not-convention",
+                "to-keras-unbiased", "to-keras-cumulative", "to-keras-shifted", "to-keras-extra",
+                "to-keras-fast-unbiased", "to-keras-virtual-batch", "to-keras-two-axes",
+                "to-keras-clipping-without-renorm", "to-keras-unbiased-renorm",
+                "to-keras-adjustment-missing", "to-keras-adjustment-unexpected", "assign-lacks",
+                "assign-has", "assign-shape", "assign-renorm-lacks", "assign-renorm-has",
+                "assign-virtual-batch-shape", "assign-not-built", "assign-not-a-layer"]
 
 
 @pytest.mark.usefixtures("tf")

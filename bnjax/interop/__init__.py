@@ -5,7 +5,7 @@
     y, stats = bnjax.batch_norm(x, params, stats, training=True, **convention.options())
 
 - ``bnjax.interop.keras``: Keras 3 and tf_keras ``BatchNormalization`` layers
-  (``from_keras``, ``to_keras``, ``assign_to_keras``).
+  (``from_keras``, ``to_keras``, ``assign_to_keras``), renorm and virtual batches included.
 - ``bnjax.interop.torch``: ``torch.nn.BatchNorm1d/2d/3d`` modules and their state dicts
   (``from_torch``, ``to_torch``, ``to_state_dict``).
 
@@ -28,5 +28,6 @@ class Converted(NamedTuple):
   """What a framework's batch norm becomes in bnjax."""
 
   params: dict[str, Any]  # {'scale': (C,), 'bias': (C,)}, without what the layer lacks
-  stats: dict[str, Any]  # {'mean': (C,), 'var': (C,)} (+ 'count': int32[] for PyTorch)
+  stats: dict[str, Any]  # {'mean': (C,), 'var': (C,)} (+ 'count': int32[] for PyTorch,
+  #                        + 'stddev', 'renorm_mean', 'renorm_stddev' for Keras renorm layers)
   convention: Convention  # keyword options for bnjax.batch_norm: convention.options()

@@ -9,6 +9,21 @@ Names: Keras ``gamma, beta, moving_mean, moving_variance`` are bnjax ``scale, bi
 ``bnjax.conventions.keras`` or ``tf_keras`` with the layer's axis, momentum and epsilon; for
 tf_keras also ``fused`` as the built layer resolved it (fused stores the unbiased variance).
 
+TensorFlow's training-only features carry over:
+
+- ``renorm=True`` (Keras 3 and tf_keras): the extra weights ``moving_stddev, renorm_mean,
+  renorm_stddev`` are bnjax's ``stats['stddev'], ['renorm_mean'], ['renorm_stddev']`` (what
+  ``bnjax.init(C, renorm=True)`` makes), and ``renorm``, ``renorm_clipping`` and
+  ``renorm_momentum`` go into the convention.
+- ``virtual_batch_size`` (tf_keras): the layer stores every weight with the input's rank plus
+  one, ``(1, 1, ..., C)``; bnjax's are ``(C,)``, reshaped exactly both ways. tf_keras also
+  shifts ``layer.axis`` by one; the convention has the input's axis.
+- ``adjustment`` (tf_keras) is a TensorFlow function, not a weight, so it cannot be copied:
+  ``from_keras(layer, adjustment=fn)`` takes a JAX function that computes the same
+  ``(scale, bias)`` from the input's shape, and the convention passes it to
+  ``bnjax.batch_norm`` as ``adjustment=fn``; ``to_keras(..., adjustment=tf_fn)`` takes the
+  TensorFlow one back. It applies in training only.
+
 Not carried by the weights: a frozen layer (``trainable=False``) runs in inference mode, so call
 ``bnjax.batch_norm(..., training=False)`` for it. Keras variables are float32 (also under mixed
 precision policies); values of other dtypes are converted on the way in. TensorFlow/Keras are
@@ -26,11 +41,17 @@ from bnjax import _checks, conventions
 from bnjax.conventions import Convention
 from bnjax.interop import Converted
 
-__all__ = ["from_keras", "to_keras", "assign_to_keras"]
+__all__ = ["assign_to_keras", "from_keras", "to_keras"]
 
 _NAMES = (("gamma", "params", "scale"), ("beta", "params", "bias"),
-          ("moving_mean", "stats", "mean"), ("moving_variance", "stats", "var"))
+          ("moving_mean", "stats", "mean"), ("moving_variance", "stats", "var"),
+          ("moving_stddev", "stats", "stddev"), ("renorm_mean", "stats", "renorm_mean"),
+          ("renorm_stddev", "stats", "renorm_stddev"))
+_RENORM_WEIGHTS = ("moving_stddev", "renorm_mean", "renorm_stddev")
 _LIBRARIES = ("keras", "tf_keras")
+# Convention.extra options a Keras layer has arguments for (the rest raise in to_keras)
+_FEATURES = ("renorm", "renorm_clipping", "renorm_momentum", "virtual_batch_size", "adjustment")
+_TF_KERAS_ONLY = ("virtual_batch_size", "adjustment")
 
 
 def _fail(fn: str, message: str, error: type[Exception] = ValueError):
@@ -49,6 +70,8 @@ def _library(fn: str, layer: Any) -> str:
 
 
 def _present(layer: Any, weight: str) -> bool:
+  if weight in _RENORM_WEIGHTS:
+    return bool(getattr(layer, "renorm", False))
   return getattr(layer, {"gamma": "scale", "beta": "center"}.get(weight, weight), True) is not False
 
 
@@ -56,54 +79,109 @@ def _value(variable: Any) -> np.ndarray:
   return np.asarray(variable.numpy())
 
 
-def from_keras(layer: Any) -> Converted:
+def _feature_shape(layer: Any, variable: Any) -> tuple[int, ...]:
+  """bnjax's shape for a weight: the sizes of the feature axes.
+
+  Keras 3 and single-axis tf_keras store ``(C,)``. tf_keras with several axes or with
+  ``virtual_batch_size`` stores the input's rank (plus one for the virtual-batch axis) with 1
+  elsewhere, and its built ``layer.axis`` indexes that shape.
+  """
+  shape = tuple(int(d) for d in variable.shape)
+  if len(shape) == 1:
+    return shape
+  return tuple(shape[int(a)] for a in layer.axis)
+
+
+def _clipping(clipping: Any) -> dict[str, float] | None:
+  """Keras's ``renorm_clipping`` ({} or None entries when unset) as bnjax's: bounds or None."""
+  bounds = {k: float(v) for k, v in dict(clipping or {}).items() if v is not None}
+  return bounds or None
+
+
+def from_keras(layer: Any, *, adjustment: Any = None) -> Converted:
   """A built Keras 3 or tf_keras ``BatchNormalization`` as bnjax ``params, stats, convention``.
 
-  Raises for a layer not built (no weights yet: call it once or ``build`` it), and for
-  ``renorm``, ``virtual_batch_size`` and ``adjustment`` layers, whose extra weights and shapes
-  are not converted yet (``bnjax.conventions.keras/tf_keras`` take those options).
+  Renorm layers give ``stats`` with ``stddev``, ``renorm_mean`` and ``renorm_stddev`` too, and a
+  convention with their ``renorm*`` options; virtual-batch layers give ``(C,)`` values and
+  ``virtual_batch_size``. A tf_keras ``adjustment`` is a TensorFlow function, so a layer with
+  one needs ``adjustment``: a JAX function ``shape -> (scale, bias)`` that computes the same,
+  which the convention passes on to ``bnjax.batch_norm``.
+
+  Raises for a layer not built (no weights yet: call it once or ``build`` it), and for a layer
+  with an ``adjustment`` and no ``adjustment`` given (or the other way round).
   """
   fn = "from_keras"
   library = _library(fn, layer)
   if not layer.built:
     _fail(fn, "`layer` is not built, so it has no weights yet. Hint: call it on an input once,"
           " or `layer.build(input_shape)`.")
-  for option, off in (("renorm", False), ("virtual_batch_size", None), ("adjustment", None)):
-    if getattr(layer, option, off) is not off:
-      _fail(fn, f"`layer.{option}` is set; from_keras does not convert such layers yet."
-            f" Hint: bnjax.conventions.{library}(..., {option}=...) gives the options; copy the"
-            " weights by hand.")
+  has_adjustment = getattr(layer, "adjustment", None) is not None
+  if has_adjustment and adjustment is None:
+    _fail(fn, "`layer.adjustment` is a TensorFlow function, not a weight, so it cannot be"
+          " converted. Hint: pass a JAX function that computes the same (scale, bias) from the"
+          " input's shape, `from_keras(layer, adjustment=fn)`; the convention gives it to"
+          " bnjax.batch_norm as `adjustment=fn` (training only).")
+  if adjustment is not None and not has_adjustment:
+    _fail(fn, f"`adjustment` is given, but the {library} layer has none (layer.adjustment is"
+          " None). Hint: leave it out.")
+  if adjustment is not None and not callable(adjustment):
+    _fail(fn, f"`adjustment` must be a callable shape -> (scale, bias), got"
+          f" {type(adjustment).__name__}.", TypeError)
   params, stats = {}, {}
   for weight, tree, key in _NAMES:
     if _present(layer, weight):
-      (params if tree == "params" else stats)[key] = jnp.asarray(_value(getattr(layer, weight)))
+      variable = getattr(layer, weight)
+      value = _value(variable).reshape(_feature_shape(layer, variable))
+      (params if tree == "params" else stats)[key] = jnp.asarray(value)
+  virtual_batch_size = getattr(layer, "virtual_batch_size", None)
   axis = layer.axis
   if library == "tf_keras":  # a list of non-negative axes once built: the last one is -1 again
     rank = layer.input_spec.ndim
-    axis = tuple(int(a) - rank if int(a) == rank - 1 else int(a) for a in axis)
+    shift = 0 if virtual_batch_size is None else 1  # tf_keras counts its virtual-batch axis
+    axis = tuple(int(a) - shift for a in axis)
+    axis = tuple(a - rank if a == rank - 1 else a for a in axis)
     axis = axis[0] if len(axis) == 1 else axis
-  common = dict(axis=axis, momentum=float(layer.momentum), epsilon=float(layer.epsilon),
-                synchronized=bool(getattr(layer, "synchronized", False)))
+  common = {"axis": axis, "momentum": float(layer.momentum), "epsilon": float(layer.epsilon),
+            "synchronized": bool(getattr(layer, "synchronized", False))}
+  if getattr(layer, "renorm", False):
+    common.update(renorm=True, renorm_clipping=_clipping(layer.renorm_clipping),
+                  renorm_momentum=float(layer.renorm_momentum))
   if library == "keras":
     convention = conventions.keras(**common)
   else:
-    convention = conventions.tf_keras(fused=bool(layer.fused), **common)
+    convention = conventions.tf_keras(
+        fused=bool(layer.fused), adjustment=adjustment,
+        virtual_batch_size=None if virtual_batch_size is None else int(virtual_batch_size),
+        **common)
   return Converted(params, stats, convention)
 
 
-def _keras_arguments(fn: str, convention: Convention, library: str) -> dict[str, Any]:
+def _keras_arguments(fn: str, convention: Convention, library: str,
+                     adjustment: Any) -> dict[str, Any]:
   """The BatchNormalization arguments that reproduce ``convention``, or an error saying why not."""
   if not isinstance(convention, Convention):
     _fail(fn, "`convention` must be a bnjax.conventions.Convention, got"
           f" {type(convention).__name__}.", TypeError)
   options = convention.options()
+  extra = dict(convention.extra)
   problems = []
   if options["momentum"] is None:
     problems.append("momentum=None (a cumulative average)")
   if options["variance"] == "shifted":
     problems.append("variance='shifted'")
-  if convention.extra:
-    problems.append(f"extra options {dict(convention.extra)}")
+  others = {k: v for k, v in extra.items() if k not in _FEATURES}
+  if others:
+    problems.append(f"extra options {others}")
+  if not extra.get("renorm") and ({"renorm_clipping", "renorm_momentum"} & set(extra)):
+    problems.append("renorm_clipping or renorm_momentum without renorm=True")
+  if library == "keras":
+    problems += [f"{k} (Keras 3 has no such argument; tf_keras has)"
+                 for k in _TF_KERAS_ONLY if k in extra]
+  axis = options["axis"]
+  if isinstance(axis, tuple) and len(axis) == 1:
+    axis = axis[0]
+  if isinstance(axis, tuple) and library == "keras":
+    problems.append(f"axis={axis} (Keras 3 takes one feature axis; tf_keras takes several)")
   unbiased = options["running_variance"] == "unbiased"
   if unbiased and library == "keras":
     problems.append("running_variance='unbiased' (Keras 3 stores the biased variance; tf_keras"
@@ -111,12 +189,27 @@ def _keras_arguments(fn: str, convention: Convention, library: str) -> dict[str,
   synchronized = options["variance"] == "fast"
   if synchronized and unbiased:
     problems.append("variance='fast' (synchronized) with the unbiased running variance")
+  features = sorted(set(extra) & set(_FEATURES))
+  if unbiased and features and library == "tf_keras":
+    problems.append(f"running_variance='unbiased' with {features} (tf_keras stores the unbiased"
+                    " variance only when fused, and it never fuses with them)")
+  if library == "tf_keras" and "adjustment" in extra and adjustment is None:
+    problems.append("adjustment without its TensorFlow version (the convention's is a JAX"
+                    " function; pass the TensorFlow one as `to_keras(..., adjustment=tf_fn)`)")
   if problems:
     _fail(fn, f"{library} BatchNormalization cannot reproduce {', '.join(problems)}.")
-  arguments = dict(axis=options["axis"], momentum=options["momentum"],
-                   epsilon=options["epsilon"], synchronized=synchronized)
+  if adjustment is not None and "adjustment" not in extra:
+    _fail(fn, "`adjustment` is given, but the convention has none. Hint: leave it out, or give"
+          " the convention its JAX version (`convention.replace(extra={..., 'adjustment': fn})`).")
+  arguments = {"axis": list(axis) if isinstance(axis, tuple) else axis,
+               "momentum": options["momentum"], "epsilon": options["epsilon"],
+               "synchronized": synchronized}
+  if extra.get("renorm"):
+    arguments.update(renorm=True, renorm_clipping=extra.get("renorm_clipping"),
+                     renorm_momentum=extra.get("renorm_momentum", 0.99))
   if library == "tf_keras":
-    arguments["fused"] = unbiased
+    arguments.update(fused=unbiased, virtual_batch_size=extra.get("virtual_batch_size"),
+                     adjustment=adjustment)
   return arguments
 
 
@@ -127,19 +220,23 @@ def to_keras(
     *,
     input_shape: tuple[int | None, ...],
     library: str = "keras",
+    adjustment: Any = None,
 ) -> Any:
   """A new, built ``BatchNormalization`` of ``library`` ('keras' or 'tf_keras') holding
   ``params`` and ``stats`` and reproducing ``convention``.
 
   ``variance='fast'`` becomes ``synchronized=True`` (the same moments under a
   ``tf.distribute`` strategy); the unbiased running variance needs tf_keras with
-  ``fused=True`` (4-D or 5-D inputs, channels first or last). Anything Keras cannot express
-  (momentum=None, extra options) raises. ``stats['count']`` has no Keras counterpart and is
-  dropped.
+  ``fused=True`` (4-D or 5-D inputs, channels first or last). The convention's ``renorm*``
+  options go to the layer's arguments of the same names (with the renorm statistics in
+  ``stats``); ``virtual_batch_size`` and ``adjustment`` need tf_keras, and ``adjustment`` the
+  TensorFlow function that computes what the convention's JAX one does. Anything Keras cannot
+  express (momentum=None, other extra options) raises. ``stats['count']`` has no Keras
+  counterpart and is dropped.
   """
   fn = "to_keras"
   _checks.choice(f"interop.keras.{fn}", "library", library, _LIBRARIES)
-  arguments = _keras_arguments(fn, convention, library)
+  arguments = _keras_arguments(fn, convention, library, adjustment)
   if library == "keras":
     import keras
 
@@ -157,8 +254,9 @@ def to_keras(
 def assign_to_keras(layer: Any, params: dict[str, Any], stats: dict[str, Any]) -> None:
   """Writes ``params`` and ``stats`` into a built Keras BatchNormalization, exactly.
 
-  The layer must have exactly the weights ``params`` has (``center``/``scale``) and the same
-  number of features; ``stats['count']`` is ignored.
+  The layer must have exactly the weights ``params`` and ``stats`` have (``center``/``scale``;
+  the renorm statistics iff ``renorm=True``) and the same features; ``(C,)`` values fill
+  tf_keras's ``(1, ..., C)`` weights. ``stats['count']`` is ignored.
   """
   fn = "assign_to_keras"
   _library(fn, layer)
@@ -168,15 +266,19 @@ def assign_to_keras(layer: Any, params: dict[str, Any], stats: dict[str, Any]) -
     source = params if tree == "params" else stats
     has_weight, has_value = _present(layer, weight), key in source
     if has_weight != has_value:
+      hint = (" Hint: renorm=True layers hold moving_stddev, renorm_mean and renorm_stddev, which"
+              " are the stats 'stddev', 'renorm_mean' and 'renorm_stddev' of"
+              " `bnjax.init(C, renorm=True)`." if weight in _RENORM_WEIGHTS else
+              " Hint: Keras' center=False drops beta (bias), scale=False drops gamma (scale).")
       _fail(fn, f"`{tree}` {'lacks' if has_weight else 'has'} '{key}' but the layer"
-            f" {'has' if has_weight else 'has no'} `{weight}`."
-            " Hint: Keras' center=False drops beta (bias), scale=False drops gamma (scale).")
+            f" {'has' if has_weight else 'has no'} `{weight}`." + hint)
     if not has_weight:
       continue
     variable = getattr(layer, weight)
     value = np.asarray(source[key])
-    if tuple(value.shape) != tuple(variable.shape):
+    shape, stored = _feature_shape(layer, variable), tuple(int(d) for d in variable.shape)
+    if tuple(value.shape) != shape:
       _fail(fn, f"`{tree}['{key}']` has shape {tuple(value.shape)}, the layer's `{weight}` has"
-            f" {tuple(variable.shape)}.")
+            f" {shape}" + ("" if stored == shape else f" (stored as {stored})") + ".")
     dtype = getattr(variable.dtype, "name", variable.dtype)  # tf.DType (tf_keras) or str (Keras 3)
-    variable.assign(value.astype(np.dtype(dtype)))
+    variable.assign(value.reshape(stored).astype(np.dtype(dtype)))
