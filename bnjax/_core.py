@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax import _checks, _renorm, _running, _stats
+from bnjax import _checks, _normalize, _renorm, _running, _stats
 
 Params = dict[str, jax.Array]  # {'scale': (*F,), 'bias': (*F,)}, either may be absent
 Stats = dict[str, jax.Array]  # {'mean': (*F,), 'var': (*F,)} (+ 'count': int32[] if tracked)
@@ -62,23 +62,6 @@ def init(
   return params, stats
 
 
-def _normalize(x, mean, var, scale, offset, *, epsilon, out_dtype):
-  """y = (x - mean) * (scale * rsqrt(var + epsilon)) + offset, in the statistics' dtype.
-
-  ``scale`` and ``offset`` (None: 1 and 0) broadcast against ``x``. The subtraction comes
-  first: folding it into the offset (``x * inv + (offset - mean * inv)``, TensorFlow's
-  order) cancels catastrophically when |mean| >> std.
-  """
-  dtype = mean.dtype
-  inv = lax.rsqrt(var + jnp.asarray(epsilon, dtype))
-  if scale is not None:
-    inv = inv * scale
-  y = (x.astype(dtype) - mean) * inv
-  if offset is not None:
-    y = y + offset
-  return y.astype(out_dtype)
-
-
 def _then(inner_scale, inner_offset, scale, offset):
   """(scale, offset) of v -> (v * inner_scale + inner_offset) * scale + offset (None: 1, 0)."""
   if scale is not None:
@@ -108,6 +91,7 @@ def batch_norm(
     virtual_batch_size: int | None = None,
     adjustment: Callable[[tuple[int, ...]], tuple[jax.Array, jax.Array]] | None = None,
     zero_debias: str | None = None,
+    backward: str = "closed_form",
 ) -> tuple[jax.Array, Stats]:
   """Batch normalization as a pure function: ``y, new_stats = batch_norm(x, params, stats, ...)``.
 
@@ -179,6 +163,10 @@ def batch_norm(
       ``virtual_batch_size`` (tf_keras rejects that pair too).
     zero_debias: ``'mean'`` (tf.contrib's ``zero_debias_moving_mean``) or ``'mean_and_var'``:
       running averages debiased as if started at the first batch; needs ``stats['count']``.
+    backward: how training mode is differentiated: ``'closed_form'`` (default; two reductions
+      and one elementwise pass, see ``bnjax._normalize``) or ``'autodiff'`` (JAX differentiates
+      the forward computation; slower, but allows forward mode: ``jax.jvp``, ``jax.jacfwd``).
+      Same values either way; evaluation mode is always plain autodiff.
 
   Returns:
     ``(y, new_stats)``: ``y`` of ``x``'s shape in ``dtype``; ``new_stats`` with ``stats``'s
@@ -209,6 +197,7 @@ def batch_norm(
       fn, "running_variance", running_variance, _checks.RUNNING_VARIANCES
   )
   variance = _checks.choice(fn, "variance", variance, _checks.VARIANCE_ALGORITHMS)
+  backward = _checks.choice(fn, "backward", backward, _normalize.BACKWARDS)
   mask = _checks.mask(fn, mask, x.shape)
   _checks.axis_name(fn, axis_name, axis_index_groups, communicates=training is not False)
   virtual_batch_size = _checks.virtual_batch_size(
@@ -234,29 +223,39 @@ def batch_norm(
       features_v = (1,) + broadcast_shape  # x's axis 0 is reduced, so broadcast_shape[0] == 1
     if training is True and mask is None and axis_name is None:
       _checks.warn_single_element(fn, math.prod(xv.shape[a] for a in axes_v))
-    batch = _stats.batch_moments(
-        xv, axes_v, mask=mask_v, axis_name=axis_name, axis_index_groups=axis_index_groups,
-        variance=variance,
-    )
-    target = _running.targets(
-        batch, running_variance=running_variance, feature_shape=feature_shape,
-        group_axis=group_axis,
-    )
     scale_v, offset_v = (None if v is None else v.reshape(features_v) for v in (scale, offset))
+
+    def _targets(batch):
+      return _running.targets(
+          batch, running_variance=running_variance, feature_shape=feature_shape,
+          group_axis=group_axis,
+      )
+
     if adjustment is not None:
       a, b = (jnp.asarray(v).astype(stat_dtype) for v in adjustment(xv.shape))
       scale_v, offset_v = _then(a, b, scale_v, offset_v)
-    if renorm:
+    reduction = _normalize.Reduction(
+        axes=axes_v, axis_name=axis_name, variance=variance, epsilon=epsilon,
+        out_dtype=out_dtype,
+        axis_index_groups=None if axis_index_groups is None else tuple(
+            tuple(group) for group in axis_index_groups),
+    )
+    if renorm:  # r and d come from the batch moments, so these come first
+      batch = _stats.batch_moments(
+          xv, axes_v, mask=mask_v, axis_name=axis_name, axis_index_groups=axis_index_groups,
+          variance=variance,
+      )
+      target = _targets(batch)
       r, d = _renorm.correction(
           target.mean, target.var, stats, epsilon=epsilon, clipping=renorm_clipping
       )
       scale_v, offset_v = _then(r.reshape(features_v), d.reshape(features_v), scale_v, offset_v)
-    # The barrier keeps XLA from sharing `x - mean` between the variance and the output:
-    # shared, XLA:CPU writes it out in full (one more write and read of x); apart, each pass
-    # recomputes it in its own fusion: 17.0 -> 12.7 ms for (32, 56, 56, 128) f32 on 2 CPU cores
-    # (benchmarks/NOTES.md).
-    mean, var = lax.optimization_barrier((batch.mean, batch.var))
-    y = _normalize(xv, mean, var, scale_v, offset_v, epsilon=epsilon, out_dtype=out_dtype)
+      y = _normalize.with_moments(xv, batch, scale_v, offset_v, reduction=reduction)
+    else:
+      y, batch = _normalize.with_batch_moments(
+          xv, mask_v, scale_v, offset_v, reduction=reduction, backward=backward
+      )
+      target = _targets(batch)
     y = y.reshape(x.shape)
     if not update_stats:
       return y, stats
@@ -267,7 +266,8 @@ def batch_norm(
 
   def normalize_with_running_statistics():
     mean, var = (stats[k].astype(stat_dtype).reshape(broadcast_shape) for k in ("mean", "var"))
-    return _normalize(x, mean, var, scale, offset, epsilon=epsilon, out_dtype=out_dtype), stats
+    m = _normalize.multiplier(var, scale, epsilon=epsilon)
+    return _normalize.affine(x, mean, m, offset, out_dtype=out_dtype), stats
 
   if training is True:
     return normalize_with_batch_statistics()

@@ -20,13 +20,17 @@ def _vjp(layout, x, params, stats, dy, **options):
   return pullback((dy, jax.tree.map(jnp.zeros_like, stats)))
 
 
+BACKWARDS = ["closed_form", "autodiff"]
+
+
 @pytest.mark.parametrize("name", ["dense", "nhwc", "nchw", "two-feature-axes"])
 @pytest.mark.parametrize("variance", ["two_pass", "shifted", "fast"])
-def test_training_gradients_match_closed_form(name, variance):
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_training_gradients_match_closed_form(name, variance, backward):
   layout = LAYOUTS[name]
   x, params, stats = random_inputs(layout)
   dy = jnp.asarray(np.random.default_rng(7).normal(size=layout.shape), jnp.float32)
-  dx, dparams = _vjp(layout, x, params, stats, dy, variance=variance)
+  dx, dparams = _vjp(layout, x, params, stats, dy, variance=variance, backward=backward)
   dx_ref, dscale_ref, dbias_ref = training_grads(x, dy, scale=params["scale"], axis=layout.axis)
   n = layout.reduction_size()
   assert_close(dx, dx_ref, jnp.float32, n, "dx")
@@ -34,12 +38,14 @@ def test_training_gradients_match_closed_form(name, variance):
   assert_close(dparams["bias"], dbias_ref, jnp.float32, n, "dbias")
 
 
-def test_masked_gradients_match_closed_form():
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_masked_gradients_match_closed_form(backward):
   layout = LAYOUTS["nhwc"]
   x, params, stats = random_inputs(layout)
   mask = np.random.default_rng(2).uniform(size=layout.shape) < 0.7
+  mask[..., 0] = False  # an empty channel: its statistics are 0, its gradient is dy * scale / sqrt(eps)
   dy = jnp.asarray(np.random.default_rng(8).normal(size=layout.shape), jnp.float32)
-  dx, dparams = _vjp(layout, x, params, stats, dy, mask=jnp.asarray(mask))
+  dx, dparams = _vjp(layout, x, params, stats, dy, mask=jnp.asarray(mask), backward=backward)
   dx_ref, dscale_ref, dbias_ref = training_grads(x, dy, scale=params["scale"], mask=mask)
   n = layout.reduction_size()
   assert_close(dx, dx_ref, jnp.float32, n, "dx")
@@ -53,8 +59,10 @@ def test_masked_gradients_match_closed_form():
 @pytest.mark.parametrize(
     "layout", [Layout((6, 3), -1), Layout((3, 2, 2, 2), 1)], ids=["dense", "nchw"]
 )
-def test_check_grads_float64_second_order(training, variance, layout):
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_check_grads_float64_second_order(training, variance, layout, backward):
   # Small shapes: check_grads takes finite differences along random directions, order 2.
+  # The closed-form backward is a custom_vjp: reverse mode only (see bnjax._normalize).
   x, params, stats = jax.tree.map(
       lambda v: jnp.asarray(v, jnp.float64), random_inputs(layout, seed=4)
   )
@@ -62,11 +70,42 @@ def test_check_grads_float64_second_order(training, variance, layout):
   def f(x, scale, bias):
     y, _ = bnjax.batch_norm(
         x, {"scale": scale, "bias": bias}, stats,
-        training=training, axis=layout.axis, variance=variance,
+        training=training, axis=layout.axis, variance=variance, backward=backward,
     )
     return y
 
-  check_grads(f, (x, params["scale"], params["bias"]), order=2, modes=["fwd", "rev"])
+  modes = ["rev"] if backward == "closed_form" and training else ["fwd", "rev"]
+  check_grads(f, (x, params["scale"], params["bias"]), order=2, modes=modes)
+
+
+@pytest.mark.usefixtures("x64")
+def test_closed_form_backward_gives_the_autodiff_hessian():
+  # Forward-over-reverse (jax.hessian) works through the custom_vjp: its backward is plain JAX.
+  x, params, stats = jax.tree.map(
+      lambda v: jnp.asarray(v, jnp.float64), random_inputs(Layout((5, 3), -1), seed=5)
+  )
+  w = jnp.asarray(np.random.default_rng(3).normal(size=x.shape))
+
+  def loss(x, backward):
+    y, _ = bnjax.batch_norm(x, params, stats, training=True, backward=backward)
+    return jnp.sum(jnp.sin(y) * w)
+
+  closed = jax.hessian(loss)(x, "closed_form")
+  reference = jax.hessian(loss)(x, "autodiff")
+  np.testing.assert_allclose(closed, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_forward_mode_needs_autodiff_backward():
+  x, params, stats = random_inputs(LAYOUTS["dense"])
+
+  def f(x, backward):
+    return bnjax.batch_norm(x, params, stats, training=True, backward=backward)[0]
+
+  with pytest.raises(TypeError, match="forward-mode"):
+    jax.jvp(lambda x: f(x, "closed_form"), (x,), (jnp.ones_like(x),))
+  _, tangent = jax.jvp(lambda x: f(x, "autodiff"), (x,), (jnp.ones_like(x),))
+  # A constant shift of every element leaves the batch-normalized output unchanged.
+  np.testing.assert_allclose(tangent, 0.0, atol=1e-5)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -89,3 +128,99 @@ def test_no_gradient_from_new_stats_to_x():
       lambda x: jnp.sum(bnjax.batch_norm(x, params, stats, training=True)[1]["var"])
   )(x)
   np.testing.assert_array_equal(dx, 0.0)
+
+
+def _grads(x, params, stats, dy, **options):
+  def loss(x, params):
+    y, _ = bnjax.batch_norm(x, params, stats, training=True, **options)
+    return jnp.sum(y.astype(jnp.float32) * dy)
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, params)
+
+
+def _per_example_adjustment(shape):
+  rng = np.random.default_rng(11)
+  return (jnp.asarray(rng.uniform(0.5, 1.5, (shape[0],) + (1,) * (len(shape) - 1)), jnp.float32),
+          jnp.asarray(rng.normal(size=shape[-1]), jnp.float32))
+
+
+CLOSED_FORM_CASES = {
+    "virtual-batches": {"virtual_batch_size": 2},
+    "virtual-batches-masked": {"virtual_batch_size": 4, "mask": "random"},
+    "adjustment-per-channel": {
+        "adjustment": lambda shape: (jnp.linspace(0.5, 1.5, shape[-1]), jnp.full((), 0.3))
+    },
+    "adjustment-per-example": {"adjustment": _per_example_adjustment},  # takes autodiff
+    "nchw-tuple-axes": {"axis": (1, 3)},
+    "bfloat16-input": {"dtype": jnp.bfloat16},
+    "no-params": {"params": {}},
+    "fast-variance": {"variance": "fast"},
+}
+
+
+@pytest.mark.parametrize("name", list(CLOSED_FORM_CASES))
+def test_closed_form_backward_equals_autodiff(name):
+  options = dict(CLOSED_FORM_CASES[name])
+  x, params, stats = random_inputs(LAYOUTS["nhwc"], seed=9)
+  if options.get("axis") == (1, 3):
+    params, stats = jax.tree.map(lambda v: jnp.resize(v, (x.shape[1], x.shape[3])), (params, stats))
+  params = options.pop("params", params)
+  if options.get("mask") == "random":
+    options["mask"] = jnp.asarray(np.random.default_rng(4).uniform(size=x.shape) < 0.6)
+  x = x.astype(options.pop("dtype", jnp.float32))
+  dy = jnp.asarray(np.random.default_rng(6).normal(size=x.shape), jnp.float32)
+  closed = _grads(x, params, stats, dy, backward="closed_form", **options)
+  autodiff = _grads(x, params, stats, dy, backward="autodiff", **options)
+  n = x.size // x.shape[-1]
+  for got, want, what in zip(jax.tree.leaves(closed), jax.tree.leaves(autodiff), ["dx", "db", "ds"]):
+    assert got.dtype == want.dtype, what
+    assert_close(got, want, got.dtype, n, what)
+
+
+def test_closed_form_backward_under_vmap_with_an_axis_name():
+  x, params, stats = random_inputs(LAYOUTS["nhwc"], seed=10)
+  dy = jnp.asarray(np.random.default_rng(6).normal(size=x.shape), jnp.float32)
+
+  def grads(backward):
+    def loss(x, params):  # two "devices" of vmap share the statistics of the whole batch
+      def per_member(x):
+        return bnjax.batch_norm(x, params, stats, training=True, axis_name="b",
+                                backward=backward)[0]
+
+      y = jax.vmap(per_member, axis_name="b")(x.reshape((2, -1) + x.shape[1:]))
+      return jnp.sum(y.reshape(x.shape) * dy)
+
+    return jax.grad(loss, argnums=(0, 1))(x, params)
+
+  for got, want in zip(jax.tree.leaves(grads("closed_form")), jax.tree.leaves(grads("autodiff"))):
+    assert_close(got, want, jnp.float32, x.size // x.shape[-1])
+  dx_ref, dscale_ref, dbias_ref = training_grads(x, dy, scale=params["scale"])
+  dx, dparams = grads("closed_form")
+  assert_close(dx, dx_ref, jnp.float32, x.size // x.shape[-1], "dx")
+  assert_close(dparams["scale"], dscale_ref, jnp.float32, x.size // x.shape[-1], "dscale")
+
+
+def test_closed_form_training_step_writes_only_y_and_dx():
+  # Structure, not timing (that is benchmarks/bench_batch_norm.py): besides its outputs y and
+  # dx, the compiled forward + backward writes no intermediate the size of x. Autodiff writes
+  # several (benchmarks/NOTES.md); this guards the barriers that keep XLA from sharing `x - mean`.
+  shape = (8, 6, 6, 16)
+  x, params, stats = random_inputs(Layout(shape, -1))
+
+  def step(x, params, dy, backward):
+    y, pullback, new_stats = jax.vjp(
+        lambda x, p: bnjax.batch_norm(x, p, stats, training=True, backward=backward),
+        x, params, has_aux=True,
+    )
+    return y, pullback(dy), new_stats
+
+  def full_size_values(backward):
+    hlo = jax.jit(step, static_argnums=3).lower(x, params, x, backward).compile().as_text()
+    entry = hlo[hlo.index("ENTRY"):]
+    full = f"f32[{','.join(map(str, shape))}]"
+    return [line for line in entry.splitlines()
+            if " = " in line and line.split(" = ")[1].startswith(full)
+            and " parameter(" not in line and " tuple(" not in line]
+
+  assert len(full_size_values("closed_form")) == 2, full_size_values("closed_form")
+  assert len(full_size_values("autodiff")) > 2

@@ -19,6 +19,7 @@ from flax_compare import (
   flat,
   flax_promotion,
 )
+from tolerances import assert_close as assert_close_n
 from tolerances import offset_atol, tolerance
 
 import bnjax.nnx
@@ -218,10 +219,13 @@ def test_grad_matches_flax():
   ours_model_grad, ours_x_grad = grads(ours, x)
   with flax_promotion():
     flax_model_grad, flax_x_grad = grads(theirs, x)
-  assert_trees_close(ours_model_grad, flax_model_grad, "d loss / d params ")
+  # bnjax's closed-form backward against Flax's autodiff: different formulas, so sums of n
+  # products each, compared with the reduction tolerance rather than SAME_FORMULA.
   assert sorted(flat(ours_model_grad)) == [("bias",), ("scale",)]
+  for key, value in flat(ours_model_grad).items():
+    assert_close_n(value, flat(flax_model_grad)[key], jnp.float32, x.size // 3, str(key))
   # through the batch statistics: the input gradient is far from the naive scale / std
-  np.testing.assert_allclose(ours_x_grad, flax_x_grad, **tolerance(jnp.float32, x.size // 3))
+  assert_close_n(ours_x_grad, flax_x_grad, jnp.float32, x.size // 3, "dx")
   # the running statistics were updated inside grad, as Flax's
   assert_trees_close(nnx.state(ours, nnx.BatchStat), nnx.state(theirs, nnx.BatchStat))
 

@@ -1,0 +1,177 @@
+"""The normalization formula, and its closed-form derivative when the statistics come from x.
+
+``affine`` is the one formula both branches of ``batch_norm`` use::
+
+    y = (x - mean) * (scale * rsqrt(var + epsilon)) + offset
+
+``with_batch_moments`` takes the mean and variance from ``x`` itself and, by default,
+differentiates in closed form. With ``inv = rsqrt(var + epsilon)``, ``xhat = (x - mean) * inv``,
+``m`` the mask (1 without one), ``N`` the count, sums over the reduced axes (and the devices of
+``axis_name``), and ``g_mean``, ``g_var`` the cotangents of the returned moments::
+
+    d offset = S1 = sum(dy)
+    d scale  = S2 = sum(dy * xhat)
+    c1       = (scale * inv * S1 - g_mean) / N
+    c2       = (scale * inv * S2 - 2 * g_var / inv) / N
+    dx       = scale * inv * dy - m * (c1 + c2 * xhat)
+
+Two reductions and one elementwise pass, about 5|x| of memory traffic, where autodiff of the
+forward moves 15-24|x| on XLA:CPU (``benchmarks/NOTES.md``). The price is JAX's rule for
+``custom_vjp``: forward-mode differentiation of ``batch_norm`` itself (``jax.jvp``,
+``jax.jacfwd``, ``jax.linearize``) raises, and ``backward='autodiff'`` is there for it. Reverse
+mode at any order and forward-over-reverse (``jax.hessian``) work either way. Batch
+renormalization needs the moments before it normalizes, and takes ``with_moments``, autodiff.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bnjax import _stats
+
+BACKWARDS = ("closed_form", "autodiff")
+
+
+def affine(x, mean, multiplier, offset, *, out_dtype):
+  """y = (x - mean) * multiplier + offset in ``mean``'s dtype (offset None: 0), cast to ``out_dtype``.
+
+  The subtraction comes first: folding it into the offset (``x * m + (offset - mean * m)``,
+  TensorFlow's order) cancels catastrophically when |mean| >> std.
+  """
+  y = (x.astype(mean.dtype) - mean) * multiplier
+  if offset is not None:
+    y = y + offset
+  return y.astype(out_dtype)
+
+
+def multiplier(var, scale, *, epsilon):
+  """The per-channel ``scale * rsqrt(var + epsilon)`` (scale None: 1), in ``var``'s dtype."""
+  inv = lax.rsqrt(var + jnp.asarray(epsilon, var.dtype))
+  return inv if scale is None else inv * scale
+
+
+class Reduction(NamedTuple):
+  """How the batch moments are taken, and the output's dtype (static, hashable)."""
+
+  axes: tuple[int, ...]
+  axis_name: Any
+  axis_index_groups: Any  # a tuple of tuples, or None
+  variance: str
+  epsilon: float
+  out_dtype: Any
+
+
+def with_batch_moments(x, mask, scale, offset, *, reduction: Reduction, backward: str):
+  """``(y, moments)``: ``x`` normalized with its own batch moments (``_stats.batch_moments``).
+
+  ``scale`` and ``offset`` (None: 1 and 0) broadcast against ``x`` in the statistics' dtype.
+  ``backward='closed_form'`` differentiates with the formulas of the module docstring,
+  ``'autodiff'`` through the forward computation. An ``adjustment`` that varies along the
+  reduced axes takes the autodiff path (the closed form assumes per-channel values).
+  """
+  if backward == "autodiff" or not all(
+      _per_channel(v, reduction.axes, x.ndim) for v in (scale, offset)
+  ):
+    return _forward(reduction, x, mask, scale, offset)
+  scale, offset = (_varying_like(x, v, reduction.axis_name) for v in (scale, offset))
+  return _closed_form(reduction, x, mask, scale, offset)
+
+
+def with_moments(x, moments: _stats.Moments, scale, offset, *, reduction: Reduction):
+  """``affine`` with given ``moments``, differentiated by JAX (renorm needs them first)."""
+  # The barrier keeps XLA from sharing `x - mean` between the variance and the output: shared,
+  # XLA:CPU writes it out in full (one more write and read of x); apart, each pass recomputes
+  # it in its own fusion: 17.0 -> 12.7 ms for (32, 56, 56, 128) f32 on 2 CPU cores
+  # (benchmarks/NOTES.md).
+  mean, var = lax.optimization_barrier((moments.mean, moments.var))
+  m = multiplier(var, scale, epsilon=reduction.epsilon)
+  return affine(x, mean, m, offset, out_dtype=reduction.out_dtype)
+
+
+def _forward(reduction: Reduction, x, mask, scale, offset):
+  moments = _stats.batch_moments(
+      x, reduction.axes, mask=mask, axis_name=reduction.axis_name,
+      axis_index_groups=reduction.axis_index_groups, variance=reduction.variance,
+  )
+  return with_moments(x, moments, scale, offset, reduction=reduction), moments
+
+
+def _per_channel(value, axes, ndim) -> bool:
+  """Whether ``value`` is constant along the reduced ``axes``."""
+  if value is None:
+    return True
+  shape = (1,) * (ndim - value.ndim) + value.shape
+  return all(shape[a] == 1 for a in axes)
+
+
+def _varying_like(x, value, axis_name):
+  """``value`` cast to varying over the ``axis_name`` axes that ``shard_map`` says ``x`` varies over.
+
+  A replicated (invariant) parameter needs an invariant cotangent. Autodiff gets one by
+  transposing the implicit cast into a ``psum``; the ``custom_vjp`` returns per-device sums,
+  so the cast is made explicit here, outside it, where JAX transposes it.
+  """
+  if value is None or axis_name is None:
+    return value
+  names = axis_name if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  x_varying = getattr(getattr(jax.typeof(x), "mat", None), "varying", frozenset())
+  value_varying = getattr(getattr(jax.typeof(value), "mat", None), "varying", frozenset())
+  missing = tuple(n for n in names if n in x_varying and n not in value_varying)
+  return lax.pcast(value, missing, to="varying") if missing else value
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _closed_form(reduction: Reduction, x, mask, scale, offset):
+  return _forward(reduction, x, mask, scale, offset)
+
+
+def _closed_form_fwd(reduction: Reduction, x, mask, scale, offset):
+  # Plain JAX: under an outer derivative (second order) the residuals carry x's tangents.
+  y, moments = _forward(reduction, x, mask, scale, offset)
+  return (y, moments), (x, mask, scale, offset, moments)
+
+
+def _closed_form_bwd(reduction: Reduction, residuals, cotangents):
+  x, mask, scale, offset, moments = residuals
+  dy, moments_cotangent = cotangents
+  mean, count = moments.mean, moments.count
+  dtype = mean.dtype
+  dy = dy.astype(dtype)
+  inv = lax.rsqrt(moments.var + jnp.asarray(reduction.epsilon, dtype))
+  # Each full-size pass forms `x - mean` itself: behind a barrier, XLA cannot share it with the
+  # forward's variance pass (which would write it out in full).
+  centered_mean, centered_inv = lax.optimization_barrier((mean, inv))
+  s1 = jnp.sum(dy, reduction.axes, keepdims=True)
+  s2 = jnp.sum(dy * ((x.astype(dtype) - centered_mean) * centered_inv), reduction.axes, keepdims=True)
+  m = inv if scale is None else inv * scale
+  # The returned moments' own cotangents (zero when only y is differentiated) join the sums.
+  t1 = m * s1 - moments_cotangent.mean
+  t2 = m * s2 - 2 * moments_cotangent.var / inv
+  if reduction.axis_name is not None:
+    t1, t2 = lax.psum((t1, t2), reduction.axis_name, axis_index_groups=reduction.axis_index_groups)
+  n = jnp.maximum(count, 1)
+  mean, inv, m, c1, c2 = lax.optimization_barrier((mean, inv, m, t1 / n, t2 / n))
+  correction = c1 + c2 * ((x.astype(dtype) - mean) * inv)
+  if mask is not None:
+    correction = jnp.where(mask, correction, 0)
+  dx = (m * dy - correction).astype(x.dtype)
+  dscale = None if scale is None else _sum_to(s2, scale)
+  doffset = None if offset is None else _sum_to(s1, offset)
+  return dx, None, dscale, doffset
+
+
+def _sum_to(total, like):
+  """``total`` (x's rank, reduced axes of size 1) summed to ``like``'s broadcastable shape."""
+  extra = total.ndim - like.ndim
+  axes = tuple(range(extra)) + tuple(
+      extra + i for i, size in enumerate(like.shape) if size == 1 and total.shape[extra + i] != 1
+  )
+  return jnp.sum(total, axes).reshape(like.shape).astype(like.dtype)
+
+
+_closed_form.defvjp(_closed_form_fwd, _closed_form_bwd)
