@@ -87,6 +87,8 @@ class BatchNorm(module.Module):
     use_fast_variance: Flax's flag; True means ``variance='fast'``. Default False (Flax: True).
     variance: ``'two_pass'`` (default), ``'shifted'`` or ``'fast'``; see ``bnjax.moments``.
     running_variance: ``'biased'`` (Flax, Keras) or ``'unbiased'`` (PyTorch).
+    backward: ``'closed_form'`` (default, fast) or ``'autodiff'`` (allows ``jax.jvp``); see
+      ``bnjax.batch_norm``.
     renorm, renorm_clipping, renorm_momentum, virtual_batch_size, adjustment, zero_debias:
       TensorFlow's training-only features, as in ``bnjax.batch_norm``; renorm adds
       ``renorm_mean``, ``renorm_stddev`` and ``stddev`` to ``batch_stats``, zero_debias a
@@ -108,6 +110,7 @@ class BatchNorm(module.Module):
   use_fast_variance: bool = False
   variance: str = "two_pass"
   running_variance: str = "biased"
+  backward: str = "closed_form"
   renorm: bool = False
   renorm_clipping: dict[str, float] | None = None
   renorm_momentum: float = 0.99
@@ -170,6 +173,7 @@ class BatchNorm(module.Module):
         update_stats=not initializing,
         running_variance=self.running_variance,
         variance=variance,
+        backward=self.backward,
         mask=mask,
         axis_name=None if initializing else self.axis_name,
         axis_index_groups=None if initializing else self.axis_index_groups,

@@ -17,7 +17,7 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import initializers
 from flax.typing import Dtype, Initializer
 
-from bnjax import _checks, _flax_common
+from bnjax import _checks, _flax_common, _normalize
 from bnjax._core import batch_norm, init
 
 __all__ = ["BatchNorm"]
@@ -88,6 +88,8 @@ class BatchNorm(nnx.Module):
     use_fast_variance: Flax's flag; True means ``variance='fast'``. Default False (Flax: True).
     variance: ``'two_pass'`` (default), ``'shifted'`` or ``'fast'``; see ``bnjax.moments``.
     running_variance: ``'biased'`` (Flax, Keras) or ``'unbiased'`` (PyTorch).
+    backward: ``'closed_form'`` (default, fast) or ``'autodiff'`` (allows ``jax.jvp``); see
+      ``bnjax.batch_norm``.
     renorm, renorm_clipping, renorm_momentum, virtual_batch_size, adjustment, zero_debias:
       TensorFlow's training-only features, as in ``bnjax.batch_norm``; renorm adds the
       ``renorm_mean``, ``renorm_stddev`` and ``stddev`` BatchStats, zero_debias a ``count``.
@@ -115,6 +117,7 @@ class BatchNorm(nnx.Module):
       use_fast_variance: bool = False,
       variance: str = "two_pass",
       running_variance: str = "biased",
+      backward: str = "closed_form",
       renorm: bool = False,
       renorm_clipping: dict[str, float] | None = None,
       renorm_momentum: float = 0.99,
@@ -128,6 +131,7 @@ class BatchNorm(nnx.Module):
     variance = _flax_common.variance_algorithm(_FN, use_fast_variance, variance)
     _checks.choice(_FN, "variance", variance, _checks.VARIANCE_ALGORITHMS)
     _checks.choice(_FN, "running_variance", running_variance, _checks.RUNNING_VARIANCES)
+    _checks.choice(_FN, "backward", backward, _normalize.BACKWARDS)
     _checks.momentum(_FN, momentum)
     feature_shape = (
         (num_features,) if isinstance(num_features, (int, np.integer)) else tuple(num_features)
@@ -170,6 +174,7 @@ class BatchNorm(nnx.Module):
     self.use_fast_variance = use_fast_variance
     self.variance = variance
     self.running_variance = running_variance
+    self.backward = backward
     self.renorm = renorm
     self.renorm_clipping = renorm_clipping
     self.renorm_momentum = renorm_momentum
@@ -221,6 +226,7 @@ class BatchNorm(nnx.Module):
         epsilon=self.epsilon,
         running_variance=self.running_variance,
         variance=self.variance,
+        backward=self.backward,
         mask=mask,
         axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups,

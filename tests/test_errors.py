@@ -52,6 +52,7 @@ CASES = {
     "epsilon-string": (lambda: bn(epsilon="1e-5"), TypeError, r"`epsilon` must be a non-negative float"),
     "running-variance": (lambda: bn(running_variance="bessel"), ValueError, r"`running_variance` must be one of \('biased', 'unbiased'\)"),
     "variance": (lambda: bn(variance="welford"), ValueError, r"`variance` must be one of \('two_pass', 'shifted', 'fast'\)"),
+    "backward": (lambda: bn(backward="numeric"), ValueError, r"`backward` must be one of \('closed_form', 'autodiff'\), got 'numeric'"),
     "update-stats-not-bool": (lambda: bn(update_stats=0), TypeError, r"`update_stats` must be a Python bool"),
     "training-int": (lambda: bn(training=1), TypeError, r"`training` must be a Python bool or a boolean scalar array, got 1"),
     "training-string": (lambda: bn(training="train"), TypeError, r"`training` must be a Python bool"),

@@ -397,3 +397,21 @@ def test_tf_features_are_wired_to_the_pure_function(options):
     y_ref, stats = bnjax.batch_norm(x_step, params, stats, training=True, momentum=0.9, **options)
     assert_close(y, y_ref, f"step {step} ")
     assert_trees_close(variables["batch_stats"], stats, f"step {step} ")
+
+
+def test_backward_option_reaches_batch_norm():
+  # backward='autodiff' allows forward mode through the module; the default closed form refuses it.
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 3)), jnp.float32)
+  for backward, works in (("autodiff", True), ("closed_form", False)):
+    model = bnjax.linen.BatchNorm(use_running_average=False, backward=backward)
+    variables = model.init(jax.random.PRNGKey(0), x)
+
+    def f(x, model=model, variables=variables):
+      return model.apply(variables, x, mutable=["batch_stats"])[0]
+
+    if works:
+      _, tangent = jax.jvp(f, (x,), (jnp.ones_like(x),))
+      np.testing.assert_allclose(tangent, 0.0, atol=1e-5)  # a shift is normalized away
+    else:
+      with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(f, (x,), (jnp.ones_like(x),))

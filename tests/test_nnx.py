@@ -312,3 +312,13 @@ def test_renorm_and_zero_debias_keep_their_statistics_as_batch_stats():
       assert_close(getattr(model, key)[...], stats[key], f"step {step} {key} ")
   debiased = bnjax.nnx.BatchNorm(3, zero_debias="mean", rngs=nnx.Rngs(0))
   assert state_layout(debiased)[("count",)] == ("BatchStat", (), "int32")
+
+
+def test_backward_option_is_checked_and_reaches_batch_norm():
+  with pytest.raises(ValueError, match=r"bnjax\.nnx\.BatchNorm.*`backward`"):
+    bnjax.nnx.BatchNorm(3, backward="numeric", rngs=nnx.Rngs(0))
+  model = bnjax.nnx.BatchNorm(3, backward="autodiff", rngs=nnx.Rngs(0))
+  x = data((6, 3))
+  graphdef, state = nnx.split(model)
+  _, tangent = jax.jvp(lambda x: nnx.merge(graphdef, state)(x), (x,), (jnp.ones_like(x),))
+  np.testing.assert_allclose(tangent, 0.0, atol=1e-5)
