@@ -320,5 +320,8 @@ def test_backward_option_is_checked_and_reaches_batch_norm():
   model = bnjax.nnx.BatchNorm(3, backward="autodiff", rngs=nnx.Rngs(0))
   x = data((6, 3))
   graphdef, state = nnx.split(model)
-  _, tangent = jax.jvp(lambda x: nnx.merge(graphdef, state)(x), (x,), (jnp.ones_like(x),))
+  _, tangent = jax.jvp(
+      lambda x, state: nnx.merge(graphdef, state)(x),
+      (x, state), (jnp.ones_like(x), jax.tree.map(jnp.zeros_like, state)),
+  )
   np.testing.assert_allclose(tangent, 0.0, atol=1e-5)
