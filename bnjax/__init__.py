@@ -3,15 +3,18 @@
     params, stats = bnjax.init(num_features)
     y, new_stats = bnjax.batch_norm(x, params, stats, training=True)
 
+``bnjax.fold`` folds inference batch norms into the Dense or Conv layers before them (arrays,
+Linen variables, NNX models).
+
 Imported on demand (``import bnjax`` alone needs only jax and numpy): the Flax adapters
 ``bnjax.linen`` and ``bnjax.nnx``, the optax training loop ``bnjax.training`` and the checks in
 ``bnjax.diagnostics``.
 """
 
-from bnjax import conventions
+from bnjax import conventions, fold
 from bnjax._core import batch_norm, init
 from bnjax._stats import moments
 
 __version__ = "0.1.0"
 
-__all__ = ["batch_norm", "conventions", "init", "moments", "__version__"]
+__all__ = ["batch_norm", "conventions", "fold", "init", "moments", "__version__"]

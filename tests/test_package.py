@@ -69,7 +69,10 @@ def test_core_dependencies_are_jax_and_numpy_only():
 def test_public_names():
   import bnjax
 
-  assert set(bnjax.__all__) == {"batch_norm", "conventions", "init", "moments", "__version__"}
+  assert set(bnjax.__all__) == {
+      "batch_norm", "conventions", "fold", "init", "moments", "__version__"
+  }
+  assert callable(bnjax.fold.fold) and callable(bnjax.fold.fold_affine)
   assert re.fullmatch(r"\d+\.\d+\.\d+", bnjax.__version__)
 
 

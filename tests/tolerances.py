@@ -145,3 +145,22 @@ def tf_zero_debias_rtol(momentum: float, steps: int) -> float:
 # is 13x that and ~300x below one Adam step (lr); per-device batch norm with averaged running
 # statistics misses it by up to 2e-3 after one step (tests/test_multidevice.py).
 DATA_PARALLEL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+# bnjax.fold: a layer with the batch norm folded in (kernel * inv, (bias - mean) * inv + beta)
+# against the layer followed by the batch norm in evaluation, same inputs, same dtypes. Per
+# output element both sides form the same sum of K products (K: the kernel's fan-in, e.g.
+# 3 * 3 * C_in), arranged differently, so their difference is bounded relative to the TERMS,
+# not to the (possibly cancelled) result: T = |inv| * sum_i |x_i * k_i| + |(bias - mean) * inv|
+# + |beta|. Near |mean| >> std the result is a small difference of large terms on both sides.
+# - The sums: each side within 8 * eps * sqrt(K) * T of the exact value (the `tolerance` rule, in
+#   the accumulation dtype: float64 for float64 kernels, else float32), so twice that apart.
+# - A 16-bit folded kernel and bias are rounded once to their dtype: eps / 2 of each term, at most
+#   eps / 2 * T in all; the unfolded side keeps the unrounded product in float32.
+# Seen (tests/test_fold.py, 5 seeds): float32 layers <= 0.04 of the bound; bfloat16 <= 0.6, the
+# kernel's rounding, worst for a Dense with fan-in 8 whose terms do not cancel.
+def folded_atol(kernel_dtype, fan_in: int) -> float:
+  """Absolute tolerance of folded vs unfolded outputs, in units of the element's terms T."""
+  name = np.dtype(kernel_dtype).name
+  sums = 2 * 8 * EPS["float64" if name == "float64" else "float32"] * math.sqrt(max(fan_in, 1))
+  return sums + (EPS[name] / 2 if name in ("float16", "bfloat16") else 0.0)
