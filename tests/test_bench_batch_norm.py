@@ -1,0 +1,73 @@
+"""benchmarks/bench_batch_norm.py: its named shapes are checked here, and the script runs.
+
+Timing is the benchmark's job; here bnjax's numbers at the very shapes it is timed at are
+compared with the float64 oracle (train forward, new statistics, the closed-form gradients),
+and the quick mode runs every peer once and renders a report.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from oracle import batch_norm as oracle_batch_norm
+from oracle import training_grads
+from test_examples import load_script
+from tolerances import assert_close
+
+import bnjax
+
+BENCH = load_script("benchmarks/bench_batch_norm.py")
+
+
+@pytest.mark.parametrize("shape", BENCH.SHAPES, ids=[s.name for s in BENCH.SHAPES])
+def test_bnjax_at_the_benchmark_shapes_matches_the_oracle(shape):
+  x_np, dy_np = BENCH.data(shape)
+  x, dy = (jnp.asarray(v, shape.dtype) for v in (x_np, dy_np))
+  params, stats = bnjax.init(BENCH.channels(shape))
+
+  def forward(x, params):
+    return bnjax.batch_norm(x, params, stats, training=True, axis=shape.axis)
+
+  y, pullback, new_stats = jax.jit(lambda x, p: jax.vjp(forward, x, p, has_aux=True))(x, params)
+  dx, dparams = jax.jit(pullback)(dy)
+  x64 = np.asarray(x.astype(jnp.float32), np.float64)  # what bnjax saw (bf16 rounded)
+  y_ref, stats_ref = oracle_batch_norm(x64, params, stats, training=True, axis=shape.axis)
+  dx_ref, dscale_ref, dbias_ref = training_grads(
+      x64, np.asarray(dy.astype(jnp.float32)), axis=shape.axis)
+  n = x.size // BENCH.channels(shape)
+  assert_close(y.astype(jnp.float32), y_ref, x.dtype, n, "y")
+  assert_close(new_stats["var"], stats_ref["var"], jnp.float32, n, "var")
+  assert_close(dx.astype(jnp.float32), dx_ref, x.dtype, n, "dx")
+  assert_close(dparams["scale"], dscale_ref, jnp.float32, n, "dscale")
+  assert_close(dparams["bias"], dbias_ref, jnp.float32, n, "dbias")
+
+
+def test_quick_run_times_every_installed_peer_and_renders(tmp_path):
+  output, record = tmp_path / "results.md", tmp_path / "quick.json"
+  assert BENCH.main(["--quick", "--no-malloc-env", "--output", str(output),
+                     "--json", str(record)]) == 0
+  text = output.read_text()
+  rows = {line.split(" |")[0].lstrip("| ") for line in text.splitlines() if line.startswith("| ")}
+  expected = {"copy", "bnjax", "bnjax-autodiff", "bnjax-shifted", "flax", "flax-exact"}
+  optional = {"torch": "torch", "tensorflow": "keras-tf (own process)",
+              "keras": "keras-jax (own process)"}
+  expected |= {row for module, row in optional.items() if BENCH._has(module)}
+  assert expected <= rows, rows
+  assert "## Environment" in text and "| peers |" in text
+  # Every peer computed the same normalization (bf16 peers within bf16 rounding).
+  diffs = [float(line.rsplit("|", 2)[1]) for line in text.splitlines()
+           if line.startswith("| ") and line.rstrip().endswith("|") and "e-" in line.rsplit("|", 2)[1]]
+  assert diffs and max(diffs) < 0.05, diffs
+  # RESULTS.md is rendered from the JSON records alone.
+  results_dir = tmp_path / "results"
+  results_dir.mkdir()
+  record.rename(results_dir / "quick.json")
+  rendered = BENCH.render(tmp_path / "RESULTS.md", results_dir)
+  assert "<!-- summary:start -->" in rendered and "| cpu |" in rendered
+
+
+def test_readme_quotes_the_results_summary():
+  root = BENCH.HERE.parent
+  between = lambda text: text.split("<!-- summary:start -->")[1].split("<!-- summary:end -->")[0]  # noqa: E731
+  results = (root / "benchmarks" / "RESULTS.md").read_text()
+  assert between((root / "README.md").read_text()).strip() == between(results).strip()
