@@ -18,7 +18,7 @@ import numpy as np
 
 PARAM_KEYS = ("scale", "bias")
 REQUIRED_STAT_KEYS = ("mean", "var")
-VARIANCE_ALGORITHMS = ("two_pass", "shifted", "fast")
+VARIANCE_ALGORITHMS = ("auto", "two_pass", "shifted", "fast")
 RUNNING_VARIANCES = ("biased", "unbiased")
 RENORM_STAT_KEYS = ("renorm_mean", "renorm_stddev", "stddev")
 CLIPPING_KEYS = ("rmin", "rmax", "dmax")

@@ -80,7 +80,7 @@ def batch_norm(
     epsilon: float = 1e-5,
     update_stats: bool = True,
     running_variance: str = "biased",
-    variance: str = "two_pass",
+    variance: str = "auto",
     mask: jax.Array | None = None,
     axis_name: Any = None,
     axis_index_groups: Any = None,
@@ -139,10 +139,12 @@ def batch_norm(
     running_variance: ``'biased'`` (Keras 3, Flax, tf.nn.moments) or ``'unbiased'``
       (PyTorch, TensorFlow's fused kernel: Bessel's n/(n-1)). Only the stored variance differs;
       normalization always uses the biased batch variance.
-    variance: how the batch variance is computed: ``'two_pass'`` (default; accurate for any
-      data), ``'shifted'`` (sums about each channel's first element, one read of x) or
-      ``'fast'`` (E[x^2] - E[x]^2 clamped at 0, Flax's default; loses all float32 precision
-      when |mean| / std reaches ~3e3). See ``bnjax.moments``.
+    variance: how the batch variance is computed: ``'auto'`` (default: ``'two_pass'`` on CPU,
+      ``'shifted'`` on GPU and TPU, where it is faster), ``'two_pass'`` (subtract the mean,
+      then sum squares), ``'shifted'`` (both sums in one read of x, about the mean of a leading
+      1/64 of the batch) or ``'fast'`` (E[x^2] - E[x]^2 clamped at 0, Flax's default; loses all
+      float32 precision when |mean| / std reaches ~3e3). All but ``'fast'`` are accurate for
+      any data. See ``bnjax.moments``.
     mask: boolean, broadcastable to ``x``: statistics over the True elements only. All
       elements are normalized. A channel with no True element keeps its running statistics.
     axis_name: a mapped axis (``shard_map``, ``pmap``, ``vmap``) whose devices share batch
@@ -196,7 +198,9 @@ def batch_norm(
   running_variance = _checks.choice(
       fn, "running_variance", running_variance, _checks.RUNNING_VARIANCES
   )
-  variance = _checks.choice(fn, "variance", variance, _checks.VARIANCE_ALGORITHMS)
+  variance = _stats.resolve_variance(
+      _checks.choice(fn, "variance", variance, _checks.VARIANCE_ALGORITHMS)
+  )
   backward = _checks.choice(fn, "backward", backward, _normalize.BACKWARDS)
   mask = _checks.mask(fn, mask, x.shape)
   _checks.axis_name(fn, axis_name, axis_index_groups, communicates=training is not False)

@@ -42,7 +42,7 @@ def variance_algorithm(fn: str, use_fast_variance: Any, variance: str) -> str:
   """``use_fast_variance=True`` is Flax's spelling of ``variance='fast'``."""
   if not use_fast_variance:
     return variance
-  if variance not in ("two_pass", "fast"):
+  if variance not in ("auto", "two_pass", "fast"):
     _checks.fail(
         fn,
         f"`use_fast_variance=True` means variance='fast', got variance={variance!r} as well."

@@ -42,6 +42,22 @@ class Moments(NamedTuple):
   count: jax.Array  # stat dtype, scalar, or same shape as mean when masked: N
 
 
+SHIFT_FRACTION = 64  # 'shifted' takes K from the leading 1/64 of the first reduced axis
+
+
+def resolve_variance(variance: str) -> str:
+  """``'auto'``: ``'two_pass'`` on CPU, ``'shifted'`` on accelerators (GPU, TPU).
+
+  Both are accurate for any data. XLA:GPU computes the shifted sums in one read of x (one
+  multi-output reduction), 3|x| of traffic in training forward against two-pass's 4|x|;
+  XLA:CPU reduces each sum in its own pass, where two-pass is as fast and exact
+  (``benchmarks/NOTES.md``). The backend is JAX's default backend at trace time.
+  """
+  if variance != "auto":
+    return variance
+  return "two_pass" if jax.default_backend() == "cpu" else "shifted"
+
+
 def stat_dtype(x_dtype) -> jnp.dtype:
   """The dtype statistics are computed and returned in: at least float32."""
   x_dtype = jnp.dtype(x_dtype)
@@ -57,10 +73,12 @@ def _local(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, variance
 
   - ``'two_pass'``: K = mean(x), computed in a first pass; the correction term is then ~0 and
     is dropped (M2 = sum((x - mean)^2)). Accurate for any data.
-  - ``'shifted'``: K = the first element of each channel, so both sums come from one read of x.
-    Accurate while the channel's spread about that element is comparable to its standard
-    deviation (always, unless the first element is a far outlier). With a mask the first
-    element may be padding, so the mean is used instead (two passes).
+  - ``'shifted'``: K = the mean of the leading 1/64 of the first reduced axis (at least one
+    entry: the first example of a batch of up to 64), a small extra read; then both sums come
+    from one read of x. Accurate for any data: a part holding a fraction f of the elements has
+    a mean within sqrt((1 - f) / f) standard deviations of the whole's, so (K - mean)^2 / var
+    <= 63 and the cancellation costs at most ~64 float32 ulps (7.6e-6 relative). With a mask
+    the leading part may be padding, so the mean is used instead (two passes).
   - ``'fast'``: K = 0, the textbook E[x^2] - E[x]^2 (Flax's default). It loses about
     log10(mean^2 / var) of float32's ~7 digits: at mean 1e4 and variance 1 nothing is left,
     and without the clamp the variance would come out negative.
@@ -84,7 +102,9 @@ def _local(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, variance
     mean = total(x) / safe_count
     return count, mean, total(jnp.square(x - mean))
   if variance == "shifted":
-    shift = lax.stop_gradient(x[tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))])
+    lead = axes[0]
+    part = lax.slice_in_dim(x, 0, -(-x.shape[lead] // SHIFT_FRACTION), axis=lead)
+    shift = lax.stop_gradient(jnp.mean(part, axes, keepdims=True))
   else:
     shift = jnp.zeros((), dtype)
   centered = x - shift
@@ -148,7 +168,7 @@ def moments(
     mask: jax.Array | None = None,
     axis_name=None,
     axis_index_groups=None,
-    variance: str = "two_pass",
+    variance: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
   """Batch mean and (biased) variance of ``x`` over ``axes``, like ``tf.nn.moments``.
 
@@ -161,8 +181,9 @@ def moments(
     axis_name: a mapped axis (shard_map, pmap, vmap) whose devices share statistics,
       count-weighted, in one ``all_gather``.
     axis_index_groups: optional groups of indices of ``axis_name`` that share statistics.
-    variance: ``'two_pass'`` (default, accurate for any data), ``'shifted'`` (one read of x,
-      accurate unless a channel's first element is a far outlier) or ``'fast'``
+    variance: ``'auto'`` (default: ``'two_pass'`` on CPU, ``'shifted'`` on GPU/TPU; see
+      ``resolve_variance``), ``'two_pass'`` (accurate for any data), ``'shifted'`` (sums about
+      the mean of a leading 1/64 of x, one read of x, accurate for any data) or ``'fast'``
       (E[x^2] - E[x]^2, clamped at 0; inaccurate when |mean| >> std).
 
   Returns:
@@ -172,7 +193,7 @@ def moments(
   x = _checks.floating_input(fn, x)
   axes = _checks.canonical_axes(fn, "axes", axes, x.ndim)
   mask = _checks.mask(fn, mask, x.shape)
-  variance = _checks.choice(fn, "variance", variance, _checks.VARIANCE_ALGORITHMS)
+  variance = resolve_variance(_checks.choice(fn, "variance", variance, _checks.VARIANCE_ALGORITHMS))
   _checks.axis_name(fn, axis_name, axis_index_groups)
   m = batch_moments(
       x, axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,

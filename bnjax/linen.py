@@ -36,7 +36,8 @@ class BatchNorm(module.Module):
 
   Differences from ``flax.linen.BatchNorm``:
 
-  - The batch variance is the accurate two-pass ``mean((x - mean)^2)`` by default. Flax's
+  - The batch variance is accurate for any data by default (two-pass ``mean((x - mean)^2)`` on
+    CPU, shifted sums on GPU/TPU). Flax's
     default ``use_fast_variance=True`` is ``E[x^2] - E[x]^2``, which loses all float32
     precision once ``|mean| / std`` reaches ~3e3. ``use_fast_variance=True`` here is an alias
     for ``variance='fast'`` and reproduces Flax's default.
@@ -85,10 +86,13 @@ class BatchNorm(module.Module):
       Not used during ``init``, as in Flax. Not needed under ``jax.jit`` over a sharded batch.
     axis_index_groups: groups of indices of ``axis_name`` that share statistics.
     use_fast_variance: Flax's flag; True means ``variance='fast'``. Default False (Flax: True).
-    variance: ``'two_pass'`` (default), ``'shifted'`` or ``'fast'``; see ``bnjax.moments``.
+    variance: ``'auto'`` (default: ``'two_pass'`` on CPU, ``'shifted'`` on GPU/TPU),
+      ``'two_pass'``, ``'shifted'`` or ``'fast'``; see ``bnjax.batch_norm``.
     running_variance: ``'biased'`` (Flax, Keras) or ``'unbiased'`` (PyTorch).
     backward: ``'closed_form'`` (default, fast) or ``'autodiff'`` (allows ``jax.jvp``); see
       ``bnjax.batch_norm``.
+    update_stats: False normalizes training batches with their own statistics but leaves the
+      running ones alone (TF1 ``tf.layers`` with ``trainable=False``; presets pass it).
     renorm, renorm_clipping, renorm_momentum, virtual_batch_size, adjustment, zero_debias:
       TensorFlow's training-only features, as in ``bnjax.batch_norm``; renorm adds
       ``renorm_mean``, ``renorm_stddev`` and ``stddev`` to ``batch_stats``, zero_debias a
@@ -108,9 +112,10 @@ class BatchNorm(module.Module):
   axis_name: str | None = None
   axis_index_groups: Any = None
   use_fast_variance: bool = False
-  variance: str = "two_pass"
+  variance: str = "auto"
   running_variance: str = "biased"
   backward: str = "closed_form"
+  update_stats: bool = True
   renorm: bool = False
   renorm_clipping: dict[str, float] | None = None
   renorm_momentum: float = 0.99
@@ -170,7 +175,7 @@ class BatchNorm(module.Module):
         axis=self.axis,
         momentum=self.momentum,
         epsilon=self.epsilon,
-        update_stats=not initializing,
+        update_stats=_checks.flag(_FN, "update_stats", self.update_stats) and not initializing,
         running_variance=self.running_variance,
         variance=variance,
         backward=self.backward,

@@ -39,7 +39,8 @@ class BatchNorm(nnx.Module):
 
   Differences from ``flax.nnx.BatchNorm``:
 
-  - The batch variance is the accurate two-pass ``mean((x - mean)^2)`` by default. Flax's
+  - The batch variance is accurate for any data by default (two-pass ``mean((x - mean)^2)`` on
+    CPU, shifted sums on GPU/TPU). Flax's
     default ``use_fast_variance=True`` is ``E[x^2] - E[x]^2``, which loses all float32
     precision once ``|mean| / std`` reaches ~3e3. ``use_fast_variance=True`` here is an alias
     for ``variance='fast'`` and reproduces Flax's default.
@@ -86,10 +87,13 @@ class BatchNorm(nnx.Module):
     axis_name: a mapped axis (``shard_map``, ``pmap``) whose devices share batch statistics.
     axis_index_groups: groups of indices of ``axis_name`` that share statistics.
     use_fast_variance: Flax's flag; True means ``variance='fast'``. Default False (Flax: True).
-    variance: ``'two_pass'`` (default), ``'shifted'`` or ``'fast'``; see ``bnjax.moments``.
+    variance: ``'auto'`` (default: ``'two_pass'`` on CPU, ``'shifted'`` on GPU/TPU),
+      ``'two_pass'``, ``'shifted'`` or ``'fast'``; see ``bnjax.batch_norm``.
     running_variance: ``'biased'`` (Flax, Keras) or ``'unbiased'`` (PyTorch).
     backward: ``'closed_form'`` (default, fast) or ``'autodiff'`` (allows ``jax.jvp``); see
       ``bnjax.batch_norm``.
+    update_stats: False normalizes training batches with their own statistics but leaves the
+      running ones alone (TF1 ``tf.layers`` with ``trainable=False``; presets pass it).
     renorm, renorm_clipping, renorm_momentum, virtual_batch_size, adjustment, zero_debias:
       TensorFlow's training-only features, as in ``bnjax.batch_norm``; renorm adds the
       ``renorm_mean``, ``renorm_stddev`` and ``stddev`` BatchStats, zero_debias a ``count``.
@@ -115,9 +119,10 @@ class BatchNorm(nnx.Module):
       axis_name: str | None = None,
       axis_index_groups: Any = None,
       use_fast_variance: bool = False,
-      variance: str = "two_pass",
+      variance: str = "auto",
       running_variance: str = "biased",
       backward: str = "closed_form",
+      update_stats: bool = True,
       renorm: bool = False,
       renorm_clipping: dict[str, float] | None = None,
       renorm_momentum: float = 0.99,
@@ -175,6 +180,7 @@ class BatchNorm(nnx.Module):
     self.variance = variance
     self.running_variance = running_variance
     self.backward = backward
+    self.update_stats = _checks.flag(_FN, "update_stats", update_stats)
     self.renorm = renorm
     self.renorm_clipping = renorm_clipping
     self.renorm_momentum = renorm_momentum
@@ -227,6 +233,7 @@ class BatchNorm(nnx.Module):
         running_variance=self.running_variance,
         variance=self.variance,
         backward=self.backward,
+        update_stats=self.update_stats,
         mask=mask,
         axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups,

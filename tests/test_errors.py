@@ -51,7 +51,7 @@ CASES = {
     "epsilon-nan": (lambda: bn(epsilon=float("nan")), ValueError, r"`epsilon` must be >= 0"),
     "epsilon-string": (lambda: bn(epsilon="1e-5"), TypeError, r"`epsilon` must be a non-negative float"),
     "running-variance": (lambda: bn(running_variance="bessel"), ValueError, r"`running_variance` must be one of \('biased', 'unbiased'\)"),
-    "variance": (lambda: bn(variance="welford"), ValueError, r"`variance` must be one of \('two_pass', 'shifted', 'fast'\)"),
+    "variance": (lambda: bn(variance="welford"), ValueError, r"`variance` must be one of \('auto', 'two_pass', 'shifted', 'fast'\)"),
     "backward": (lambda: bn(backward="numeric"), ValueError, r"`backward` must be one of \('closed_form', 'autodiff'\), got 'numeric'"),
     "update-stats-not-bool": (lambda: bn(update_stats=0), TypeError, r"`update_stats` must be a Python bool"),
     "training-int": (lambda: bn(training=1), TypeError, r"`training` must be a Python bool or a boolean scalar array, got 1"),

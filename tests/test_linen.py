@@ -415,3 +415,20 @@ def test_backward_option_reaches_batch_norm():
     else:
       with pytest.raises(TypeError, match="forward-mode"):
         jax.jvp(f, (x,), (jnp.ones_like(x),))
+
+
+def test_a_tf1_frozen_preset_normalizes_with_batch_statistics_and_keeps_the_running_ones():
+  # tf.compat.v1.layers with trainable=False: its preset passes update_stats=False.
+  options = bnjax.conventions.tf_v1_layers(fused=True, trainable=False).options()
+  assert options["update_stats"] is False
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(6, 3)) * 3 + 2, jnp.float32)
+  model = bnjax.linen.BatchNorm(use_running_average=False, **options)
+  variables = model.init(jax.random.PRNGKey(0), x)
+  y, updates = model.apply(variables, x, mutable=["batch_stats"])
+  expected, _ = bnjax.batch_norm(x, variables["params"], variables["batch_stats"], training=True,
+                                 **options)
+  np.testing.assert_array_equal(y, expected)
+  for key in ("mean", "var"):
+    np.testing.assert_array_equal(updates["batch_stats"][key], variables["batch_stats"][key])
+  with pytest.raises(TypeError, match=r"`update_stats` must be a Python bool"):
+    bnjax.linen.BatchNorm(use_running_average=False, update_stats="no").init(jax.random.PRNGKey(0), x)

@@ -325,3 +325,19 @@ def test_backward_option_is_checked_and_reaches_batch_norm():
       (x, state), (jnp.ones_like(x), jax.tree.map(jnp.zeros_like, state)),
   )
   np.testing.assert_allclose(tangent, 0.0, atol=1e-5)
+
+
+def test_a_tf1_frozen_preset_keeps_the_running_statistics():
+  options = bnjax.conventions.tf_v1_layers(fused=True, trainable=False).options()
+  model = bnjax.nnx.BatchNorm(3, rngs=nnx.Rngs(0), **options)
+  x = data((6, 3))
+  before = flat(nnx.state(model, nnx.BatchStat))
+  y = model(x)
+  expected, _ = bnjax.batch_norm(x, {"scale": model.scale[...], "bias": model.bias[...]},
+                                 {"mean": model.mean[...], "var": model.var[...]},
+                                 training=True, **options)
+  np.testing.assert_array_equal(y, expected)
+  for key, value in flat(nnx.state(model, nnx.BatchStat)).items():
+    np.testing.assert_array_equal(value, before[key])
+  with pytest.raises(TypeError, match=r"bnjax\.nnx\.BatchNorm: `update_stats` must be a Python bool"):
+    bnjax.nnx.BatchNorm(3, update_stats=1, rngs=nnx.Rngs(0))

@@ -155,3 +155,45 @@ def test_running_stats_keep_their_dtype(x_dtype, stats_dtype):
   for key in ("mean", "var"):
     assert new_stats[key].dtype == stats_dtype
     assert_close(new_stats[key], expected[key].astype(stats_dtype), stats_dtype, what=key)
+
+
+@pytest.mark.parametrize("case", ["outlier-first-element", "outlier-first-example",
+                                  "outlier-first-row", "offset-1e4-small-batch"])
+def test_shifted_variance_is_accurate_even_when_the_leading_part_is_an_outlier(case):
+  # 'shifted' sums about the mean of the leading 1/64 of the first reduced axis. Whatever that
+  # part holds, its mean is within sqrt(63) standard deviations of the batch mean, so the
+  # cancellation stays within ~64 float32 ulps: the adversarial layouts below are as accurate
+  # as ordinary data, where a shift by the first element alone lost everything.
+  rng = np.random.default_rng(3)
+  if case == "outlier-first-element":  # one far pixel, the very first: K = x[0] lost 1e-4
+    x = 1e4 + rng.normal(size=(32, 8, 8, 16))
+    x[0, 0, 0] += 1e3
+    axes = (0, 1, 2)
+  elif case == "outlier-first-example":  # NHWC, the first image far from the rest
+    x = 1e4 + rng.normal(size=(32, 8, 8, 16))
+    x[0] += 1e6
+    axes = (0, 1, 2)
+  elif case == "outlier-first-row":  # dense, (4096, C): the leading part is 64 rows
+    x = rng.normal(size=(4096, 16)) * 1e-2 + 5e3
+    x[:64] = -5e3
+    axes = (0,)
+  else:  # two examples: the leading part is the first of them
+    x = 1e4 + rng.normal(size=(2, 16, 16, 8))
+    axes = (0, 1, 2)
+  x32 = jnp.asarray(x, jnp.float32)
+  exact = np.asarray(x32, np.float64).var(axes)
+  _, var = bnjax.moments(x32, axes, variance="shifted")
+  assert np.max(np.abs(np.asarray(var, np.float64) - exact) / exact) <= LARGE_OFFSET_VARIANCE_RTOL
+
+
+@pytest.mark.parametrize("backend, algorithm", [("cpu", "two_pass"), ("gpu", "shifted"),
+                                                ("tpu", "shifted")])
+def test_auto_variance_is_two_pass_on_cpu_and_shifted_on_accelerators(monkeypatch, backend,
+                                                                     algorithm):
+  x, params, stats = random_inputs(LAYOUTS["nhwc"], offset=300.0)
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  auto = bnjax.batch_norm(x, params, stats, training=True)
+  explicit = bnjax.batch_norm(x, params, stats, training=True, variance=algorithm)
+  for got, want in zip(jax.tree.leaves(auto), jax.tree.leaves(explicit)):
+    np.testing.assert_array_equal(got, want)
+  assert bnjax._stats.resolve_variance("auto") == algorithm
