@@ -35,7 +35,7 @@ training-forward ``y`` is compared with bnjax's and the largest difference is re
 Each run writes ``benchmarks/results/<device>.json`` (``--json``), then renders RESULTS.md
 from every JSON file there, so the CPU and the GPU results sit in one report. On Linux CPUs,
 glibc's allocator distorts the timing of large short-lived buffers; the script times both
-with ``MALLOC_ENV`` (the default, re-running itself) and, for the first shape, without it.
+with ``_common.MALLOC_ENV`` (the default, re-running itself) and, for the first shape, without it.
 """
 
 from __future__ import annotations
@@ -56,11 +56,6 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-MALLOC_ENV = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_THRESHOLD_": "4294967296",
-    "MALLOC_TRIM_THRESHOLD_": "17179869184",
-}
 RESULTS_DIR = HERE / "results"
 DEFAULT_OUTPUT = HERE / "RESULTS.md"
 MODES = ("train_forward", "forward_backward", "inference")
@@ -308,7 +303,7 @@ def tf_peers(shape: Shape):
 def _waiter(group: str, device: str) -> Callable:
   """A function that blocks until a result is computed."""
   if group == "tf":
-    return lambda out: [np.asarray(t) for t in _flatten(out)][:0]
+    return lambda out: [np.asarray(t) for t in _flatten(out)]  # .numpy() waits for TF
   import jax
   if device == "cuda":
     import torch
@@ -423,14 +418,13 @@ def _has(module: str) -> bool:
 def environment(config: Config) -> dict[str, str]:
   import _common
   import jax
-  active = all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())
   versions = []
   for package in ("flax", "torch", "tensorflow", "keras"):
     if _has(package):
       import importlib.metadata
       versions.append(f"{package} {importlib.metadata.version(package)}")
   env = _common.environment(
-      config, **{"malloc env": "tuned" if active else "glibc defaults",
+      config, **{"malloc env": _common.malloc_env_row(),
                  "peers": ", ".join(versions) or "(none installed)"})
   if jax.devices()[0].platform == "gpu":
     env["device"] += f", {jax.devices()[0].device_kind}"
@@ -448,7 +442,8 @@ def run_all(config: Config, shapes, *, allocator_variants: bool) -> dict:
     if _has(needs) and not (on_gpu and group == "tf"):
       record["groups"][group] = _subprocess(group, config, shapes, {})
   if allocator_variants and not on_gpu and sys.platform.startswith("linux"):
-    plain = {k: None for k in MALLOC_ENV}
+    import _common
+    plain = dict.fromkeys(_common.MALLOC_ENV)
     record["glibc_defaults"] = _subprocess("jax", config, shapes[:1], plain)
   return record
 
@@ -630,10 +625,11 @@ def main(argv=None) -> int:
     shapes = [every[n] for n in args.shapes.split(",")]
     print(json.dumps(run_group(args.group, shapes, config)))
     return 0
-  if (not args.no_malloc_env and sys.platform.startswith("linux")
-      and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items())):
-    return subprocess.call([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])],
-                           env={**os.environ, **MALLOC_ENV})
+  import _common
+  if not args.no_malloc_env and sys.platform.startswith("linux"):
+    status = _common.rerun_with_malloc_env(__file__, argv)
+    if status is not None:
+      return status
   import jax
   on_gpu = jax.devices()[0].platform == "gpu"
   config = Config(rounds=2, reps=2, warmup=1, quick=True) if args.quick else Config(

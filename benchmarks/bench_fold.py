@@ -20,7 +20,7 @@ after a convolution runs. Writes a markdown report (``--output``) and prints it.
     python benchmarks/bench_fold.py --quick    # tiny shapes, a few seconds
 
 glibc's allocator distorts timings of large short-lived buffers (arenas, mmap/munmap of every
-output, trimming), so by default the script re-runs itself with ``MALLOC_ENV`` set.
+output, trimming), so by default the script re-runs itself with ``_common.MALLOC_ENV`` set.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import dataclasses
 import math
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,11 +48,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402, RUF100
 from _common import environment_section, format_ms, format_ratio, time_call  # noqa: E402, RUF100
 
-MALLOC_ENV = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_THRESHOLD_": "4294967296",
-    "MALLOC_TRIM_THRESHOLD_": "17179869184",
-}
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "FOLD.md"
 
 
@@ -218,12 +212,10 @@ def measure(nets, config: Config):
 
 
 def environment(config: Config, load: tuple[float, float]) -> dict[str, str]:
-  active = all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())
-  malloc = " ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in MALLOC_ENV)
   return _common.environment(
       config,
       **{
-          "malloc env": f"{'tuned' if active else 'NOT the tuned setting'}: {malloc}",
+          "malloc env": _common.malloc_env_row(),
           # Other processes share the CPUs; a load above the CPU count slows every case alike
           # (they are interleaved), which blurs times more than ratios.
           "load average": f"{load[0]:.2f} at the start, {load[1]:.2f} at the end (1 minute)",
@@ -316,7 +308,7 @@ def main(argv: list[str] | None = None) -> Path:
                       " (default: benchmarks/FOLD.md next to this script)")
   parser.add_argument("--no-malloc-env", dest="malloc_env", action="store_false",
                       help="run in this process with the current environment instead of re-running"
-                      " with " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()))
+                      " with " + " ".join(f"{k}={v}" for k, v in _common.MALLOC_ENV.items()))
   parser.add_argument("--no-progress", dest="progress", action="store_false",
                       help="hide the progress bar (also hidden when stderr is not a terminal)")
   args = parser.parse_args(argv)
@@ -327,10 +319,7 @@ def main(argv: list[str] | None = None) -> Path:
   if config.rounds < 1 or config.reps < 1:
     parser.error(f"--rounds and --reps must be >= 1, got {config.rounds} and {config.reps}")
 
-  if config.malloc_env and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-    # glibc reads these at start-up only, so run again in a fresh process that has them.
-    argv = sys.argv[1:] if argv is None else list(argv)
-    subprocess.run([sys.executable, __file__, *argv], env={**os.environ, **MALLOC_ENV}, check=True)
+  if config.malloc_env and _common.rerun_with_malloc_env(__file__, argv) is not None:
     return config.output
 
   nets = QUICK_NETS if config.quick else NETS

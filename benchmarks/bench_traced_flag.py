@@ -19,16 +19,14 @@ Writes a markdown report (``--output``) and prints it.
     python benchmarks/bench_traced_flag.py --quick    # tiny shapes, ~10 s (mostly compilation)
 
 glibc's allocator distorts timings of large short-lived buffers (arenas, mmap/munmap of every
-output, trimming), so by default the script re-runs itself with ``MALLOC_ENV`` set.
+output, trimming), so by default the script re-runs itself with ``_common.MALLOC_ENV`` set.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,11 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 from _common import environment_section, format_ms, format_ratio, time_call  # noqa: E402
 
-MALLOC_ENV = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_THRESHOLD_": "4294967296",
-    "MALLOC_TRIM_THRESHOLD_": "17179869184",
-}
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "TRACED_FLAG.md"
 
 
@@ -188,10 +181,8 @@ def measure(shapes, config: Config):
 
 
 def environment(config: Config) -> dict[str, str]:
-  active = all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())
-  malloc = " ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in MALLOC_ENV)
   return _common.environment(
-      config, **{"malloc env": f"{'tuned' if active else 'NOT the tuned setting'}: {malloc}"}
+      config, **{"malloc env": _common.malloc_env_row()}
   )
 
 
@@ -261,7 +252,7 @@ def main(argv: list[str] | None = None) -> Path:
                       " (default: benchmarks/TRACED_FLAG.md next to this script)")
   parser.add_argument("--no-malloc-env", dest="malloc_env", action="store_false",
                       help="run in this process with the current environment instead of re-running"
-                      " with " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()))
+                      " with " + " ".join(f"{k}={v}" for k, v in _common.MALLOC_ENV.items()))
   parser.add_argument("--no-progress", dest="progress", action="store_false",
                       help="hide the progress bar (also hidden when stderr is not a terminal)")
   args = parser.parse_args(argv)
@@ -272,10 +263,7 @@ def main(argv: list[str] | None = None) -> Path:
   if config.rounds < 1 or config.reps < 1:
     parser.error(f"--rounds and --reps must be >= 1, got {config.rounds} and {config.reps}")
 
-  if config.malloc_env and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-    # glibc reads these at start-up only, so run again in a fresh process that has them.
-    argv = sys.argv[1:] if argv is None else list(argv)
-    subprocess.run([sys.executable, __file__, *argv], env={**os.environ, **MALLOC_ENV}, check=True)
+  if config.malloc_env and _common.rerun_with_malloc_env(__file__, argv) is not None:
     return config.output
 
   shapes = QUICK_SHAPES if config.quick else SHAPES
