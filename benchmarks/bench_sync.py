@@ -1,28 +1,35 @@
-"""What does synchronizing batch statistics across 8 devices cost, next to local batch norm?
+"""What does synchronizing batch statistics across devices cost, next to local batch norm?
 
 Both cases run ``bnjax.batch_norm(training=True)`` per device inside one ``jax.shard_map`` over
-8 fake CPU devices, on the same global batch split 8 ways:
+fake CPU devices, on the same global batch split along axis 0:
 
   local    axis_name=None: each device normalizes with the statistics of its own shard
   synced   axis_name='d': the devices combine their (count, mean, M2) in one all_gather and
            all normalize with the statistics of the global batch
 
 for the training forward pass (``train``: y and the new running statistics) and forward plus
-backward (``train+grad``: the gradients with respect to x, scale and bias of sum(y * dy)).
+backward (``train+grad``: the gradients with respect to x, scale and bias of sum(y * dy)), at
+issue 6's float32 benchmark shapes (``bench_batch_norm.SHAPES``, features last) and one small
+batch, where the fixed cost of a rendezvous shows.
+
+Each device count runs in its own process (XLA fixes the count at start-up), with the
+allocator settings of ``_common.MALLOC_ENV``:
+
+  8 devices  issue 6's setting: 8 threads take turns on the host's cores, so a rendezvous
+             also waits for the threads that were not running
+  2 devices  one device per core (on a 2-core host): the rendezvous without that queueing
+
 Cases run interleaved call by call (local, synced, synced, local, ...), ``--rounds`` rounds of
 ``--reps`` calls each; a time is the median over all calls with the interquartile range, a
 ratio the median over rounds of the per-round ratio of medians. The compiled HLO of each case
-is checked for its collectives: one all-gather per synced forward (its transpose, a
-reduce-scatter, in the backward pass), none when local.
+is checked for its collectives: one all-gather per synced forward (its transpose, an
+all-reduce of the 2C per-channel sums, in the backward pass), none when local.
 Writes a markdown report (``--output``) and prints it.
 
     python benchmarks/bench_sync.py            # ~1 min on 2 CPU cores
-    python benchmarks/bench_sync.py --quick    # tiny shapes, a smoke test (~10 s, compiling)
+    python benchmarks/bench_sync.py --quick    # tiny shapes, a smoke test (~15 s, compiling)
 
-Without 8 devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``) the script re-runs
-itself in a process that has them.
-
-The 8 devices are threads of one process sharing the host's cores, so the collective is an
+Fake devices are threads of one process sharing the host's cores, so the collective is an
 in-memory rendezvous: this measures the synchronization and the extra arithmetic, not a
 network. docs/multi_device.md works out the bytes a real interconnect carries.
 """
@@ -31,10 +38,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -49,11 +58,13 @@ from tqdm.auto import tqdm
 import bnjax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
-from _common import environment_section, format_ms, format_ratio, time_call  # noqa: E402
+import _common
+import bench_batch_norm
+from _common import environment_section, format_ms, format_ratio, time_call
 
-DEVICES = 8
+DEVICE_COUNTS = (8, 2)  # issue 6's setting, and one device per core of a 2-core host
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "SYNC.md"
+_WORKER = "_BNJAX_BENCH_SYNC_DEVICES"  # set in the processes that measure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,13 +79,13 @@ class Config:
 
 class Shape(NamedTuple):
   name: str
-  shape: tuple[int, ...]  # the global batch; split 8 ways along axis 0; features last
+  shape: tuple[int, ...]  # the global batch; split along axis 0; features last
 
 
 SHAPES = (
-    Shape("NHWC", (64, 16, 16, 64)),
-    Shape("NHWC-wide", (32, 8, 8, 512)),
-    Shape("dense", (1024, 256)),
+    *(Shape(s.name, s.shape) for s in bench_batch_norm.SHAPES
+      if s.axis == -1 and s.dtype == "float32"),
+    Shape("NHWC, small", (64, 16, 16, 64)),
 )
 QUICK_SHAPES = (Shape("NHWC", (16, 4, 4, 8)),)
 PASSES = ("train", "train+grad")
@@ -128,7 +139,7 @@ def _describe(counts: dict[str, int]) -> str:
 
 def measure(shapes, config: Config):
   """times[shape][pass][mode] = (rounds, reps) seconds; hlo[shape][pass][mode] = collectives."""
-  mesh = jax.make_mesh((DEVICES,), ("d",))
+  mesh = jax.make_mesh((jax.device_count(),), ("d",))
   cases = {s.name: {p: {m: make_case(s, mesh, m, p) for m in MODES} for p in PASSES}
            for s in shapes}
   hlo = {
@@ -162,46 +173,85 @@ def _load() -> str:
     return "unknown"
 
 
-def environment(config: Config) -> dict[str, str]:
-  return _common.environment(config, **{"load average at the end": _load()})
+def worker(shapes, config: Config, path: Path) -> None:
+  """Measures with this process's devices and writes the raw results to ``path`` as JSON."""
+  times, hlo = measure(shapes, config)
+  env = _common.environment(config, **{
+      "malloc env": _common.malloc_env_row(), "load average at the end": _load()})
+  path.write_text(json.dumps({
+      "devices": jax.device_count(),
+      "times": {s: {p: {m: t.tolist() for m, t in by_mode.items()} for p, by_mode in by_pass.items()}
+                for s, by_pass in times.items()},
+      "hlo": hlo,
+      "environment": env,
+  }))
 
 
-def report(shapes, times, hlo, config: Config) -> str:
+def run_worker(devices: int, argv: list[str], path: Path) -> dict:
+  """Runs this script in a fresh process with ``devices`` fake CPU devices; its JSON results."""
+  flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
+  env = {**os.environ, **_common.MALLOC_ENV, _WORKER: str(devices), "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip()}
+  subprocess.run([sys.executable, __file__, *argv, "--json", str(path)], env=env, check=True)
+  return json.loads(path.read_text())
+
+
+def _ms(samples) -> float:
+  return float(np.median(samples)) * 1e3
+
+
+def report(shapes, results: list[dict], config: Config) -> str:
   rows = []
-  for s in shapes:
-    per_device = (s.shape[0] // DEVICES, *s.shape[1:])
-    channels = s.shape[-1]
-    sent = (2 * channels + 1) * 4  # bytes one device contributes: count, C means, C M2s
-    for p in PASSES:
-      t, h = times[s.name][p], hlo[s.name][p]
-      rows.append(
-          f"| {s.name} {'x'.join(map(str, s.shape))} | {'x'.join(map(str, per_device))} |"
-          f" {channels} | {sent} B / {DEVICES * sent} B | {p} | {format_ms(t['local'])} |"
-          f" {format_ms(t['synced'])} | {format_ratio(t['synced'], t['local'])} |"
-          f" {_describe(h['synced'])} | {_describe(h['local'])} |"
-      )
-  env = environment(config)
+  for result in results:
+    devices = result["devices"]
+    for s in shapes:
+      per_device = (s.shape[0] // devices, *s.shape[1:])
+      channels = s.shape[-1]
+      sent = (2 * channels + 1) * 4  # bytes one device contributes: count, C means, C M2s
+      for p in PASSES:
+        t = {m: np.asarray(v) for m, v in result["times"][s.name][p].items()}
+        h = result["hlo"][s.name][p]
+        rows.append(
+            f"| {devices} | {s.name} {'x'.join(map(str, s.shape))} |"
+            f" {'x'.join(map(str, per_device))} | {sent} B / {devices * sent} B | {p} |"
+            f" {format_ms(t['local'])} | {format_ms(t['synced'])} |"
+            f" {_ms(t['synced']) - _ms(t['local']):+.2f} |"
+            f" {format_ratio(t['synced'], t['local'])} |"
+            f" {_describe(h['synced'])} | {_describe(h['local'])} |"
+        )
+  env = dict(results[0]["environment"])
+  env["device"] = f"{env['device'].split(',')[0]}, " + " and ".join(
+      f"{r['devices']} fake devices" for r in results)
+  env["XLA_FLAGS"] = "; ".join(r["environment"]["XLA_FLAGS"] for r in results)
+  env["load average at the end"] = results[-1]["environment"]["load average at the end"]
+  counts = " and ".join(str(r["devices"]) for r in results)
   lines = [
-      "# Synchronized vs local batch norm on 8 devices",
+      f"# Synchronized vs local batch norm on {counts} devices",
       "",
       "Written by `benchmarks/bench_sync.py`; do not edit by hand, re-run the script.",
       "",
-      ("`bnjax.batch_norm(training=True)` per device inside `jax.shard_map` over 8 fake CPU devices"
+      ("`bnjax.batch_norm(training=True)` per device inside `jax.shard_map` over fake CPU devices"
       " (threads of one process sharing the host's cores: the collective is an in-memory"
       " rendezvous, not a network). local: `axis_name=None`, each device uses its own shard's"
       " statistics; synced: `axis_name='d'`, one all-gather of (count, mean, M2). train: forward"
       " (y and new running statistics); train+grad: forward and backward (d/dx, d/dscale,"
       " d/dbias of sum(y * dy)). float32, `jax.jit`, `block_until_ready`; cases interleaved call"
-      f" by call, {config.rounds} rounds x {config.reps} calls each."),
+      f" by call, {config.rounds} rounds x {config.reps} calls each. Each device count runs in"
+      " its own process."),
       "",
-      ("Times in ms: median [25th, 75th percentile] over all calls. Ratio: median [25th, 75th]"
-      " over rounds of the per-round ratio of medians. Bytes: what one device contributes to"
-      " the all-gather, (2C+1) float32, and what every device receives, 8 (2C+1). Collectives:"
-      " counted in the compiled HLO (structure, not timing)."),
+      ("With more devices than cores, the threads take turns: the synced program's rendezvous"
+      " waits until every device thread has had its turn, where local ones run through. With"
+      " one device per core that queueing is gone and the rest is the synchronization itself."),
       "",
-      ("| global shape | per device | C | all-gather bytes (sent / received) | pass | local |"
-      " synced | synced / local | collectives (synced) | collectives (local) |"),
-      "|---|---|---:|---:|---|---:|---:|---:|---|---|",
+      ("Times in ms: median [25th, 75th percentile] over all calls; the difference is of the"
+      " medians. Ratio: median [25th, 75th] over rounds of the per-round ratio of medians."
+      " Bytes: what one device contributes to the all-gather, (2C+1) float32, and what every"
+      " device receives. Collectives: counted in the compiled HLO (structure, not timing)."),
+      "",
+      ("| devices | global shape | per device | all-gather bytes (sent / received) | pass |"
+      " local | synced | synced - local (ms) | synced / local | collectives (synced) |"
+      " collectives (local) |"),
+      "|---:|---|---|---:|---|---:|---:|---:|---:|---|---|",
       *rows,
       "",
       *environment_section(env),
@@ -218,6 +268,9 @@ def main(argv: list[str] | None = None) -> Path:
   parser.add_argument("--reps", type=int, default=None,
                       help="timed calls per case in each round, local and synced interleaved"
                       f" call by call (default: {defaults.reps}; 2 with --quick)")
+  parser.add_argument("--devices", type=int, nargs="+", default=list(DEVICE_COUNTS),
+                      help="fake CPU device counts, each measured in its own process"
+                      f" (default: {' '.join(map(str, DEVICE_COUNTS))})")
   parser.add_argument("--quick", action="store_true",
                       help="tiny shapes and few rounds: a smoke test of the script, not a"
                       " measurement")
@@ -226,28 +279,35 @@ def main(argv: list[str] | None = None) -> Path:
                       " (default: benchmarks/SYNC.md next to this script)")
   parser.add_argument("--no-progress", dest="progress", action="store_false",
                       help="hide the progress bar (also hidden when stderr is not a terminal)")
+  parser.add_argument("--json", type=Path, default=None, help=argparse.SUPPRESS)  # worker output
   args = parser.parse_args(argv)
   for name in ("rounds", "reps"):
     if getattr(args, name) is None:
       setattr(args, name, 2 if args.quick else getattr(defaults, name))
+  if args.rounds < 1 or args.reps < 1:
+    parser.error(f"--rounds and --reps must be >= 1, got {args.rounds} and {args.reps}")
+  if any(n < 1 for n in args.devices):
+    parser.error(f"--devices must be >= 1, got {args.devices}")
+  shapes = QUICK_SHAPES if args.quick else SHAPES
+  if any(s.shape[0] % n for s in shapes for n in args.devices):
+    parser.error(f"--devices {args.devices}: each must divide every batch,"
+                 f" {sorted({s.shape[0] for s in shapes})}")
+  devices, json_path = args.devices, args.json
+  del args.devices, args.json
   config = dataclasses.replace(defaults, **vars(args))
-  if config.rounds < 1 or config.reps < 1:
-    parser.error(f"--rounds and --reps must be >= 1, got {config.rounds} and {config.reps}")
-  if jax.device_count() < DEVICES:
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" in flags:
-      parser.error(f"expected {DEVICES} devices, got {jax.device_count()} (XLA_FLAGS={flags!r})")
-    # XLA reads the device count at start-up only: run again in a process that fakes 8 CPUs.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={DEVICES}".strip()}
-    argv = sys.argv[1:] if argv is None else list(argv)
-    subprocess.run([sys.executable, __file__, *argv], env=env, check=True)
-    return config.output
 
-  shapes = QUICK_SHAPES if config.quick else SHAPES
+  if os.environ.get(_WORKER):
+    expected = int(os.environ[_WORKER])
+    if jax.device_count() != expected:
+      raise RuntimeError(f"bench_sync: expected {expected} CPU devices, got {jax.device_count()}")
+    worker(shapes, config, json_path)
+    return json_path
+
   start = time.perf_counter()
-  times, hlo = measure(shapes, config)
-  text = report(shapes, times, hlo, config)
+  passthrough = sys.argv[1:] if argv is None else list(argv)
+  with tempfile.TemporaryDirectory() as tmp:
+    results = [run_worker(n, passthrough, Path(tmp) / f"{n}.json") for n in devices]
+  text = report(shapes, results, config)
   config.output.parent.mkdir(parents=True, exist_ok=True)
   config.output.write_text(text)
   print(text)

@@ -300,21 +300,42 @@ def test_data_parallel_rejects_bad_flags(example, capsys, argv, message):
   assert message in capsys.readouterr().err
 
 
-def test_bench_sync_quick(tmp_path):
+def _bench_sync():
   pytest.importorskip("tqdm")
   spec = importlib.util.spec_from_file_location("bench_sync", ROOT / "benchmarks" / "bench_sync.py")
   bench = importlib.util.module_from_spec(spec)
   sys.modules["bench_sync"] = bench  # dataclasses look their module up while it executes
   spec.loader.exec_module(bench)
+  return bench
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--rounds", "0"], "--rounds and --reps must be >= 1, got 0 and 2"),
+        (["--devices", "0"], "--devices must be >= 1, got [0]"),
+        (["--devices", "8", "3"], "--devices [8, 3]: each must divide every batch, [16]"),
+    ],
+)
+def test_bench_sync_rejects_bad_flags(capsys, argv, message):
+  with pytest.raises(SystemExit) as exit_info:
+    _bench_sync().main(["--quick", *argv])
+  assert exit_info.value.code == 2
+  assert message in capsys.readouterr().err
+
+
+def test_bench_sync_quick(tmp_path):
+  bench = _bench_sync()
   output = tmp_path / "sync.md"
   flags = ["--quick", "--rounds", "1", "--reps", "1", "--no-progress"]
   assert bench.main([*flags, "--output", str(output)]) == output
   text = output.read_text()
-  assert text.startswith("# Synchronized vs local batch norm on 8 devices")
+  assert text.startswith("# Synchronized vs local batch norm on 8 and 2 devices")
   assert "## Environment" in text and "| XLA_FLAGS |" in text
   # Structure, not timing: one all-gather per synced forward, no collective when local.
   rows = [line for line in text.splitlines() if re.search(r"\| (train|train\+grad) \|", line)]
-  assert len(rows) == 2 * len(bench.QUICK_SHAPES), text
+  assert len(rows) == 2 * 2 * len(bench.QUICK_SHAPES), text  # 2 passes on 8 and 2 devices
+  assert {row.split('|')[1].strip() for row in rows} == {'8', '2'}, text
   for row in rows:
     synced, local = [c.strip() for c in row.strip().strip("|").split("|")][-2:]
     assert local == "none", row
