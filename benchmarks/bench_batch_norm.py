@@ -583,6 +583,27 @@ def goals(records: list[dict]) -> list[str]:
       if worst[1]:
         lines.append(f"| {device} | {title} | {worst[1]} | {worst[0]:.2f}x |"
                      f" {'yes' if worst[0] <= limit else 'no'} |")
+    if "(gpu)" in record["environment"]["device"]:
+      lines += _bandwidth_goals(device, record["groups"]["jax"])
+  return lines
+
+
+def _bandwidth_goals(device: str, shapes: dict) -> list[str]:
+  """The GPU goal of >= 80% of a copy's bandwidth, counting each mode's fewest bytes (TRAFFIC).
+
+  The issue's own model (2|x| forward, 5|x| per step) assumes x stays on chip; with x larger
+  than the L2 the floors are 3|x| and 8|x| (benchmarks/NOTES.md, G and K).
+  """
+  lines = []
+  for mode in ("train_forward", "forward_backward"):
+    worst = (np.inf, "")
+    for shape_name, peers in shapes.items():
+      # (TRAFFIC |x| / t_bnjax) / (2|x| / t_copy), per round like every other ratio
+      ratio = _ratio(peers["bnjax"]["times"][mode], peers["copy"]["times"]["train_forward"])
+      worst = min(worst, (TRAFFIC[mode] / 2 / ratio, shape_name))
+    lines.append(f"| {device} | {MODE_TITLES[mode]} at >= 80% of a copy's bandwidth, moving"
+                 f" its floor of {TRAFFIC[mode]} x-sized transfers | {worst[1]} | {worst[0]:.0%} |"
+                 f" {'yes' if worst[0] >= 0.8 else 'no'} |")
   return lines
 
 

@@ -10,7 +10,7 @@ differentiates in closed form. With ``inv = rsqrt(var + epsilon)``, ``xhat = (x 
 ``axis_name``), and ``g_mean``, ``g_var`` the cotangents of the returned moments::
 
     d offset = S1 = sum(dy)
-    d scale  = S2 = sum(dy * xhat)
+    d scale  = S2 = sum(dy * (x - mean)) * inv       (= sum(dy * xhat))
     c1       = (scale * inv * S1 - g_mean) / N
     c2       = (scale * inv * S2 - 2 * g_var / inv) / N
     dx       = scale * inv * dy - m * (c1 + c2 * xhat)
@@ -74,12 +74,61 @@ def with_batch_moments(x, mask, scale, offset, *, reduction: Reduction, backward
   ``'autodiff'`` through the forward computation. An ``adjustment`` that varies along the
   reduced axes takes the autodiff path (the closed form assumes per-channel values).
   """
-  if backward == "autodiff" or not all(
-      _per_channel(v, reduction.axes, x.ndim) for v in (scale, offset)
-  ):
+  per_channel = all(_per_channel(v, reduction.axes, x.ndim) for v in (scale, offset))
+  view = _CollapsedView.of(x.shape, reduction.axes)
+  # Not for float16/bfloat16: XLA:CPU then writes x's float32 conversion out once per
+  # reduction instead of once (bfloat16 step 36 -> 48 ms at (32, 56, 56, 128); NOTES.md, J).
+  if (mask is None and per_channel and view.shape != x.shape
+      and x.dtype == _stats.stat_dtype(x.dtype)):
+    y, moments = with_batch_moments(
+        x.reshape(view.shape), None, *(view.per_channel(v) for v in (scale, offset)),
+        reduction=reduction._replace(axes=view.axes), backward=backward,
+    )
+    return y.reshape(x.shape), view.restore(moments)
+  if backward == "autodiff" or not per_channel:
     return _forward(reduction, x, mask, scale, offset)
   scale, offset = (_varying_like(x, v, reduction.axis_name) for v in (scale, offset))
   return _closed_form(reduction, x, mask, scale, offset)
+
+
+class _CollapsedView(NamedTuple):
+  """``x`` seen with each run of adjacent reduced axes, and of adjacent kept axes, as one axis.
+
+  NHWC reduced over (0, 1, 2) becomes (N*H*W, C) over (0,); NCHW over (0, 2, 3) becomes
+  (N, C, H*W) over (0, 2). A row-major reshape, free in XLA; XLA:CPU's reductions and
+  elementwise passes run up to 1.3x faster on the collapsed view (``benchmarks/NOTES.md``, J).
+  """
+
+  moments_shape: tuple[int, ...]  # x's shape with 1 on the reduced axes
+  shape: tuple[int, ...]  # the collapsed shape
+  axes: tuple[int, ...]  # its reduced axes
+
+  @classmethod
+  def of(cls, shape, axes) -> _CollapsedView:
+    runs = []  # [reduced?, size] per run of adjacent axes of one kind
+    for a, size in enumerate(shape):
+      if runs and runs[-1][0] == (a in axes):
+        runs[-1][1] *= size
+      else:
+        runs.append([a in axes, size])
+    return cls(
+        moments_shape=tuple(1 if a in axes else size for a, size in enumerate(shape)),
+        shape=tuple(size for _, size in runs),
+        axes=tuple(i for i, (reduced, _) in enumerate(runs) if reduced),
+    )
+
+  def per_channel(self, value):
+    """A per-channel ``value`` (None, or broadcastable to ``moments_shape``) on the view."""
+    if value is None:
+      return None
+    collapsed = tuple(1 if a in self.axes else size for a, size in enumerate(self.shape))
+    return jnp.broadcast_to(value, self.moments_shape).reshape(collapsed)
+
+  def restore(self, moments: _stats.Moments) -> _stats.Moments:
+    """The view's moments shaped like x's again (count is a scalar without a mask)."""
+    return moments._replace(
+        mean=moments.mean.reshape(self.moments_shape), var=moments.var.reshape(self.moments_shape)
+    )
 
 
 def with_moments(x, moments: _stats.Moments, scale, offset, *, reduction: Reduction):
@@ -145,9 +194,11 @@ def _closed_form_bwd(reduction: Reduction, residuals, cotangents):
   inv = lax.rsqrt(moments.var + jnp.asarray(reduction.epsilon, dtype))
   # Each full-size pass forms `x - mean` itself: behind a barrier, XLA cannot share it with the
   # forward's variance pass (which would write it out in full).
-  centered_mean, centered_inv = lax.optimization_barrier((mean, inv))
+  centered_mean = lax.optimization_barrier(mean)
   s1 = jnp.sum(dy, reduction.axes, keepdims=True)
-  s2 = jnp.sum(dy * ((x.astype(dtype) - centered_mean) * centered_inv), reduction.axes, keepdims=True)
+  # inv multiplies the sum, not each element: one multiply fewer per element, 2-4% of the step
+  # on XLA:CPU (benchmarks/NOTES.md, J).
+  s2 = jnp.sum(dy * (x.astype(dtype) - centered_mean), reduction.axes, keepdims=True) * inv
   m = inv if scale is None else inv * scale
   # The returned moments' own cotangents (zero when only y is differentiated) join the sums.
   t1 = m * s1 - moments_cotangent.mean

@@ -67,6 +67,32 @@ def test_quick_run_times_every_installed_peer_and_renders(tmp_path):
   assert "<!-- summary:start -->" in rendered and "| cpu |" in rendered
 
 
+def _record(device: str, ms: dict) -> dict:
+  """A results record with one shape whose peers took ``ms[peer][mode]`` in every sample."""
+  peers = {peer: {"times": {m: np.full((3, 2), t / 1e3).tolist() for m, t in modes.items()}}
+           for peer, modes in ms.items()}
+  return {"environment": {"device": device}, "groups": {"jax": {"s": peers}}}
+
+
+@pytest.mark.parametrize("step_ms, met", [(5.0, "yes"), (5.1, "no")])
+def test_goals_table_from_the_records(step_ms, met):
+  ms = {"copy": {"train_forward": 1.0},
+        "bnjax": {"train_forward": 1.5, "forward_backward": step_ms, "inference": 1.0},
+        "flax": {"train_forward": 1.5, "forward_backward": 2 * step_ms}}
+  cpu = BENCH.goals([_record("cpu (cpu), 1 device(s)", ms)])
+  gpu = BENCH.goals([_record("H100 (gpu), 1 device(s)", ms)])
+  assert "| cpu | train forward <= 1.0x flax default | s | 1.00x | yes |" in cpu
+  assert "| cpu | forward+backward <= 0.75x flax default | s | 0.50x | yes |" in cpu
+  assert "| cpu | inference within 10% of a copy | s | 1.00x | yes |" in cpu
+  assert not any("bandwidth" in line for line in cpu)  # a GPU goal
+  # 3|x| in 1.5 ms against 2|x| in 1.0 ms: the copy's bandwidth; 8|x| in 5.0 ms: 80% of it.
+  assert ("| H100 | train forward at >= 80% of a copy's bandwidth, moving its floor of 3"
+          " x-sized transfers | s | 100% | yes |") in gpu
+  bandwidth = f"{8 / 2 / step_ms:.0%}"
+  assert ("| H100 | forward+backward at >= 80% of a copy's bandwidth, moving its floor of 8"
+          f" x-sized transfers | s | {bandwidth} | {met} |") in gpu
+
+
 def test_readme_quotes_the_results_summary():
   root = BENCH.HERE.parent
 

@@ -12,7 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax_compare import MAX_DIFF, assert_close, assert_trees_close, flax_promotion
+from flax_compare import (
+  MAX_DIFF,
+  assert_close,
+  assert_trees_close,
+  flat,
+  flax_promotion,
+)
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tolerances import offset_atol, tolerance
@@ -169,7 +175,21 @@ def test_flax_checkpoint_loads_unchanged():
     with flax_promotion():
       theirs = flax_bn.apply(checkpoint, x, use_running_average=flag, mutable=["batch_stats"])
     ours = ours_bn.apply(checkpoint, x, use_running_average=flag, mutable=["batch_stats"])
-    assert_trees_close(ours, theirs, f"use_running_average={flag} ")
+    if flag:  # evaluation: the same formula, elementwise
+      assert_trees_close(ours, theirs, f"use_running_average={flag} ")
+      continue
+    # Training: bnjax sums over a collapsed (128, 3) view, Flax over (8, 4, 4, 3). At mean 100
+    # the summation order moves the mean by a few float32 ulps of 100, and y by that over the
+    # std (4e-6 seen; bnjax is 1.8e-6 from float64, Flax 5.8e-6), so Flax is matched within
+    # the large-offset tolerance that the float64 oracle gets.
+    assert flat(ours).keys() == flat(theirs).keys()
+    n = x.size // x_shape[-1]
+    for key, value in flat(ours).items():
+      np.testing.assert_allclose(
+          value, flat(theirs)[key], rtol=0, err_msg=str(key),
+          atol=offset_atol(jnp.float32, n, max_abs_output=float(np.abs(value).max()),
+                           offset_over_std=100 / 6.5),
+      )
 
 
 def test_use_fast_variance_true_matches_flax_default():
