@@ -1,5 +1,7 @@
 """batch_norm against the float64 oracle over layouts, modes and options, eager and jitted."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ from oracle import batch_norm as oracle_batch_norm
 from tolerances import assert_close, tolerance
 
 import bnjax
+from bnjax import _normalize
 
 
 def _check(layout, *, training, options, mask=None, jit=False, steps=3):
@@ -152,3 +155,25 @@ def test_moments_all_axes_and_mask():
   mean, var = bnjax.moments(x, (0, 1), mask=x < 6)
   assert mean.shape == ()
   np.testing.assert_allclose([mean, var], [2.5, np.var(np.arange(6.0))], **tolerance(jnp.float32, 12))
+
+
+@pytest.mark.parametrize(
+    "shape, axes, collapsed, collapsed_axes",
+    [
+        ((8, 6, 6, 16), (0, 1, 2), (288, 16), (0,)),  # NHWC
+        ((8, 16, 6, 6), (0, 2, 3), (8, 16, 36), (0, 2)),  # NCHW
+        ((32, 64), (0,), (32, 64), (0,)),  # dense: unchanged
+        ((4, 2, 8, 6, 6, 16), (0, 2, 3, 4), (4, 2, 288, 16), (0, 2)),  # virtual batches
+        ((5, 7, 3), (1,), (5, 7, 3), (1,)),  # features on both sides
+        ((5, 7, 3), (0, 2), (5, 7, 3), (0, 2)),
+    ],
+)
+def test_collapsed_view_merges_adjacent_axes_of_one_kind(shape, axes, collapsed, collapsed_axes):
+  view = _normalize._CollapsedView.of(shape, axes)
+  assert (view.shape, view.axes) == (collapsed, collapsed_axes)
+  assert view.moments_shape == tuple(1 if a in axes else n for a, n in enumerate(shape))
+  # A per-channel value lands on the view's kept axes, in order.
+  channels = np.arange(math.prod(view.moments_shape), dtype=np.float32)
+  on_view = view.per_channel(channels.reshape(view.moments_shape))
+  np.testing.assert_array_equal(np.asarray(on_view).ravel(), channels)
+  assert on_view.shape == tuple(1 if a in view.axes else n for a, n in enumerate(view.shape))
