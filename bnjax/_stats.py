@@ -74,8 +74,9 @@ def _local(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, variance
   - ``'two_pass'``: K = mean(x), computed in a first pass; the correction term is then ~0 and
     is dropped (M2 = sum((x - mean)^2)). Accurate for any data.
   - ``'shifted'``: K = the mean of the leading 1/64 of the first reduced axis (at least one
-    entry: the first example of a batch of up to 64), a small extra read; then both sums come
-    from one read of x. Accurate for any data: a part holding a fraction f of the elements has
+    entry along it; ``batch_norm`` passes float32 NHWC as (N*H*W, C), so 1/64 of the rows), a
+    small extra read; then both sums come from one read of x. Accurate for any data: a part
+    holding a fraction f >= 1/64 of the elements has
     a mean within sqrt((1 - f) / f) standard deviations of the whole's, so (K - mean)^2 / var
     <= 63 and the cancellation costs at most ~64 float32 ulps (7.6e-6 relative). With a mask
     the leading part may be padding, so the mean is used instead (two passes).
