@@ -76,10 +76,10 @@ def _local(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, variance
   - ``'shifted'``: K = the mean of the leading 1/64 of the first reduced axis (at least one
     entry along it; ``batch_norm`` passes float32 NHWC as (N*H*W, C), so 1/64 of the rows), a
     small extra read; then both sums come from one read of x. Accurate for any data: a part
-    holding a fraction f >= 1/64 of the elements has
-    a mean within sqrt((1 - f) / f) standard deviations of the whole's, so (K - mean)^2 / var
-    <= 63 and the cancellation costs at most ~64 float32 ulps (7.6e-6 relative). With a mask
-    the leading part may be padding, so the mean is used instead (two passes).
+    holding a fraction f >= 1/64 of the elements has a mean within sqrt((1 - f) / f) standard
+    deviations of the whole's, so (K - mean)^2 / var <= 63 and the cancellation costs at most
+    ~64 float32 ulps (7.6e-6 relative). With a mask the leading part may be padding, so the
+    mean is used instead (two passes).
   - ``'fast'``: K = 0, the textbook E[x^2] - E[x]^2 (Flax's default). It loses about
     log10(mean^2 / var) of float32's ~7 digits: at mean 1e4 and variance 1 nothing is left,
     and without the clamp the variance would come out negative.
