@@ -72,7 +72,9 @@ def with_batch_moments(x, mask, scale, offset, *, reduction: Reduction, backward
   ``scale`` and ``offset`` (None: 1 and 0) broadcast against ``x`` in the statistics' dtype.
   ``backward='closed_form'`` differentiates with the formulas of the module docstring,
   ``'autodiff'`` through the forward computation. An ``adjustment`` that varies along the
-  reduced axes takes the autodiff path (the closed form assumes per-channel values).
+  reduced axes takes the autodiff path (the closed form assumes per-channel values). Without a
+  mask, float32 and float64 ``x`` is computed on its ``_CollapsedView``, the same computation
+  in fewer axes (one call on the view, which does not collapse further).
   """
   per_channel = all(_per_channel(v, reduction.axes, x.ndim) for v in (scale, offset))
   view = _CollapsedView.of(x.shape, reduction.axes)
