@@ -324,6 +324,13 @@ def test_bench_sync_rejects_bad_flags(capsys, argv, message):
   assert message in capsys.readouterr().err
 
 
+def test_bench_sync_worker_checks_its_device_count(monkeypatch, tmp_path):
+  bench = _bench_sync()
+  monkeypatch.setenv(bench._WORKER, str(jax.device_count() + 1))  # the parent asked for more
+  with pytest.raises(RuntimeError, match=f"expected {jax.device_count() + 1} CPU devices, got"):
+    bench.main(["--quick", "--devices", "1", "--json", str(tmp_path / "w.json")])
+
+
 def test_bench_sync_quick(tmp_path):
   bench = _bench_sync()
   output = tmp_path / "sync.md"
@@ -335,7 +342,7 @@ def test_bench_sync_quick(tmp_path):
   # Structure, not timing: one all-gather per synced forward, no collective when local.
   rows = [line for line in text.splitlines() if re.search(r"\| (train|train\+grad) \|", line)]
   assert len(rows) == 2 * 2 * len(bench.QUICK_SHAPES), text  # 2 passes on 8 and 2 devices
-  assert {row.split('|')[1].strip() for row in rows} == {'8', '2'}, text
+  assert {row.split("|")[1].strip() for row in rows} == {"8", "2"}, text
   for row in rows:
     synced, local = [c.strip() for c in row.strip().strip("|").split("|")][-2:]
     assert local == "none", row
