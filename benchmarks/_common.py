@@ -6,6 +6,7 @@ load by file path in the smoke tests alike.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import os
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -49,6 +51,46 @@ def rerun_with_malloc_env(script: str, argv) -> int | None:
     return None
   argv = sys.argv[1:] if argv is None else list(argv)
   return subprocess.call([sys.executable, script, *argv], env={**os.environ, **MALLOC_ENV})
+
+
+def timing_parser(doc: str, defaults, *, malloc_env: bool) -> argparse.ArgumentParser:
+  """The options every timing script shares: --rounds, --reps, --quick, --output, --no-progress.
+
+  ``defaults`` is the script's config (rounds, reps, output); ``malloc_env`` adds
+  --no-malloc-env for scripts that re-run themselves with ``MALLOC_ENV``. ``timing_args``
+  completes what this parses.
+  """
+  parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+  parser.add_argument("--rounds", type=int, default=None,
+                      help="rounds over all cases; ratios are medians over rounds"
+                      f" (default: {defaults.rounds}; 2 with --quick)")
+  parser.add_argument("--reps", type=int, default=None,
+                      help="timed calls per case in each round, the cases interleaved call by call"
+                      f" (default: {defaults.reps}; 2 with --quick)")
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny shapes and few rounds: a smoke test of the script, not a"
+                      " measurement")
+  parser.add_argument("--output", type=Path, default=defaults.output,
+                      help="where to write the markdown report"
+                      f" (default: benchmarks/{defaults.output.name} next to this script)")
+  if malloc_env:
+    parser.add_argument("--no-malloc-env", dest="malloc_env", action="store_false",
+                        help="run in this process with the current environment instead of"
+                        " re-running with " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()))
+  parser.add_argument("--no-progress", dest="progress", action="store_false",
+                      help="hide the progress bar (also hidden when stderr is not a terminal)")
+  return parser
+
+
+def timing_args(parser: argparse.ArgumentParser, argv, defaults) -> argparse.Namespace:
+  """``parser``'s arguments, with --rounds and --reps filled in (2 with --quick) and checked."""
+  args = parser.parse_args(argv)
+  for name in ("rounds", "reps"):
+    if getattr(args, name) is None:
+      setattr(args, name, 2 if args.quick else getattr(defaults, name))
+  if args.rounds < 1 or args.reps < 1:
+    parser.error(f"--rounds and --reps must be >= 1, got {args.rounds} and {args.reps}")
+  return args
 
 
 def time_call(fn: Callable, args: tuple) -> float:

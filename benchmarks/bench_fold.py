@@ -25,7 +25,6 @@ output, trimming), so by default the script re-runs itself with ``_common.MALLOC
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -293,31 +292,8 @@ def report(nets, times, checks, ops, config: Config, load: tuple[float, float]) 
 
 def main(argv: list[str] | None = None) -> Path:
   defaults = Config()
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--rounds", type=int, default=None,
-                      help="rounds over all nets and cases; ratios are medians over rounds"
-                      f" (default: {defaults.rounds}; 2 with --quick)")
-  parser.add_argument("--reps", type=int, default=None,
-                      help="timed calls per case in each round, the cases interleaved call by call"
-                      f" (default: {defaults.reps}; 2 with --quick)")
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny shapes and few rounds: a smoke test of the script, not a"
-                      " measurement")
-  parser.add_argument("--output", type=Path, default=defaults.output,
-                      help="where to write the markdown report"
-                      " (default: benchmarks/FOLD.md next to this script)")
-  parser.add_argument("--no-malloc-env", dest="malloc_env", action="store_false",
-                      help="run in this process with the current environment instead of re-running"
-                      " with " + " ".join(f"{k}={v}" for k, v in _common.MALLOC_ENV.items()))
-  parser.add_argument("--no-progress", dest="progress", action="store_false",
-                      help="hide the progress bar (also hidden when stderr is not a terminal)")
-  args = parser.parse_args(argv)
-  for name in ("rounds", "reps"):
-    if getattr(args, name) is None:
-      setattr(args, name, 2 if args.quick else getattr(defaults, name))
-  config = dataclasses.replace(defaults, **vars(args))
-  if config.rounds < 1 or config.reps < 1:
-    parser.error(f"--rounds and --reps must be >= 1, got {config.rounds} and {config.reps}")
+  parser = _common.timing_parser(__doc__, defaults, malloc_env=True)
+  config = dataclasses.replace(defaults, **vars(_common.timing_args(parser, argv, defaults)))
 
   if config.malloc_env and _common.rerun_with_malloc_env(__file__, argv) is not None:
     return config.output

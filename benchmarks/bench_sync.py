@@ -261,31 +261,12 @@ def report(shapes, results: list[dict], config: Config) -> str:
 
 def main(argv: list[str] | None = None) -> Path:
   defaults = Config()
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--rounds", type=int, default=None,
-                      help="rounds over all shapes and cases; ratios are medians over rounds"
-                      f" (default: {defaults.rounds}; 2 with --quick)")
-  parser.add_argument("--reps", type=int, default=None,
-                      help="timed calls per case in each round, local and synced interleaved"
-                      f" call by call (default: {defaults.reps}; 2 with --quick)")
+  parser = _common.timing_parser(__doc__, defaults, malloc_env=False)
   parser.add_argument("--devices", type=int, nargs="+", default=list(DEVICE_COUNTS),
                       help="fake CPU device counts, each measured in its own process"
                       f" (default: {' '.join(map(str, DEVICE_COUNTS))})")
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny shapes and few rounds: a smoke test of the script, not a"
-                      " measurement")
-  parser.add_argument("--output", type=Path, default=defaults.output,
-                      help="where to write the markdown report"
-                      " (default: benchmarks/SYNC.md next to this script)")
-  parser.add_argument("--no-progress", dest="progress", action="store_false",
-                      help="hide the progress bar (also hidden when stderr is not a terminal)")
   parser.add_argument("--json", type=Path, default=None, help=argparse.SUPPRESS)  # worker output
-  args = parser.parse_args(argv)
-  for name in ("rounds", "reps"):
-    if getattr(args, name) is None:
-      setattr(args, name, 2 if args.quick else getattr(defaults, name))
-  if args.rounds < 1 or args.reps < 1:
-    parser.error(f"--rounds and --reps must be >= 1, got {args.rounds} and {args.reps}")
+  args = _common.timing_args(parser, argv, defaults)
   if any(n < 1 for n in args.devices):
     parser.error(f"--devices must be >= 1, got {args.devices}")
   shapes = QUICK_SHAPES if args.quick else SHAPES
