@@ -1,26 +1,35 @@
 """The normalization formula, and its closed-form derivative when the statistics come from x.
 
-``affine`` is the one formula both branches of ``batch_norm`` use::
+``affine`` is the one formula every branch of ``batch_norm`` uses, on values already centred::
 
-    y = (x - mean) * (scale * rsqrt(var + epsilon)) + offset
+    y = centered * (scale * inv) + offset,   inv = rsqrt(var + epsilon)
 
-``with_batch_moments`` takes the mean and variance from ``x`` itself and, by default,
-differentiates in closed form. With ``inv = rsqrt(var + epsilon)``, ``xhat = (x - mean) * inv``,
-``m`` the mask (1 without one), ``N`` the count, sums over the reduced axes (and the devices of
-``axis_name``), and ``g_mean``, ``g_var`` the cotangents of the returned moments::
+In training ``centered = (x - shift) - delta`` (``_stats.center``: the mean kept as a shift from
+the data plus a small correction, accurate at any offset); in evaluation ``centered = x -
+running_mean``. Where ``var + epsilon`` is 0 (a constant channel with ``epsilon=0``) or a masked
+channel holds no valid element, ``inv`` is 0: every centred value there is 0, or none counts, and
+``y = offset`` instead of 0 * inf.
+
+``with_batch_moments`` takes the moments from ``x`` itself and, by default, differentiates in
+closed form. With ``c`` the centred values, ``m`` the mask (1 without one), ``N`` the count, sums
+over the reduced axes (and the devices of ``axis_name``), and ``g_mean``, ``g_var`` the cotangents
+of the returned moments::
 
     d offset = S1 = sum(dy)
-    d scale  = S2 = sum(dy * (x - mean)) * inv       (= sum(dy * xhat))
+    d scale  = S2 * inv,  S2 = sum(dy * c)             (= sum(dy * xhat))
     c1       = (scale * inv * S1 - g_mean) / N
-    c2       = (scale * inv * S2 - 2 * g_var / inv) / N
-    dx       = scale * inv * dy - m * (c1 + c2 * xhat)
+    c2       = (scale * inv^3 * S2 - 2 * g_var) / N
+    dx       = scale * inv * dy - m * (c1 + c2 * c)
 
 Two reductions and one elementwise pass, about 5|x| of memory traffic, where autodiff of the
-forward moves 15-24|x| on XLA:CPU (``benchmarks/NOTES.md``). The price is JAX's rule for
-``custom_vjp``: forward-mode differentiation of ``batch_norm`` itself (``jax.jvp``,
-``jax.jacfwd``, ``jax.linearize``) raises, and ``backward='autodiff'`` is there for it. Reverse
-mode at any order and forward-over-reverse (``jax.hessian``) work either way. Batch
-renormalization needs the moments before it normalizes, and takes ``with_moments``, autodiff.
+forward moves 15-24|x| on XLA:CPU (``benchmarks/NOTES.md``). With a mask, a zero ``dy`` adds
+nothing to ``S2`` even where masked-out x is NaN or inf (padding under a masked loss), so the
+valid rows' gradients stay finite; autodiff (``backward='autodiff'``) follows JAX's 0 * NaN = NaN
+there. The price of the closed form is JAX's rule for ``custom_vjp``: forward-mode
+differentiation of ``batch_norm`` itself (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``)
+raises, and ``backward='autodiff'`` is there for it. Reverse mode at any order and
+forward-over-reverse (``jax.hessian``) work either way. Batch renormalization needs the moments
+before it normalizes, and takes ``with_moments``, autodiff.
 """
 
 from __future__ import annotations
@@ -37,21 +46,30 @@ from bnjax import _stats
 BACKWARDS = ("closed_form", "autodiff")
 
 
-def affine(x, mean, multiplier, offset, *, out_dtype):
-  """y = (x - mean) * multiplier + offset in ``mean``'s dtype (offset None: 0), cast to ``out_dtype``.
+def affine(centered, multiplier, offset, *, out_dtype):
+  """y = centered * multiplier + offset (offset None: 0), cast to ``out_dtype``.
 
-  The subtraction comes first: folding it into the offset (``x * m + (offset - mean * m)``,
-  TensorFlow's order) cancels catastrophically when |mean| >> std.
+  ``centered`` is ``x - mean`` formed first: folding the mean into the offset (``x * m +
+  (offset - mean * m)``, TensorFlow's order) cancels catastrophically when |mean| >> std.
   """
-  y = (x.astype(mean.dtype) - mean) * multiplier
+  y = centered * multiplier
   if offset is not None:
     y = y + offset
   return y.astype(out_dtype)
 
 
-def multiplier(var, scale, *, epsilon):
-  """The per-channel ``scale * rsqrt(var + epsilon)`` (scale None: 1), in ``var``'s dtype."""
-  inv = lax.rsqrt(var + jnp.asarray(epsilon, var.dtype))
+def inverse_stddev(var, *, epsilon, count=None):
+  """``rsqrt(var + epsilon)`` in ``var``'s dtype; 0 where that is 0, or where ``count`` is 0."""
+  total = var + jnp.asarray(epsilon, var.dtype)
+  positive = total > 0
+  # The inner where keeps rsqrt's derivative at 0 (inf) out of the gradient.
+  inv = jnp.where(positive, lax.rsqrt(jnp.where(positive, total, 1)), 0)
+  return inv if count is None else jnp.where(count > 0, inv, 0)
+
+
+def multiplier(var, scale, *, epsilon, count=None):
+  """The per-channel ``scale * inverse_stddev(var)`` (scale None: 1), in ``var``'s dtype."""
+  inv = inverse_stddev(var, epsilon=epsilon, count=count)
   return inv if scale is None else inv * scale
 
 
@@ -128,9 +146,8 @@ class _CollapsedView(NamedTuple):
 
   def restore(self, moments: _stats.Moments) -> _stats.Moments:
     """The view's moments shaped like x's again (count is a scalar without a mask)."""
-    return moments._replace(
-        mean=moments.mean.reshape(self.moments_shape), var=moments.var.reshape(self.moments_shape)
-    )
+    shaped = (v.reshape(self.moments_shape) for v in (moments.shift, moments.delta, moments.var))
+    return moments._replace(**dict(zip(("shift", "delta", "var"), shaped)))
 
 
 def with_moments(x, moments: _stats.Moments, scale, offset, *, reduction: Reduction):
@@ -139,9 +156,10 @@ def with_moments(x, moments: _stats.Moments, scale, offset, *, reduction: Reduct
   # XLA:CPU writes it out in full (one more write and read of x); apart, each pass recomputes
   # it in its own fusion: 17.0 -> 12.7 ms for (32, 56, 56, 128) f32 on 2 CPU cores
   # (benchmarks/NOTES.md).
-  mean, var = lax.optimization_barrier((moments.mean, moments.var))
-  m = multiplier(var, scale, epsilon=reduction.epsilon)
-  return affine(x, mean, m, offset, out_dtype=reduction.out_dtype)
+  moments = lax.optimization_barrier(moments)
+  m = multiplier(moments.var, scale, epsilon=reduction.epsilon, count=moments.count)
+  return affine(_stats.center(x, moments.shift, moments.delta), m, offset,
+                out_dtype=reduction.out_dtype)
 
 
 def _forward(reduction: Reduction, x, mask, scale, offset):
@@ -190,30 +208,35 @@ def _closed_form_fwd(reduction: Reduction, x, mask, scale, offset):
 def _closed_form_bwd(reduction: Reduction, residuals, cotangents):
   x, mask, scale, offset, moments = residuals
   dy, moments_cotangent = cotangents
-  mean, count = moments.mean, moments.count
-  dtype = mean.dtype
+  dtype = moments.var.dtype
   dy = dy.astype(dtype)
-  inv = lax.rsqrt(moments.var + jnp.asarray(reduction.epsilon, dtype))
-  # Each full-size pass forms `x - mean` itself: behind a barrier, XLA cannot share it with the
-  # forward's variance pass (which would write it out in full).
-  centered_mean = lax.optimization_barrier(mean)
+  inv = inverse_stddev(moments.var, epsilon=reduction.epsilon, count=moments.count)
+  # Each full-size pass centres x itself: behind a barrier, XLA cannot share the centred values
+  # with the forward's variance pass (which would write them out in full).
+  shift, delta = lax.optimization_barrier((moments.shift, moments.delta))
   s1 = jnp.sum(dy, reduction.axes, keepdims=True)
-  # inv multiplies the sum, not each element: one multiply fewer per element, 2-4% of the step
-  # on XLA:CPU (benchmarks/NOTES.md, J).
-  s2 = jnp.sum(dy * (x.astype(dtype) - centered_mean), reduction.axes, keepdims=True) * inv
+  dy_centered = dy * _stats.center(x, shift, delta)
+  if mask is not None:  # masked-out x may be NaN or inf: a zero cotangent adds nothing
+    dy_centered = jnp.where(dy == 0, 0, dy_centered)
+  s2 = jnp.sum(dy_centered, reduction.axes, keepdims=True)
   m = inv if scale is None else inv * scale
   # The returned moments' own cotangents (zero when only y is differentiated) join the sums.
-  t1 = m * s1 - moments_cotangent.mean
-  t2 = m * s2 - 2 * moments_cotangent.var / inv
+  # The shift carries no derivative (it is a constant of the forward), so the mean's cotangent
+  # is the delta's.
+  t1 = m * s1 - moments_cotangent.delta
+  # inv^2 multiplies the sum, not each element: one multiply fewer per element, 2-4% of the
+  # step on XLA:CPU (benchmarks/NOTES.md, J).
+  t2 = m * s2 * jnp.square(inv) - 2 * moments_cotangent.var
   if reduction.axis_name is not None:
     t1, t2 = lax.psum((t1, t2), reduction.axis_name, axis_index_groups=reduction.axis_index_groups)
-  n = jnp.maximum(count, 1)
-  mean, inv, m, c1, c2 = lax.optimization_barrier((mean, inv, m, t1 / n, t2 / n))
-  correction = c1 + c2 * ((x.astype(dtype) - mean) * inv)
+  n = jnp.maximum(moments.count, 1)
+  shift, delta, m, c1, c2 = lax.optimization_barrier(
+      (moments.shift, moments.delta, m, t1 / n, t2 / n))
+  correction = c1 + c2 * _stats.center(x, shift, delta)
   if mask is not None:
     correction = jnp.where(mask, correction, 0)
   dx = (m * dy - correction).astype(x.dtype)
-  dscale = None if scale is None else _sum_to(s2, scale)
+  dscale = None if scale is None else _sum_to(s2 * inv, scale)
   doffset = None if offset is None else _sum_to(s1, offset)
   return dx, None, dscale, doffset
 

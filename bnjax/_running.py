@@ -57,7 +57,7 @@ def targets(
     batch: Moments, *, running_variance: str, feature_shape, group_axis: int | None
 ) -> Targets:
   """Reduces batch ``Moments`` to per-feature targets, averaging over virtual batches."""
-  mean, var, count = (lax.stop_gradient(v) for v in batch)
+  mean, var, count = (lax.stop_gradient(v) for v in (batch.mean, batch.var, batch.count))
   count = jnp.broadcast_to(count, mean.shape)
   running_var = var
   if running_variance == "unbiased":
@@ -68,24 +68,30 @@ def targets(
   return Targets(*(v.reshape(feature_shape) for v in (mean, var, running_var, count)))
 
 
-def _weight_old(momentum: float | None, zero_debias: bool, count, dtype) -> jax.Array:
-  """w, the weight on the old value, given ``count`` = t earlier updates."""
+def _weights(momentum: float | None, zero_debias: bool, count, dtype) -> tuple[jax.Array, jax.Array]:
+  """``(w, 1 - w)``, the weights on the old and the new value, given ``count`` = t earlier updates.
+
+  Each weight is computed directly, never as 1 minus the other in float32: ``1 - float32(0.999)``
+  is 1.3e-5 off ``1 - 0.999``, a relative error that goes straight into the first update.
+  """
   if momentum is None:
-    return 1 - 1 / (count.astype(dtype) + 1)
-  m = jnp.asarray(momentum, dtype)
+    t = count.astype(dtype)
+    return t / (t + 1), 1 / (t + 1)
   if not zero_debias:
-    return m
-  # 1 - m^k = -expm1(k * log1p(-(1 - m))), exact to a few ulps even where 1 - m^k is tiny
+    return jnp.asarray(momentum, dtype), jnp.asarray(1.0 - momentum, dtype)
+  # w = m (1 - m^t) / (1 - m^(t+1)) and 1 - w = (1 - m) / (1 - m^(t+1)), with
+  # 1 - m^k = -expm1(k * log1p(-(1 - m))): exact to a few ulps even where 1 - m^k is tiny
   # (momentum 0.999, t = 1: 0.002, which the direct form gets to only ~1e-4 in float32).
   log_m = jnp.asarray(math.log1p(-(1.0 - momentum)), dtype)
   t = count.astype(dtype)
-  return m * jnp.expm1(t * log_m) / jnp.expm1((t + 1) * log_m)
+  debias = -jnp.expm1((t + 1) * log_m)
+  return momentum * -jnp.expm1(t * log_m) / debias, jnp.asarray(1.0 - momentum, dtype) / debias
 
 
-def _move(old, target, weight_old, seen):
+def _move(old, target, weights, seen):
   dtype = max(old.dtype, target.dtype, key=lambda d: d.itemsize)
-  w = weight_old.astype(dtype)
-  moved = w * old.astype(dtype) + (1 - w) * target.astype(dtype)
+  weight_old, weight_new = (w.astype(dtype) for w in weights)
+  moved = weight_old * old.astype(dtype) + weight_new * target.astype(dtype)
   return jnp.where(seen, moved, old.astype(dtype)).astype(old.dtype)
 
 
@@ -105,8 +111,8 @@ def update(
   """
   dtype = batch.mean.dtype
   count = stats.get("count")
-  weight_mean = _weight_old(momentum, zero_debias in ("mean", "mean_and_var"), count, dtype)
-  weight_var = _weight_old(momentum, zero_debias == "mean_and_var", count, dtype)
+  weight_mean = _weights(momentum, zero_debias in ("mean", "mean_and_var"), count, dtype)
+  weight_var = _weights(momentum, zero_debias == "mean_and_var", count, dtype)
   seen = batch.count > 0
   new_stats = dict(stats)
   if count is not None:
@@ -120,7 +126,7 @@ def update(
   stddev = _move(stats["stddev"], jnp.sqrt(batch.running_var + eps), weight_var, seen)
   new_stats["stddev"] = stddev
   new_stats["var"] = jnp.maximum(jnp.square(stddev.astype(dtype)) - eps, 0).astype(stats["var"].dtype)
-  renorm_weight = jnp.asarray(renorm_momentum, dtype)
+  renorm_weight = _weights(renorm_momentum, False, count, dtype)
   new_stats["renorm_mean"] = _move(stats["renorm_mean"], batch.mean, renorm_weight, seen)
   new_stats["renorm_stddev"] = _move(
       stats["renorm_stddev"], jnp.sqrt(batch.var + eps), renorm_weight, seen

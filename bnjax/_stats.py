@@ -1,29 +1,40 @@
-"""Batch statistics: per-device moments, masks, and the count-weighted cross-device combine.
+"""Batch statistics: per-device moments about a shift from the data, masks, and the cross-device combine.
 
 All statistics are computed in ``promote_types(x.dtype, float32)``: float16 and bfloat16 inputs get
 float32 statistics, float64 inputs keep float64.
 
-Each device first reduces its own elements to three numbers per channel (Chan, Golub and LeVeque,
-"Algorithms for computing the sample variance", 1983):
+**Shift plus correction.** At a large offset a float32 mean carries about one ulp of the offset,
+and every formula that forms ``x - mean`` with it inherits that error: at ``1e6 + N(0, 1)`` it is
+6% of a standard deviation. So the mean is kept in two parts, a per-channel shift ``K`` taken from
+the data and a small correction ``delta``::
 
-    n    = number of (unmasked) elements
-    mean = sum(x) / n
-    M2   = sum((x - mean)^2)
+    K      = x0 + mean(lead - x0)      x0: an element of the channel; lead: a leading 1/64 of it
+    d      = x - K                     exact where |x - K| <= |x| (Sterbenz), as at any large offset
+    delta  = sum(d) / n                small: K is within a few standard deviations of the mean
+    mean   = K + delta
+    x - mean  is formed as  (x - K) - delta  (``center``), both terms small,
 
-then, with ``axis_name``, the devices exchange these triples in ONE ``all_gather`` and combine
-them exactly, weighting by count:
+and a channel whose elements are all equal has ``K`` equal to them, ``d = 0`` and everything
+exactly 0. Each device reduces its own elements to ``(n, K, delta, M2)`` with ``M2 = sum((x -
+mean)^2)`` (Chan, Golub and LeVeque, "Algorithms for computing the sample variance", 1983); with
+``axis_name`` the devices exchange these in ONE ``all_gather`` (1 + 3C floats per device, 4C with
+a mask) and combine them weighted by count, every mean re-expressed about one device's shift
+``K*`` (that of the device with the most elements)::
 
-    N    = sum_d n_d
-    mean = sum_d n_d * mean_d / N
-    M2   = sum_d M2_d + sum_d n_d * (mean_d - mean)^2
-    var  = M2 / N
+    e_d    = (K_d - K*) + delta_d      device d's mean about K*, again a small exact difference
+    N      = sum_d n_d
+    delta  = sum_d n_d * e_d / N
+    M2     = sum_d M2_d + sum_d n_d * (e_d - delta)^2
+    var    = M2 / N
 
-This is exact for devices holding different numbers of valid elements (a mean of per-device means
-is not), and stable: no sum of squares of large values is ever formed.
+exact for devices holding different numbers of valid elements (a mean of per-device means is
+not), with no sum of squares of large values ever formed.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from typing import NamedTuple
 
@@ -35,14 +46,27 @@ from bnjax import _checks
 
 
 class Moments(NamedTuple):
-  """Statistics over the reduced axes, shaped to broadcast against ``x`` (size 1 on reduced axes)."""
+  """Statistics over the reduced axes, shaped to broadcast against ``x`` (size 1 on reduced axes).
 
-  mean: jax.Array  # stat dtype, x.shape with 1 on reduced axes
-  var: jax.Array  # stat dtype, same shape; biased: M2 / N, never negative
-  count: jax.Array  # stat dtype, scalar, or same shape as mean when masked: N
+  The mean is ``shift + delta``; normalize with ``center(x, shift, delta)``, never with ``mean``.
+  """
+
+  shift: jax.Array  # K: stat dtype, x.shape with 1 on reduced axes; from the data, no gradient
+  delta: jax.Array  # mean - K, same shape; small
+  var: jax.Array  # biased: M2 / N, same shape; never negative
+  count: jax.Array  # N: stat dtype, scalar, or the shape of shift when masked
+
+  @property
+  def mean(self) -> jax.Array:
+    return self.shift + self.delta
 
 
-SHIFT_FRACTION = 64  # 'shifted' takes K from the leading 1/64 of the first reduced axis
+def center(x: jax.Array, shift: jax.Array, delta: jax.Array) -> jax.Array:
+  """``x - mean`` as ``(x - shift) - delta``, in the statistics' dtype: accurate at any offset."""
+  return (x.astype(shift.dtype) - shift) - delta
+
+
+SHIFT_FRACTION = 64  # the shift comes from the leading 1/64 of the first reduced axis
 
 
 def resolve_variance(variance: str) -> str:
@@ -64,22 +88,54 @@ def stat_dtype(x_dtype) -> jnp.dtype:
   return x_dtype if x_dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
-def _local(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, variance: str):
-  """Per-device ``(n, mean, M2)`` over ``axes``, keeping reduced axes as size 1.
+def _shift(x, axes, valid, count):
+  """``K = x0 + mean(lead - x0)``, per channel, over the valid elements (``valid`` None: all).
 
-  The three ``variance`` algorithms differ only in the shift ``K`` the sums are taken about,
+  ``x0`` is the channel's first element, or with a mask its largest valid one (the first valid
+  one has no cheap gather; an empty channel gets 0). ``lead`` is the leading 1/64 of the first
+  reduced axis, at least one entry along it. Where the lead holds no valid element, K = x0.
+  """
+  lead_size = -(-x.shape[axes[0]] // SHIFT_FRACTION)
+  lead = lax.slice_in_dim(x, 0, lead_size, axis=axes[0])
+  if valid is None:
+    x0 = x[tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))]
+    return x0 + jnp.mean(lead - x0, axes, keepdims=True)
+  largest = jnp.max(jnp.where(valid, x, -jnp.inf), axes, keepdims=True)
+  x0 = jnp.where(count > 0, largest, 0)
+  lead_valid = lax.slice_in_dim(valid, 0, lead_size, axis=axes[0])
+  lead_count = jnp.sum(lead_valid, axes, keepdims=True, dtype=x.dtype)
+  lead_sum = jnp.sum(jnp.where(lead_valid, lead - x0, 0), axes, keepdims=True)
+  return x0 + lead_sum / jnp.maximum(lead_count, 1)
 
-      d = x - K,  mean = K + sum(d) / n,  M2 = sum(d^2) - sum(d)^2 / n  (clamped at 0),
 
-  - ``'two_pass'``: K = mean(x), computed in a first pass; the correction term is then ~0 and
-    is dropped (M2 = sum((x - mean)^2)). Accurate for any data.
-  - ``'shifted'``: K = the mean of the leading 1/64 of the first reduced axis (at least one
-    entry along it; ``batch_norm`` passes float32 NHWC as (N*H*W, C), so 1/64 of the rows), a
-    small extra read; then both sums come from one read of x. Accurate for any data: a part
-    holding a fraction f >= 1/64 of the elements has a mean within sqrt((1 - f) / f) standard
-    deviations of the whole's, so (K - mean)^2 / var <= 63 and the cancellation costs at most
-    ~64 float32 ulps (7.6e-6 relative). With a mask the leading part may be padding, so the
-    mean is used instead (two passes).
+def _sharded_reduced_axes(x, axes):
+  """x's explicit sharding with ``axes`` unsharded, or None where none of them is sharded.
+
+  Under ``jit`` over a batch sharded with explicit axes (``jax.make_mesh``'s default), slicing a
+  sharded axis to a size its shards do not divide is a type error; ``_shift`` then runs with
+  those axes left to XLA (``jax.sharding.auto_axes``), which gathers just the slices.
+  """
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if spec is None or all(spec[a] is None for a in axes if a < len(spec)):
+    return None
+  kept = tuple(None if a in axes else (spec[a] if a < len(spec) else None) for a in range(x.ndim))
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*kept))
+
+
+def _local(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, variance: str) -> Moments:
+  """Per-device moments over ``axes``, with ``M2`` in the ``var`` field (not yet divided by n).
+
+  The ``variance`` algorithms differ in the shift and in how ``M2`` is summed, with ``d = x - K``:
+
+  - ``'two_pass'``: ``delta = sum(d) / n``, then ``M2 = sum((d - delta)^2)``. Two reads of x;
+    accurate for any data.
+  - ``'shifted'``: ``sum(d)`` and ``sum(d^2)`` in one read of x, then ``M2 = sum(d^2) -
+    sum(d)^2 / n`` (clamped at 0). Accurate for any data: a part holding a fraction f >= 1/64
+    of the elements has a mean within sqrt((1 - f) / f) standard deviations of the whole's, so
+    (K - mean)^2 / var <= 63 and the cancellation costs at most ~64 float32 ulps (7.6e-6
+    relative); for iid data K is within a few std / sqrt(n) of the mean and it costs nothing.
+    With a mask whose lead holds no valid element of a channel, K there is its largest element.
   - ``'fast'``: K = 0, the textbook E[x^2] - E[x]^2 (Flax's default). It loses about
     log10(mean^2 / var) of float32's ~7 digits: at mean 1e4 and variance 1 nothing is left,
     and without the clamp the variance would come out negative.
@@ -99,19 +155,24 @@ def _local(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, variance
       return jnp.sum(jnp.where(mask, v, 0), axes, keepdims=True)
 
   safe_count = jnp.maximum(count, 1)  # an empty channel gets mean 0, var 0
-  if variance == "two_pass" or (variance == "shifted" and mask is not None):
-    mean = total(x) / safe_count
-    return count, mean, total(jnp.square(x - mean))
-  if variance == "shifted":
-    lead = axes[0]
-    part = lax.slice_in_dim(x, 0, -(-x.shape[lead] // SHIFT_FRACTION), axis=lead)
-    shift = lax.stop_gradient(jnp.mean(part, axes, keepdims=True))
+  if variance == "fast":
+    shift = jnp.zeros(tuple(1 if a in axes else size for a, size in enumerate(x.shape)), dtype)
   else:
-    shift = jnp.zeros((), dtype)
-  centered = x - shift
-  sum1, sum2 = total(centered), total(jnp.square(centered))
-  mean = shift + sum1 / safe_count
-  return count, mean, jnp.maximum(sum2 - jnp.square(sum1) / safe_count, 0)
+    shift_of = functools.partial(_shift, axes=axes)
+    sharding = _sharded_reduced_axes(x, axes)
+    if sharding is not None:
+      shift_of = jax.sharding.auto_axes(shift_of, out_sharding=sharding)
+    shift = lax.stop_gradient(shift_of(x, valid=mask, count=count))
+  sum_d = total(x - shift)
+  delta = sum_d / safe_count
+  # Behind the barrier XLA cannot share `x - shift` between the two reductions: shared, it
+  # writes it out in full (one more write and read of x); apart, each fuses into its own pass.
+  shift_again = lax.optimization_barrier(shift)
+  if variance == "two_pass":
+    m2 = total(jnp.square((x - shift_again) - delta))
+  else:
+    m2 = jnp.maximum(total(jnp.square(x - shift_again)) - sum_d * delta, 0)
+  return Moments(shift=shift, delta=delta, var=m2, count=count)
 
 
 def _gather_type(local, axis_name, axis_index_groups) -> str:
@@ -126,21 +187,28 @@ def _gather_type(local, axis_name, axis_index_groups) -> str:
   return "invarying" if axis_index_groups is None and names <= varying else "varying"
 
 
-def _combine_devices(count, mean, m2, axis_name, axis_index_groups):
-  """Count-weighted combination of per-device ``(n, mean, M2)`` in one all_gather."""
-  pieces = [count.reshape(-1), mean.reshape(-1), m2.reshape(-1)]
-  sizes = [p.size for p in pieces]
-  local = jnp.concatenate(pieces)
+def _combine_devices(local: Moments, axis_name, axis_index_groups) -> Moments:
+  """Count-weighted combination of per-device moments (``var`` holding M2) in one all_gather."""
+  pieces = [v.reshape(-1) for v in local]  # shift, delta, M2: C floats each; count: 1 or C
+  local_flat = jnp.concatenate(pieces)
   gathered = lax.all_gather(
-      local, axis_name, axis_index_groups=axis_index_groups,
-      to=_gather_type(local, axis_name, axis_index_groups),
+      local_flat, axis_name, axis_index_groups=axis_index_groups,
+      to=_gather_type(local_flat, axis_name, axis_index_groups),
   )
-  counts, means, m2s = jnp.split(gathered, [sizes[0], sizes[0] + sizes[1]], axis=1)
+  shifts, deltas, m2s, counts = jnp.split(gathered, list(itertools.accumulate(
+      p.size for p in pieces[:-1])), axis=1)
   total = jnp.sum(counts, 0)
-  combined_mean = jnp.sum(counts * means, 0) / jnp.maximum(total, 1)
-  combined_m2 = jnp.sum(m2s, 0) + jnp.sum(counts * jnp.square(means - combined_mean), 0)
-  total = total.reshape(count.shape)
-  return total, combined_mean.reshape(mean.shape), combined_m2.reshape(m2.shape)
+  counts = jnp.broadcast_to(counts, shifts.shape)
+  # Every device's mean about one reference shift: that of the device with the most elements.
+  reference = jnp.take_along_axis(shifts, jnp.argmax(counts, 0)[None], 0)[0]
+  means_about_reference = (shifts - reference) + deltas
+  delta = jnp.sum(counts * means_about_reference, 0) / jnp.maximum(total, 1)
+  m2 = jnp.sum(m2s, 0) + jnp.sum(counts * jnp.square(means_about_reference - delta), 0)
+  shape = local.shift.shape
+  return Moments(
+      shift=reference.reshape(shape), delta=delta.reshape(shape), var=m2.reshape(shape),
+      count=total.reshape(local.count.shape),
+  )
 
 
 def batch_moments(
@@ -152,16 +220,14 @@ def batch_moments(
     axis_index_groups,
     variance: str,
 ) -> Moments:
-  """Mean, biased variance and count over ``axes`` (and over devices of ``axis_name``).
+  """Moments over ``axes`` (and over devices of ``axis_name``), with the biased variance.
 
   Inputs are assumed checked; see ``moments`` for the public, checked version.
   """
-  count, mean, m2 = _local(x, axes, mask, variance)
+  local = _local(x, axes, mask, variance)
   if axis_name is not None:
-    count, mean, m2 = _combine_devices(count, mean, m2, axis_name, axis_index_groups)
-  return Moments(mean=mean, var=m2 / jnp.maximum(count, 1), count=count)
-
-
+    local = _combine_devices(local, axis_name, axis_index_groups)
+  return local._replace(var=local.var / jnp.maximum(local.count, 1))
 def moments(
     x: jax.Array,
     axes,

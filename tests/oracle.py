@@ -32,6 +32,17 @@ def moments(x, reduced, mask=None):
   return mean, var, n
 
 
+def inverse_stddev(var, epsilon, n=None):
+  """1 / sqrt(var + epsilon), defined as 0 where var + epsilon is 0 or the channel is empty.
+
+  Both cases have no spread to normalize by: a constant channel with epsilon = 0 (every centred
+  value is 0), or a masked channel with no valid element. xhat is 0 there, so y is the bias.
+  """
+  total = np.asarray(var, np.float64) + epsilon
+  defined = total > 0 if n is None else (total > 0) & (n > 0)
+  return np.where(defined, 1 / np.sqrt(np.where(defined, total, 1)), 0.0)
+
+
 def batch_norm(x, params, stats, *, training, axis=-1, momentum=0.99, epsilon=1e-5,
                update_stats=True, running_variance="biased", mask=None, variance=None,
                renorm=False, renorm_clipping=None, renorm_momentum=0.99,
@@ -53,7 +64,7 @@ def batch_norm(x, params, stats, *, training, axis=-1, momentum=0.99, epsilon=1e
   if not training:
     mean = _features(stats["mean"], x.shape, features)
     var = _features(stats["var"], x.shape, features)
-    return (x - mean) / np.sqrt(var + epsilon) * scale + bias, new_stats
+    return (x - mean) * inverse_stddev(var, epsilon) * scale + bias, new_stats
 
   xs, ms, group_axis = x, mask, None
   if virtual_batch_size:  # example i -> row i // groups, column (group) i % groups
@@ -64,7 +75,7 @@ def batch_norm(x, params, stats, *, training, axis=-1, momentum=0.99, epsilon=1e
     reduced, group_axis = (0,) + tuple(a + 1 for a in reduced if a != 0), 1
     scale, bias = scale[None], bias[None]
   mean, var, n = moments(xs, reduced, ms)
-  xhat = (xs - mean) / np.sqrt(var + epsilon)
+  xhat = (xs - mean) * inverse_stddev(var, epsilon, n)
 
   def per_feature(v):  # group averages, as (*F,)
     v = np.broadcast_to(v, mean.shape)
@@ -119,7 +130,7 @@ def batch_norm(x, params, stats, *, training, axis=-1, momentum=0.99, epsilon=1e
 def training_grads(x, dy, *, scale=None, axis=-1, epsilon=1e-5, mask=None):
   """Closed-form (dx, dscale, dbias) of y = (x - mean_B) / sqrt(var_B + eps) * scale + bias.
 
-  With g = scale / sqrt(var + eps), xhat = (x - mean) * (1 / sqrt(var + eps)), m the mask and
+  With g = scale * inv, inv = inverse_stddev(var, eps, n), xhat = (x - mean) * inv, m the mask and
   n its count, and sums over all elements of the channel (every element is normalized):
       dbias  = sum(dy)
       dscale = sum(dy * xhat)
@@ -132,7 +143,7 @@ def training_grads(x, dy, *, scale=None, axis=-1, epsilon=1e-5, mask=None):
   scale = _features(np.ones(feature_shape) if scale is None else scale, x.shape, features)
   mean, var, n = moments(x, reduced, mask)
   m = np.ones(x.shape) if mask is None else np.broadcast_to(np.asarray(mask, np.float64), x.shape)
-  inv = 1 / np.sqrt(var + epsilon)
+  inv = inverse_stddev(var, epsilon, n)
   xhat = (x - mean) * inv
   sum_dy = dy.sum(reduced, keepdims=True)
   sum_dy_xhat = (dy * xhat).sum(reduced, keepdims=True)
