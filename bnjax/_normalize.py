@@ -22,10 +22,11 @@ of the returned moments::
     dx       = scale * inv * dy - m * (c1 + c2 * c)
 
 Two reductions and one elementwise pass, about 5|x| of memory traffic, where autodiff of the
-forward moves 15-24|x| on XLA:CPU (``benchmarks/NOTES.md``). With a mask, a zero ``dy`` adds
-nothing to ``S2`` even where masked-out x is NaN or inf (padding under a masked loss), so the
-valid rows' gradients stay finite; autodiff (``backward='autodiff'``) follows JAX's 0 * NaN = NaN
-there. The price of the closed form is JAX's rule for ``custom_vjp``: forward-mode
+forward moves 15-24|x| on XLA:CPU (``benchmarks/NOTES.md``). With a mask, a masked-out
+element whose ``dy`` or ``dy * c`` is not finite (NaN or inf padding, under a masked loss)
+adds nothing to ``S1`` and ``S2``, so the valid rows' gradients and the parameters' stay finite
+and equal to those with finite padding; finite padding counts in full, as every normalized
+element does. Autodiff (``backward='autodiff'``) follows JAX's rules there: 0 * NaN = NaN. The price of the closed form is JAX's rule for ``custom_vjp``: forward-mode
 differentiation of ``batch_norm`` itself (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``)
 raises, and ``backward='autodiff'`` is there for it. Reverse mode at any order and
 forward-over-reverse (``jax.hessian``) work either way. Batch renormalization needs the moments
@@ -214,10 +215,10 @@ def _closed_form_bwd(reduction: Reduction, residuals, cotangents):
   # Each full-size pass centres x itself: behind a barrier, XLA cannot share the centred values
   # with the forward's variance pass (which would write them out in full).
   shift, delta = lax.optimization_barrier((moments.shift, moments.delta))
-  s1 = jnp.sum(dy, reduction.axes, keepdims=True)
   dy_centered = dy * _stats.center(x, shift, delta)
-  if mask is not None:  # masked-out x may be NaN or inf: a zero cotangent adds nothing
-    dy_centered = jnp.where(dy == 0, 0, dy_centered)
+  if mask is not None:  # padding may hold NaN or inf: its non-finite terms add nothing
+    dy, dy_centered = (jnp.where(mask | jnp.isfinite(v), v, 0) for v in (dy, dy_centered))
+  s1 = jnp.sum(dy, reduction.axes, keepdims=True)
   s2 = jnp.sum(dy_centered, reduction.axes, keepdims=True)
   m = inv if scale is None else inv * scale
   # The returned moments' own cotangents (zero when only y is differentiated) join the sums.

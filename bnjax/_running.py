@@ -7,8 +7,8 @@ With batch statistics ``mean_B``, ``var_B`` over ``n`` elements per channel:
     w      = momentum                              (EMA; weight on the OLD value, Keras/Flax)
            = 1 - 1 / (t + 1)                       (momentum=None: cumulative average)
            = m * (1 - m^t) / (1 - m^(t + 1))       (zero_debias: as if started at this batch)
-    mean  <- w * mean + (1 - w) * mean_B
-    var   <- w * var  + (1 - w) * var_R
+    mean  <- w * mean + (1 - w) * mean_B     computed as  mean + (1 - w) * (mean_B - mean)
+    var   <- w * var  + (1 - w) * var_R      likewise
 
 where ``t = stats['count']`` is the number of earlier updates. With virtual batches, mean_B and
 var_R are averages over the virtual batches (one update per step, as tf_keras does). With
@@ -68,31 +68,30 @@ def targets(
   return Targets(*(v.reshape(feature_shape) for v in (mean, var, running_var, count)))
 
 
-def _weights(momentum: float | None, zero_debias: bool, count, dtype) -> tuple[jax.Array, jax.Array]:
-  """``(w, 1 - w)``, the weights on the old and the new value, given ``count`` = t earlier updates.
+def _weight_new(momentum: float | None, zero_debias: bool, count, dtype) -> jax.Array:
+  """``1 - w``, the weight on the new value, given ``count`` = t earlier updates.
 
-  Each weight is computed directly, never as 1 minus the other in float32: ``1 - float32(0.999)``
-  is 1.3e-5 off ``1 - 0.999``, a relative error that goes straight into the first update.
+  Computed directly, never as 1 minus a float32 weight: ``1 - float32(0.999)`` is 1.3e-5 off
+  ``1 - 0.999``, a relative error that would go straight into the first update.
   """
   if momentum is None:
-    t = count.astype(dtype)
-    return t / (t + 1), 1 / (t + 1)
+    return 1 / (count.astype(dtype) + 1)
   if not zero_debias:
-    return jnp.asarray(momentum, dtype), jnp.asarray(1.0 - momentum, dtype)
-  # w = m (1 - m^t) / (1 - m^(t+1)) and 1 - w = (1 - m) / (1 - m^(t+1)), with
-  # 1 - m^k = -expm1(k * log1p(-(1 - m))): exact to a few ulps even where 1 - m^k is tiny
-  # (momentum 0.999, t = 1: 0.002, which the direct form gets to only ~1e-4 in float32).
+    return jnp.asarray(1.0 - momentum, dtype)
+  # 1 - w = (1 - m) / (1 - m^(t+1)), with 1 - m^k = -expm1(k * log1p(-(1 - m))): exact to a
+  # few ulps even where 1 - m^k is tiny (momentum 0.999, t = 1: 0.002, which the direct form
+  # gets to only ~1e-4 in float32).
   log_m = jnp.asarray(math.log1p(-(1.0 - momentum)), dtype)
-  t = count.astype(dtype)
-  debias = -jnp.expm1((t + 1) * log_m)
-  return momentum * -jnp.expm1(t * log_m) / debias, jnp.asarray(1.0 - momentum, dtype) / debias
+  return jnp.asarray(1.0 - momentum, dtype) / -jnp.expm1((count.astype(dtype) + 1) * log_m)
 
 
-def _move(old, target, weights, seen):
+def _move(old, target, weight_new, seen):
+  """``old + (1 - w) * (target - old)``: the same average as ``w * old + (1 - w) * target``,
+  but an error in the weight scales the small step, not the whole value."""
   dtype = max(old.dtype, target.dtype, key=lambda d: d.itemsize)
-  weight_old, weight_new = (w.astype(dtype) for w in weights)
-  moved = weight_old * old.astype(dtype) + weight_new * target.astype(dtype)
-  return jnp.where(seen, moved, old.astype(dtype)).astype(old.dtype)
+  old_value = old.astype(dtype)
+  moved = old_value + weight_new.astype(dtype) * (target.astype(dtype) - old_value)
+  return jnp.where(seen, moved, old_value).astype(old.dtype)
 
 
 def update(
@@ -111,8 +110,8 @@ def update(
   """
   dtype = batch.mean.dtype
   count = stats.get("count")
-  weight_mean = _weights(momentum, zero_debias in ("mean", "mean_and_var"), count, dtype)
-  weight_var = _weights(momentum, zero_debias == "mean_and_var", count, dtype)
+  weight_mean = _weight_new(momentum, zero_debias in ("mean", "mean_and_var"), count, dtype)
+  weight_var = _weight_new(momentum, zero_debias == "mean_and_var", count, dtype)
   seen = batch.count > 0
   new_stats = dict(stats)
   if count is not None:
@@ -126,7 +125,7 @@ def update(
   stddev = _move(stats["stddev"], jnp.sqrt(batch.running_var + eps), weight_var, seen)
   new_stats["stddev"] = stddev
   new_stats["var"] = jnp.maximum(jnp.square(stddev.astype(dtype)) - eps, 0).astype(stats["var"].dtype)
-  renorm_weight = _weights(renorm_momentum, False, count, dtype)
+  renorm_weight = _weight_new(renorm_momentum, False, count, dtype)
   new_stats["renorm_mean"] = _move(stats["renorm_mean"], batch.mean, renorm_weight, seen)
   new_stats["renorm_stddev"] = _move(
       stats["renorm_stddev"], jnp.sqrt(batch.var + eps), renorm_weight, seen

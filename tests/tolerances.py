@@ -36,6 +36,31 @@ EPS = {
 LARGE_OFFSET_VARIANCE_RTOL = 1e-5
 
 
+# Issue 11's goals for training mode on float32 input at ANY offset, against float64 arithmetic
+# on the same inputs. bnjax centres x as (x - K) - delta with K a shift from the data: x - K is
+# exact at a large offset (Sterbenz), delta is small, so the offset drops out of every error:
+# - y: a handful of roundings of values of size |xhat| (two subtractions, the multiply, the
+#   bias add) plus delta's and inv's own relative errors, ~4 eps each: 2e-6 is 17 eps of
+#   max|y|. Measured: 1.3e-7 at offsets 1e2..1e6 (docs/ACCURACY.md).
+# - variance: relative 1e-6 for iid data (measured ~1.5e-7); 'shifted' on an adversarial
+#   layout (the lead part sorted to one end) loses at most (K - mean)^2 / var <= 63 more ulps:
+#   1e-5 (bnjax/_stats.py).
+# - mean: one float32 ulp of |mean| (the final K + delta rounding) plus 1e-6 std (delta's).
+# - the first running update: the weight and the product each round once: 2 ulps.
+# - one exception, XLA's and not bnjax's: on reduced axes that are not adjacent (a tuple of
+#   feature axes, (16, 3, 8, 2) over (0, 2)) XLA:CPU sums sequentially, and the float32 sum
+#   of n positive terms alone, a random walk of n roundings, is off by up to ~eps * sqrt(n) at
+#   any offset: 1.1e-6 at n = 128 even for exactly centred values rounded once (bound: 1.35e-6,
+#   ``sequential_sum_rtol``).
+FLOOR = {"y": 2e-6, "var": 1e-6, "var_adversarial": 1e-5, "mean_std": 1e-6,
+         "running": 2 * float(np.finfo(np.float32).eps)}
+
+
+def sequential_sum_rtol(n: int) -> float:
+  """Relative error bound of a sequential float32 sum of n positive terms (see FLOOR)."""
+  return max(FLOOR["var"], EPS["float32"] * math.sqrt(n))
+
+
 def tolerance(dtype, reduction_size: int = 1) -> dict[str, float]:
   """``dict(rtol=..., atol=...)`` for outputs and statistics of ``dtype`` over n elements."""
   name = np.dtype(dtype).name
