@@ -207,7 +207,7 @@ def report(shapes, results: list[dict], config: Config) -> str:
     for s in shapes:
       per_device = (s.shape[0] // devices, *s.shape[1:])
       channels = s.shape[-1]
-      sent = (2 * channels + 1) * 4  # bytes one device contributes: count, C means, C M2s
+      sent = (3 * channels + 1) * 4  # bytes one device contributes: count, C shifts, deltas, M2s
       for p in PASSES:
         t = {m: np.asarray(v) for m, v in result["times"][s.name][p].items()}
         h = result["hlo"][s.name][p]
@@ -233,7 +233,7 @@ def report(shapes, results: list[dict], config: Config) -> str:
       ("`bnjax.batch_norm(training=True)` per device inside `jax.shard_map` over fake CPU devices"
       " (threads of one process sharing the host's cores: the collective is an in-memory"
       " rendezvous, not a network). local: `axis_name=None`, each device uses its own shard's"
-      " statistics; synced: `axis_name='d'`, one all-gather of (count, mean, M2). train: forward"
+      " statistics; synced: `axis_name='d'`, one all-gather of (count, shift, delta, M2). train: forward"
       " (y and new running statistics); train+grad: forward and backward (d/dx, d/dscale,"
       " d/dbias of sum(y * dy)). float32, `jax.jit`, `block_until_ready`; cases interleaved call"
       f" by call, {config.rounds} rounds x {config.reps} calls each. Each device count runs in"
@@ -245,7 +245,7 @@ def report(shapes, results: list[dict], config: Config) -> str:
       "",
       ("Times in ms: median [25th, 75th percentile] over all calls; the difference is of the"
       " medians. Ratio: median [25th, 75th] over rounds of the per-round ratio of medians."
-      " Bytes: what one device contributes to the all-gather, (2C+1) float32, and what every"
+      " Bytes: what one device contributes to the all-gather, (3C+1) float32, and what every"
       " device receives. Collectives: counted in the compiled HLO (structure, not timing)."),
       "",
       ("| devices | global shape | per device | all-gather bytes (sent / received) | pass |"

@@ -148,8 +148,8 @@ def batch_norm(
     mask: boolean, broadcastable to ``x``: statistics over the True elements only. All
       elements are normalized. A channel with no True element keeps its running statistics.
     axis_name: a mapped axis (``shard_map``, ``pmap``, ``vmap``) whose devices share batch
-      statistics: count-weighted, exact, one ``all_gather`` of 2C+1 floats per device (3C
-      with a mask). Not needed under ``jax.jit`` over a sharded batch, where XLA inserts the
+      statistics: count-weighted, exact, one ``all_gather`` of 3C+1 floats per device (4C
+      with a mask): count, shift, correction and M2 (``bnjax._stats``). Not needed under ``jax.jit`` over a sharded batch, where XLA inserts the
       reduction itself.
     axis_index_groups: groups of indices of ``axis_name`` that share statistics.
     dtype: dtype of ``y``; default ``x.dtype``.

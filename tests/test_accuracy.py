@@ -7,6 +7,9 @@ to ``tolerances.FLOOR``. Before the shift-plus-correction moments, y was 2.4e-4 
 """
 
 import functools
+import importlib.util
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -275,3 +278,30 @@ def test_nonfinite_padding_changes_nothing(padding):
     np.testing.assert_array_equal(dparams[key], dparams_clean[key])
   for key in new_stats:
     np.testing.assert_array_equal(new_stats[key], stats_clean[key])
+
+
+def _accuracy_report():
+  spec = importlib.util.spec_from_file_location(
+      "accuracy_report", pathlib.Path(__file__).parent.parent / "tools" / "accuracy_report.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_accuracy_report_measures_what_docs_accuracy_says():
+  report = _accuracy_report()
+  bnjax_peer, flax_exact = report.PEERS[0], report.PEERS[1]
+  results = report.measure(report.QUICK_RATIOS, [bnjax_peer, flax_exact])
+  for y_error, var_error in results[bnjax_peer.name]:
+    assert y_error <= FLOOR["y"] and var_error <= FLOOR["var"]
+  assert results[flax_exact.name][-1][0] > 100 * FLOOR["y"]  # the float32-mean floor, at 1e6
+  doc = (pathlib.Path(__file__).parent.parent / "docs" / "ACCURACY.md").read_text()
+  assert "Written by `python tools/accuracy_report.py`" in doc
+  assert (pathlib.Path(__file__).parent.parent / "docs" / "accuracy.png").is_file()
+  for peer in report.PEERS:  # every peer was installed when the file was written
+    assert f"| {peer.name} |" in doc, peer.name
+  bnjax_rows = [line for line in doc.splitlines() if line.startswith(f"| {bnjax_peer.name} |")]
+  assert len(bnjax_rows) == 2
+  for row, bound in zip(bnjax_rows, (FLOOR["y"], FLOOR["var"])):
+    assert all(float(v) <= bound for v in row.strip("|").split("|")[1:])
