@@ -271,7 +271,7 @@ def batch_norm(
   def normalize_with_running_statistics():
     mean, var = (stats[k].astype(stat_dtype).reshape(broadcast_shape) for k in ("mean", "var"))
     m = _normalize.multiplier(var, scale, epsilon=epsilon)
-    return _normalize.affine(x.astype(stat_dtype) - mean, m, offset, out_dtype=out_dtype), stats
+    return _normalize.affine(x, mean, m, offset, out_dtype=out_dtype), stats
 
   if training is True:
     return normalize_with_batch_statistics()

@@ -1,25 +1,26 @@
 """The normalization formula, and its closed-form derivative when the statistics come from x.
 
-``affine`` is the one formula every branch of ``batch_norm`` uses, on values already centred::
+``affine`` is the one formula every branch of ``batch_norm`` uses::
 
-    y = centered * (scale * inv) + offset,   inv = rsqrt(var + epsilon)
+    y = (x - shift) * (scale * inv) + offset,   inv = rsqrt(var + epsilon)
 
-In training ``centered = (x - shift) - delta`` (``_stats.center``: the mean kept as a shift from
-the data plus a small correction, accurate at any offset); in evaluation ``centered = x -
-running_mean``. Where ``var + epsilon`` is 0 (a constant channel with ``epsilon=0``) or a masked
-channel holds no valid element, ``inv`` is 0: every centred value there is 0, or none counts, and
-``y = offset`` instead of 0 * inf.
+In evaluation ``shift`` is the running mean. In training it is the batch moments' shift K, taken
+from the data (``_stats``), and the mean's small correction ``delta`` moves into the offset:
+``offset - delta * scale * inv``. Both terms stay small at any offset, where ``x - mean`` with a
+float32 mean would carry ~1 ulp of the offset. Where ``var + epsilon`` is 0 (a constant channel
+with ``epsilon=0``) or a masked channel holds no valid element, ``inv`` is 0: ``x - mean`` is 0
+there, or nothing counts, and ``y = offset`` instead of 0 * inf.
 
 ``with_batch_moments`` takes the moments from ``x`` itself and, by default, differentiates in
-closed form. With ``c`` the centred values, ``m`` the mask (1 without one), ``N`` the count, sums
-over the reduced axes (and the devices of ``axis_name``), and ``g_mean``, ``g_var`` the cotangents
-of the returned moments::
+closed form. With ``s = x - shift`` and ``c = s - delta`` (= x - mean), ``m`` the mask (1
+without one), ``N`` the count, sums over the reduced axes (and the devices of ``axis_name``),
+and ``g_mean``, ``g_var`` the cotangents of the returned moments::
 
     d offset = S1 = sum(dy)
-    d scale  = S2 * inv,  S2 = sum(dy * c)             (= sum(dy * xhat))
+    d scale  = S2 * inv,  S2 = sum(dy * c) = sum(dy * s) - delta * S1      (= sum(dy * xhat))
     c1       = (scale * inv * S1 - g_mean) / N
     c2       = (scale * inv^3 * S2 - 2 * g_var) / N
-    dx       = scale * inv * dy - m * (c1 + c2 * c)
+    dx       = scale * inv * dy - m * (c2 * s + (c1 - c2 * delta))          (c1 + c2 * c)
 
 Two reductions and one elementwise pass, about 5|x| of memory traffic, where autodiff of the
 forward moves 15-24|x| on XLA:CPU (``benchmarks/NOTES.md``). With a mask, a masked-out
@@ -47,13 +48,13 @@ from bnjax import _stats
 BACKWARDS = ("closed_form", "autodiff")
 
 
-def affine(centered, multiplier, offset, *, out_dtype):
-  """y = centered * multiplier + offset (offset None: 0), cast to ``out_dtype``.
+def affine(x, shift, multiplier, offset, *, out_dtype):
+  """y = (x - shift) * multiplier + offset in ``shift``'s dtype (offset None: 0), cast to ``out_dtype``.
 
-  ``centered`` is ``x - mean`` formed first: folding the mean into the offset (``x * m +
-  (offset - mean * m)``, TensorFlow's order) cancels catastrophically when |mean| >> std.
+  The subtraction comes first: folding it into the offset (``x * m + (offset - shift * m)``,
+  TensorFlow's order) cancels catastrophically when |shift| >> std.
   """
-  y = centered * multiplier
+  y = (x.astype(shift.dtype) - shift) * multiplier
   if offset is not None:
     y = y + offset
   return y.astype(out_dtype)
@@ -159,7 +160,7 @@ def with_moments(x, moments: _stats.Moments, scale, offset, *, reduction: Reduct
   # (benchmarks/NOTES.md).
   moments = lax.optimization_barrier(moments)
   m = multiplier(moments.var, scale, epsilon=reduction.epsilon, count=moments.count)
-  return affine(_stats.center(x, moments.shift, moments.delta), m, offset,
+  return affine(x, moments.shift, m, _stats.centering_offset(moments, m, offset),
                 out_dtype=reduction.out_dtype)
 
 
@@ -215,11 +216,11 @@ def _closed_form_bwd(reduction: Reduction, residuals, cotangents):
   # Each full-size pass centres x itself: behind a barrier, XLA cannot share the centred values
   # with the forward's variance pass (which would write them out in full).
   shift, delta = lax.optimization_barrier((moments.shift, moments.delta))
-  dy_centered = dy * _stats.center(x, shift, delta)
+  dy_shifted = dy * (x.astype(dtype) - shift)
   if mask is not None:  # padding may hold NaN or inf: its non-finite terms add nothing
-    dy, dy_centered = (jnp.where(mask | jnp.isfinite(v), v, 0) for v in (dy, dy_centered))
+    dy, dy_shifted = (jnp.where(mask | jnp.isfinite(v), v, 0) for v in (dy, dy_shifted))
   s1 = jnp.sum(dy, reduction.axes, keepdims=True)
-  s2 = jnp.sum(dy_centered, reduction.axes, keepdims=True)
+  s2 = jnp.sum(dy_shifted, reduction.axes, keepdims=True) - delta * s1
   m = inv if scale is None else inv * scale
   # The returned moments' own cotangents (zero when only y is differentiated) join the sums.
   # The shift carries no derivative (it is a constant of the forward), so the mean's cotangent
@@ -233,7 +234,7 @@ def _closed_form_bwd(reduction: Reduction, residuals, cotangents):
   n = jnp.maximum(moments.count, 1)
   shift, delta, m, c1, c2 = lax.optimization_barrier(
       (moments.shift, moments.delta, m, t1 / n, t2 / n))
-  correction = c1 + c2 * _stats.center(x, shift, delta)
+  correction = c2 * (x.astype(dtype) - shift) + (c1 - c2 * delta)
   if mask is not None:
     correction = jnp.where(mask, correction, 0)
   dx = (m * dy - correction).astype(x.dtype)

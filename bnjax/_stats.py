@@ -12,7 +12,8 @@ the data and a small correction ``delta``::
     d      = x - K                     exact where |x - K| <= |x| (Sterbenz), as at any large offset
     delta  = sum(d) / n                small: K is within a few standard deviations of the mean
     mean   = K + delta
-    x - mean  is formed as  (x - K) - delta  (``center``), both terms small,
+    x - mean  is formed as  (x - K) - delta, both terms small; per element only x - K is
+              formed, delta joins the per-channel constants (``centering_offset``),
 
 and a channel whose elements are all equal has ``K`` equal to them, ``d = 0`` and everything
 exactly 0. Each device reduces its own elements to ``(n, K, delta, M2)`` with ``M2 = sum((x -
@@ -48,7 +49,7 @@ from bnjax import _checks
 class Moments(NamedTuple):
   """Statistics over the reduced axes, shaped to broadcast against ``x`` (size 1 on reduced axes).
 
-  The mean is ``shift + delta``; normalize with ``center(x, shift, delta)``, never with ``mean``.
+  The mean is ``shift + delta``; normalize ``x - shift``, never ``x - mean``.
   """
 
   shift: jax.Array  # K: stat dtype, x.shape with 1 on reduced axes; from the data, no gradient
@@ -61,9 +62,12 @@ class Moments(NamedTuple):
     return self.shift + self.delta
 
 
-def center(x: jax.Array, shift: jax.Array, delta: jax.Array) -> jax.Array:
-  """``x - mean`` as ``(x - shift) - delta``, in the statistics' dtype: accurate at any offset."""
-  return (x.astype(shift.dtype) - shift) - delta
+def centering_offset(moments: Moments, multiplier: jax.Array, offset: jax.Array | None):
+  """``offset - delta * multiplier``: ``(x - mean) * multiplier + offset`` is then computed as
+  ``(x - shift) * multiplier + centering_offset``, both terms of the sum small (K is near the
+  mean), one operation per element fewer than centring ``(x - shift) - delta`` first."""
+  folded = -moments.delta * multiplier
+  return folded if offset is None else offset + folded
 
 
 SHIFT_FRACTION = 64  # the shift comes from the leading 1/64 of the first reduced axis
