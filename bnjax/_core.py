@@ -140,13 +140,17 @@ def batch_norm(
       (PyTorch, TensorFlow's fused kernel: Bessel's n/(n-1)). Only the stored variance differs;
       normalization always uses the biased batch variance.
     variance: how the batch variance is computed: ``'auto'`` (default: ``'two_pass'`` on CPU,
-      ``'shifted'`` on GPU and TPU, where it is faster), ``'two_pass'`` (subtract the mean,
-      then sum squares), ``'shifted'`` (both sums in one read of x, about the mean of a leading
-      1/64 of the batch) or ``'fast'`` (E[x^2] - E[x]^2 clamped at 0, Flax's default; loses all
-      float32 precision when |mean| / std reaches ~3e3). All but ``'fast'`` are accurate for
-      any data. See ``bnjax.moments``.
+      ``'shifted'`` on GPU and TPU, where it is faster), ``'two_pass'`` (the mean about a shift
+      K from the data, then squares about the mean), ``'shifted'`` (both sums about K in one
+      read of x) or ``'fast'`` (E[x^2] - E[x]^2 clamped at 0, Flax's default; loses all
+      float32 precision when |mean| / std reaches ~3e3, and y with it). All but ``'fast'``
+      keep the mean as K plus a small correction and are accurate at any offset: y within
+      2e-6 of float64 arithmetic, the variance within 1e-6 (``docs/ACCURACY.md``). See
+      ``bnjax.moments``.
     mask: boolean, broadcastable to ``x``: statistics over the True elements only. All
-      elements are normalized. A channel with no True element keeps its running statistics.
+      elements are normalized. A channel with no True element outputs ``bias`` and keeps its
+      running statistics. Masked-out NaN or inf (padding) changes no statistic, and under a
+      masked loss leaves the closed-form gradients of the valid elements finite.
     axis_name: a mapped axis (``shard_map``, ``pmap``, ``vmap``) whose devices share batch
       statistics: count-weighted, exact, one ``all_gather`` of 3C+1 floats per device (4C
       with a mask): count, shift, correction and M2 (``bnjax._stats``). Not needed under ``jax.jit`` over a sharded batch, where XLA inserts the

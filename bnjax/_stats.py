@@ -140,7 +140,8 @@ def _local(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, variance
     (K - mean)^2 / var <= 63 and the cancellation costs at most ~64 float32 ulps (7.6e-6
     relative); for iid data K is within a few std / sqrt(n) of the mean and it costs nothing.
     With a mask whose lead holds no valid element of a channel, K there is its largest element.
-  - ``'fast'``: K = 0, the textbook E[x^2] - E[x]^2 (Flax's default). It loses about
+  - ``'fast'``: sums about 0, the textbook E[x^2] - E[x]^2 (Flax's default), and the float32
+    mean as the shift (delta 0), so y is Flax's too: ``(x - mean) * inv``. It loses about
     log10(mean^2 / var) of float32's ~7 digits: at mean 1e4 and variance 1 nothing is left,
     and without the clamp the variance would come out negative.
   """
@@ -159,14 +160,17 @@ def _local(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, variance
       return jnp.sum(jnp.where(mask, v, 0), axes, keepdims=True)
 
   safe_count = jnp.maximum(count, 1)  # an empty channel gets mean 0, var 0
-  if variance == "fast":
-    shift = jnp.zeros(tuple(1 if a in axes else size for a, size in enumerate(x.shape)), dtype)
-  else:
-    shift_of = functools.partial(_shift, axes=axes)
-    sharding = _sharded_reduced_axes(x, axes)
-    if sharding is not None:
-      shift_of = jax.sharding.auto_axes(shift_of, out_sharding=sharding)
-    shift = lax.stop_gradient(shift_of(x, valid=mask, count=count))
+  if variance == "fast":  # about 0, as Flax; the mean itself becomes the shift (delta is 0)
+    sum_x = total(x)
+    mean = sum_x / safe_count
+    m2 = jnp.maximum(total(jnp.square(x)) - sum_x * mean, 0)
+    shift = lax.stop_gradient(mean)
+    return Moments(shift=shift, delta=mean - shift, var=m2, count=count)
+  shift_of = functools.partial(_shift, axes=axes)
+  sharding = _sharded_reduced_axes(x, axes)
+  if sharding is not None:
+    shift_of = jax.sharding.auto_axes(shift_of, out_sharding=sharding)
+  shift = lax.stop_gradient(shift_of(x, valid=mask, count=count))
   sum_d = total(x - shift)
   delta = sum_d / safe_count
   # Behind the barrier XLA cannot share `x - shift` between the two reductions: shared, it
@@ -247,15 +251,15 @@ def moments(
     x: floating array.
     axes: the axes to reduce (an int or a tuple; negative allowed). The remaining axes are
       the features; the results have their shape.
-    mask: optional boolean array broadcastable to ``x``; only True elements count. A feature
-      with no True element gets mean 0 and variance 0.
+    mask: optional boolean array broadcastable to ``x``; only True elements count (masked-out
+      NaN or inf included: they change nothing). A feature with no True element gets mean 0 and
+      variance 0.
     axis_name: a mapped axis (shard_map, pmap, vmap) whose devices share statistics,
       count-weighted, in one ``all_gather``.
     axis_index_groups: optional groups of indices of ``axis_name`` that share statistics.
     variance: ``'auto'`` (default: ``'two_pass'`` on CPU, ``'shifted'`` on GPU/TPU; see
-      ``resolve_variance``), ``'two_pass'`` (accurate for any data), ``'shifted'`` (sums about
-      the mean of a leading 1/64 of x, one read of x, accurate for any data) or ``'fast'``
-      (E[x^2] - E[x]^2, clamped at 0; inaccurate when |mean| >> std).
+      ``resolve_variance``), ``'two_pass'`` or ``'shifted'`` (accurate at any offset; see
+      ``_local``) or ``'fast'`` (E[x^2] - E[x]^2, clamped at 0; inaccurate when |mean| >> std).
 
   Returns:
     ``(mean, var)``, each of the features' shape, in ``promote_types(x.dtype, float32)``.
