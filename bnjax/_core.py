@@ -153,8 +153,8 @@ def batch_norm(
       masked loss leaves the closed-form gradients of the valid elements finite.
     axis_name: a mapped axis (``shard_map``, ``pmap``, ``vmap``) whose devices share batch
       statistics: count-weighted, exact, one ``all_gather`` of 3C+1 floats per device (4C
-      with a mask): count, shift, correction and M2 (``bnjax._stats``). Not needed under ``jax.jit`` over a sharded batch, where XLA inserts the
-      reduction itself.
+      with a mask): count, shift, correction and M2 (``bnjax._stats``). Not needed under
+      ``jax.jit`` over a sharded batch, where XLA inserts the reduction itself.
     axis_index_groups: groups of indices of ``axis_name`` that share statistics.
     dtype: dtype of ``y``; default ``x.dtype``.
     renorm: batch renormalization (tf_keras ``renorm=True``): needs ``init(..., renorm=True)``.

@@ -27,9 +27,10 @@ forward moves 15-24|x| on XLA:CPU (``benchmarks/NOTES.md``). With a mask, a mask
 element whose ``dy`` or ``dy * c`` is not finite (NaN or inf padding, under a masked loss)
 adds nothing to ``S1`` and ``S2``, so the valid rows' gradients and the parameters' stay finite
 and equal to those with finite padding; finite padding counts in full, as every normalized
-element does. Autodiff (``backward='autodiff'``) follows JAX's rules there: 0 * NaN = NaN. The price of the closed form is JAX's rule for ``custom_vjp``: forward-mode
-differentiation of ``batch_norm`` itself (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``)
-raises, and ``backward='autodiff'`` is there for it. Reverse mode at any order and
+element does. Autodiff (``backward='autodiff'``) follows JAX's rules there: 0 * NaN = NaN.
+The price of the closed form is JAX's rule for ``custom_vjp``: forward-mode differentiation of
+``batch_norm`` itself (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) raises, and
+``backward='autodiff'`` is there for it. Reverse mode at any order and
 forward-over-reverse (``jax.hessian``) work either way. Batch renormalization needs the moments
 before it normalizes, and takes ``with_moments``, autodiff.
 """
@@ -49,7 +50,7 @@ BACKWARDS = ("closed_form", "autodiff")
 
 
 def affine(x, shift, multiplier, offset, *, out_dtype):
-  """y = (x - shift) * multiplier + offset in ``shift``'s dtype (offset None: 0), cast to ``out_dtype``.
+  """y = (x - shift) * multiplier + offset in ``shift``'s dtype (offset None: 0), as ``out_dtype``.
 
   The subtraction comes first: folding it into the offset (``x * m + (offset - shift * m)``,
   TensorFlow's order) cancels catastrophically when |shift| >> std.

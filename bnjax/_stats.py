@@ -1,4 +1,4 @@
-"""Batch statistics: per-device moments about a shift from the data, masks, and the cross-device combine.
+"""Batch statistics: moments about a shift from the data, masks, and the cross-device combine.
 
 All statistics are computed in ``promote_types(x.dtype, float32)``: float16 and bfloat16 inputs get
 float32 statistics, float64 inputs keep float64.
