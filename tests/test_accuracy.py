@@ -59,13 +59,6 @@ def _reduced(shape, axis):
   return tuple(a for a in range(len(shape)) if a not in f)
 
 
-def _assert_floor(x, y, new_stats, *, axis, mask=None, variance=None, **options):
-  y_ref, _ = oracle_batch_norm(x, jax.device_get(options.pop("params")), options.pop("stats"),
-                               training=True, axis=axis, mask=mask, **options)
-  assert _relative(y, y_ref) <= FLOOR["y"], ("y", _relative(y, y_ref))
-  assert bool(jnp.all(jnp.isfinite(y)))
-
-
 @pytest.mark.parametrize("offset", OFFSETS, ids=lambda o: f"{o:.0e}")
 @pytest.mark.parametrize("variance", ["auto", "two_pass", "shifted"])
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -94,9 +87,9 @@ def test_masked_at_the_floor(variance, offset):
   x, params, stats = _case(shape, axis, offset, seed=1)
   mask = np.random.default_rng(5).uniform(size=shape) < 0.6
   mask[:2] = False  # the lead part of the batch is padding
-  y, new_stats = jax.jit(lambda x, m: bnjax.batch_norm(
-      x, params, stats, training=True, mask=m, variance=variance, momentum=0.9))(x, mask)
-  y_ref, stats_ref = oracle_batch_norm(x, params, stats, training=True, mask=mask, momentum=0.9)
+  y, _ = jax.jit(lambda x, m: bnjax.batch_norm(
+      x, params, stats, training=True, mask=m, variance=variance))(x, mask)
+  y_ref, _ = oracle_batch_norm(x, params, stats, training=True, mask=mask)
   assert _relative(y, y_ref) <= FLOOR["y"]
   _, var = bnjax.moments(x, (0, 1, 2), mask=mask, variance=variance)
   _, var64, _ = oracle_moments(x, (0, 1, 2), mask)
@@ -204,8 +197,7 @@ def test_constant_channel_is_exact(value, variance, epsilon):
   x[:, 1] = np.float32(value)
   params = {"scale": jnp.asarray([2.0, 3.0, 0.5]), "bias": jnp.asarray([-1.0, 5.0, 0.25])}
   _, stats = bnjax.init(3)
-  y, new_stats = bnjax.batch_norm(x, params, stats, training=True, variance=variance,
-                                  epsilon=epsilon)
+  y, _ = bnjax.batch_norm(x, params, stats, training=True, variance=variance, epsilon=epsilon)
   np.testing.assert_array_equal(y[:, 1], params["bias"][1])
   mean, var = bnjax.moments(x, (0,), variance=variance)
   assert var[1] == 0 and mean[1] == np.float32(value)
@@ -221,7 +213,7 @@ def test_constant_channel_is_exact_across_devices(transform):
   x[..., 0] += np.random.default_rng(1).standard_normal((64, 6)).astype(np.float32)
   mask = np.random.default_rng(2).uniform(size=x.shape) < 0.5
   params, stats = bnjax.init(2)
-  y, new_stats = _synced(transform, x, mask, params, stats)
+  y, _ = _synced(transform, x, mask, params, stats)
   np.testing.assert_array_equal(np.asarray(y)[..., 1], 0.0)
 
 
@@ -237,6 +229,8 @@ def test_running_updates_within_two_ulps(rule, momentum):
     _, stats64 = oracle_batch_norm(batch, params, jax.device_get(stats), training=True, **options)
     _, stats = bnjax.batch_norm(batch, params, stats, training=True, **options)
     for key in ("mean", "var"):
+      # the variance also carries the batch variance's own error (FLOOR['var']), weighted by
+      # 1 - w <= 1; the mean's (one ulp) is inside the two
       np.testing.assert_allclose(stats[key], stats64[key], rtol=FLOOR["running"] + (
           FLOOR["var"] if key == "var" else 0), err_msg=f"{key} after {step + 1} updates")
 
