@@ -8,7 +8,6 @@ raised while tracing, before anything runs. Messages follow one pattern:
 from __future__ import annotations
 
 import numbers
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,14 +38,18 @@ def array_like(fn: str, name: str, value: Any) -> jax.Array:
 
 
 def floating_input(fn: str, x: Any) -> jax.Array:
+  """``x`` as an array of rank >= 1 with a floating or complex dtype, or raises."""
   x = array_like(fn, "x", x)
-  if not jnp.issubdtype(x.dtype, jnp.floating):
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
     fail(
         fn,
-        f"`x` must have a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}."
-        " Hint: convert it first, e.g. `x.astype(jnp.float32)`.",
+        f"`x` must have a floating or complex dtype (float16, bfloat16, float32, float64,"
+        f" complex64, complex128), got {x.dtype}. Hint: convert it first, e.g."
+        " `x.astype(jnp.float32)`.",
         TypeError,
     )
+  if x.ndim == 0:
+    fail(fn, "`x` must have at least one axis (the features), got a scalar.")
   return x
 
 
@@ -75,23 +78,21 @@ def canonical_axes(fn: str, name: str, axes: Any, ndim: int) -> tuple[int, ...]:
 
 
 def feature_axes(fn: str, axis: Any, ndim: int) -> tuple[int, ...]:
-  axes = canonical_axes(fn, "axis", axis, ndim)
-  if len(axes) == ndim:
-    fail(
-        fn,
-        f"`axis`={axis!r} leaves no axis to reduce over for an input of rank {ndim}."
-        " Hint: batch norm needs at least one batch axis besides the feature axes.",
-    )
-  return axes
+  """``axis`` canonicalized. All axes may be features (rank-1 input): each element is then its
+  own channel, normalized to ``bias`` in training, as Flax does."""
+  return canonical_axes(fn, "axis", axis, ndim)
 
 
-def _feature_array(fn: str, what: str, value: Any, feature_shape: tuple[int, ...]) -> jax.Array:
+def _feature_array(
+    fn: str, what: str, value: Any, feature_shape: tuple[int, ...], *, complex_ok: bool = False
+) -> jax.Array:
   value = array_like(fn, what, value)
-  if not jnp.issubdtype(value.dtype, jnp.floating):
+  kind = jnp.inexact if complex_ok else jnp.floating
+  if not jnp.issubdtype(value.dtype, kind):
     fail(
         fn,
-        f"`{what}` must have a floating dtype, got {value.dtype}."
-        " Hint: build params and stats with `bnjax.init(...)`.",
+        f"`{what}` must have a {'floating or complex' if complex_ok else 'floating'} dtype, got"
+        f" {value.dtype}. Hint: build params and stats with `bnjax.init(...)`.",
         TypeError,
     )
   if tuple(value.shape) != feature_shape:
@@ -147,7 +148,9 @@ def stats(
     )
   checked = dict(stats)
   for k in REQUIRED_STAT_KEYS + (RENORM_STAT_KEYS if need_renorm else ()):
-    checked[k] = _feature_array(fn, f"stats['{k}']", stats[k], feature_shape)
+    # The running mean of complex input is complex (Flax's); every other statistic is real.
+    checked[k] = _feature_array(
+        fn, f"stats['{k}']", stats[k], feature_shape, complex_ok=k == "mean")
   if "count" in stats:
     count = array_like(fn, "stats['count']", stats["count"])
     if count.shape != () or not jnp.issubdtype(count.dtype, jnp.integer):
@@ -227,7 +230,17 @@ def training(fn: str, training: Any) -> bool | jax.Array:
   )
 
 
+def _broadcasts(shape: tuple[int, ...], to: tuple[int, ...]) -> bool:
+  try:
+    return jnp.broadcast_shapes(shape, to) == tuple(to)
+  except ValueError:
+    return False
+
+
 def mask(fn: str, mask: Any, shape: tuple[int, ...]) -> jax.Array | None:
+  """``mask`` broadcastable to ``shape``. A Keras-shaped mask, one axis short and aligned from
+  the leading axis ((N, T) for x of shape (N, T, C)), gets its missing trailing axis where
+  NumPy's trailing alignment would not broadcast; where both alignments would, it raises."""
   if mask is None:
     return None
   mask = array_like(fn, "mask", mask)
@@ -238,14 +251,24 @@ def mask(fn: str, mask: Any, shape: tuple[int, ...]) -> jax.Array | None:
         " meant; weighted statistics are not supported.",
         TypeError,
     )
-  try:
-    broadcast = jnp.broadcast_shapes(mask.shape, shape)
-  except ValueError:
-    broadcast = None
-  if broadcast != tuple(shape):
+  shape = tuple(shape)
+  trailing = _broadcasts(mask.shape, shape)
+  leading = mask.ndim == len(shape) - 1 and _broadcasts(mask.shape + (1,), shape)
+  if trailing and leading and mask.ndim > 0 and mask.shape + (1,) != (1,) + mask.shape:
     fail(
         fn,
-        f"`mask` of shape {tuple(mask.shape)} does not broadcast to x's shape {tuple(shape)}."
+        f"`mask` of shape {tuple(mask.shape)} is ambiguous for x of shape {shape}: it broadcasts"
+        " aligned from the last axis (NumPy's rule) and, one axis short, from the first"
+        " (Keras' rule), with different meanings. Hint: pass `mask[..., None]` for a mask per"
+        " position of the leading axes (Keras), or `mask[None]` for one shared across the"
+        " first axis.",
+    )
+  if leading and not trailing:
+    return mask[..., None]
+  if not trailing:
+    fail(
+        fn,
+        f"`mask` of shape {tuple(mask.shape)} does not broadcast to x's shape {shape}."
         " Hint: keep size-1 axes where the mask is shared, e.g. (N, 1, 1, 1) per example.",
     )
   return mask
@@ -290,17 +313,35 @@ def floating_dtype(fn: str, name: str, dtype: Any) -> jnp.dtype:
 
 
 def output_dtype(fn: str, dtype: Any, x_dtype: Any) -> Any:
-  return x_dtype if dtype is None else floating_dtype(fn, "dtype", dtype)
+  if dtype is None:
+    return x_dtype
+  try:
+    dtype = jnp.dtype(dtype)
+  except TypeError:
+    fail(fn, f"`dtype` must be a floating or complex dtype, got {dtype!r}.", TypeError)
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    fail(fn, f"`dtype` must be a floating or complex dtype, got {dtype}.", TypeError)
+  if jnp.issubdtype(x_dtype, jnp.complexfloating) and not jnp.issubdtype(
+      dtype, jnp.complexfloating):
+    fail(
+        fn,
+        f"`dtype`={dtype} is real but `x` is {x_dtype}: the imaginary part would be dropped."
+        " Hint: pass a complex dtype (or None), or normalize `x.real` instead.",
+        TypeError,
+    )
+  return dtype
 
 
-def warn_single_element(fn: str, per_channel: int) -> None:
-  if per_channel == 1:
-    warnings.warn(
-        f"bnjax.{fn}: training with one element per channel: the batch variance is 0, so the"
-        " output equals the bias and the running variance moves toward 0 (the unbiased"
-        " estimate is undefined; bnjax uses n/max(n-1, 1) as TensorFlow's fused kernel does)."
-        " Hint: use a larger batch, or training=False.",
-        stacklevel=3,
+def complex_options(fn: str, *, renorm: Any, virtual_batch_size: Any, adjustment: Any) -> None:
+  """TensorFlow's training-only features are defined for real input only."""
+  given = [name for name, value in (("renorm", renorm), ("virtual_batch_size", virtual_batch_size),
+                                    ("adjustment", adjustment)) if value not in (None, False)]
+  if given:
+    fail(
+        fn,
+        f"complex `x` does not combine with {given}: TensorFlow defines them for real input"
+        " only. Hint: normalize complex input without them (Flax's complex batch norm), or"
+        " normalize `x.real` and `x.imag` as separate real channels.",
     )
 
 

@@ -6,7 +6,6 @@ correction from ``_renorm``; this module validates, picks the branch and normali
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -213,7 +212,13 @@ def batch_norm(
   )
   adjustment = _checks.adjustment(fn, adjustment, virtual_batch_size=virtual_batch_size)
   out_dtype = _checks.output_dtype(fn, dtype, x.dtype)
-  stat_dtype = _stats.stat_dtype(x.dtype)
+  stat_dtype = _stats.stat_dtype(x.dtype)  # real: the statistics of complex x are of its parts
+  is_complex = jnp.issubdtype(x.dtype, jnp.complexfloating)
+  if is_complex:
+    _checks.complex_options(
+        fn, renorm=renorm, virtual_batch_size=virtual_batch_size, adjustment=adjustment)
+    # Its running mean is complex from the first update on; both lax.cond branches agree.
+    stats = {**stats, "mean": stats["mean"].astype(jnp.result_type(stat_dtype, 1j))}
   scale, offset = (
       params[k].astype(stat_dtype).reshape(broadcast_shape) if k in params else None
       for k in ("scale", "bias")
@@ -229,8 +234,6 @@ def batch_norm(
       mask_v = None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(grouped)
       axes_v, group_axis = (0,) + tuple(a + 1 for a in reduced_axes if a != 0), 1
       features_v = (1,) + broadcast_shape  # x's axis 0 is reduced, so broadcast_shape[0] == 1
-    if training is True and mask is None and axis_name is None:
-      _checks.warn_single_element(fn, math.prod(xv.shape[a] for a in axes_v))
     scale_v, offset_v = (None if v is None else v.reshape(features_v) for v in (scale, offset))
 
     def _targets(batch):
@@ -248,7 +251,11 @@ def batch_norm(
         axis_index_groups=None if axis_index_groups is None else tuple(
             tuple(group) for group in axis_index_groups),
     )
-    if renorm:  # r and d come from the batch moments, so these come first
+    if is_complex:  # the real and imaginary parts as pairs, differentiated by JAX
+      y, batch = _normalize.complex_with_batch_moments(
+          xv, mask_v, scale_v, offset_v, reduction=reduction)
+      target = _targets(batch)
+    elif renorm:  # r and d come from the batch moments, so these come first
       batch = _stats.batch_moments(
           xv, axes_v, mask=mask_v, axis_name=axis_name, axis_index_groups=axis_index_groups,
           variance=variance,
@@ -273,7 +280,9 @@ def batch_norm(
     )
 
   def normalize_with_running_statistics():
-    mean, var = (stats[k].astype(stat_dtype).reshape(broadcast_shape) for k in ("mean", "var"))
+    mean = stats["mean"].astype(jnp.result_type(stats["mean"], stat_dtype)).reshape(
+        broadcast_shape)
+    var = stats["var"].astype(stat_dtype).reshape(broadcast_shape)
     m = _normalize.multiplier(var, scale, epsilon=epsilon)
     return _normalize.affine(x, mean, m, offset, out_dtype=out_dtype), stats
 

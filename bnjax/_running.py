@@ -108,7 +108,7 @@ def update(
 
   No gradient flows through the update: ``stats`` arrive stopped, ``batch`` is stopped.
   """
-  dtype = batch.mean.dtype
+  dtype = batch.var.dtype  # real, also where the mean is complex
   count = stats.get("count")
   weight_mean = _weight_new(momentum, zero_debias in ("mean", "mean_and_var"), count, dtype)
   weight_var = _weight_new(momentum, zero_debias == "mean_and_var", count, dtype)

@@ -87,8 +87,10 @@ def resolve_variance(variance: str) -> str:
 
 
 def stat_dtype(x_dtype) -> jnp.dtype:
-  """The dtype statistics are computed and returned in: at least float32."""
+  """The real dtype statistics are computed in: at least float32 (complex64 input: float32)."""
   x_dtype = jnp.dtype(x_dtype)
+  if jnp.issubdtype(x_dtype, jnp.complexfloating):
+    x_dtype = jnp.finfo(x_dtype).dtype
   return x_dtype if x_dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
@@ -98,7 +100,10 @@ def _shift(x, axes, valid, count):
   ``x0`` is the channel's first element, or with a mask its largest valid one (the first valid
   one has no cheap gather; an empty channel gets 0). ``lead`` is the leading 1/64 of the first
   reduced axis, at least one entry along it. Where the lead holds no valid element, K = x0.
+  With no reduced axis (rank-1 input), every element is its own channel and K = x.
   """
+  if not axes:
+    return x if valid is None else jnp.where(valid, x, 0)
   lead_size = -(-x.shape[axes[0]] // SHIFT_FRACTION)
   lead = lax.slice_in_dim(x, 0, lead_size, axis=axes[0])
   if valid is None:
@@ -196,13 +201,22 @@ def _gather_type(local, axis_name, axis_index_groups) -> str:
 
 
 def _combine_devices(local: Moments, axis_name, axis_index_groups) -> Moments:
-  """Count-weighted combination of per-device moments (``var`` holding M2) in one all_gather."""
+  """Count-weighted combination of per-device moments (``var`` holding M2) in one all_gather.
+
+  Where JAX cannot gather over ``axis_name`` (a tuple of names of nested ``jax.vmap``s has no
+  batching rule for ``all_gather``), ``_combine_by_sums`` combines them with two ``psum``s.
+  """
   pieces = [v.reshape(-1) for v in local]  # shift, delta, M2: C floats each; count: 1 or C
   local_flat = jnp.concatenate(pieces)
-  gathered = lax.all_gather(
-      local_flat, axis_name, axis_index_groups=axis_index_groups,
-      to=_gather_type(local_flat, axis_name, axis_index_groups),
-  )
+  try:
+    gathered = lax.all_gather(
+        local_flat, axis_name, axis_index_groups=axis_index_groups,
+        to=_gather_type(local_flat, axis_name, axis_index_groups),
+    )
+  except AssertionError:  # JAX's vmap rule for all_gather asserts on several vmapped names
+    if not isinstance(axis_name, (tuple, list)):
+      raise
+    return _combine_by_sums(local, axis_name, axis_index_groups)
   shifts, deltas, m2s, counts = jnp.split(gathered, list(itertools.accumulate(
       p.size for p in pieces[:-1])), axis=1)
   total = jnp.sum(counts, 0)
@@ -219,6 +233,36 @@ def _combine_devices(local: Moments, axis_name, axis_index_groups) -> Moments:
   )
 
 
+def _combine_by_sums(local: Moments, axis_name, axis_index_groups) -> Moments:
+  """The count-weighted combination with two ``psum``s, for where ``all_gather`` is not allowed.
+
+  The reference shift is the count-weighted mean of the devices' shifts, which lies within the
+  data's range, so each device's mean about it is again a small difference::
+
+      N, K*  = psum(n_d), psum(n_d * K_d) / N                       (first psum)
+      e_d    = (K_d - K*) + delta_d
+      delta  = psum(n_d * e_d) / N
+      M2     = psum(M2_d + n_d * e_d^2) - N * delta^2               (second psum)
+
+  ``delta`` is small next to the spread of the ``e_d`` (K* is near the mean), so the last
+  subtraction loses at most a few ulps of M2.
+  """
+  def psum(values):
+    return lax.psum(values, axis_name, axis_index_groups=axis_index_groups)
+
+  count = jnp.broadcast_to(local.count, local.shift.shape)
+  total, weighted_shifts = psum((count, count * local.shift))
+  safe_total = jnp.maximum(total, 1)
+  reference = weighted_shifts / safe_total
+  about_reference = (local.shift - reference) + local.delta
+  weighted_means, m2_about_reference = psum(
+      (count * about_reference, local.var + count * jnp.square(about_reference)))
+  delta = weighted_means / safe_total
+  m2 = jnp.maximum(m2_about_reference - total * jnp.square(delta), 0)
+  return Moments(shift=reference, delta=delta, var=m2,
+                 count=total if local.count.shape else jnp.reshape(total.ravel()[0], ()))
+
+
 def batch_moments(
     x: jax.Array,
     axes: tuple[int, ...],
@@ -227,15 +271,40 @@ def batch_moments(
     axis_name,
     axis_index_groups,
     variance: str,
+    pairs: bool = False,
 ) -> Moments:
   """Moments over ``axes`` (and over devices of ``axis_name``), with the biased variance.
 
-  Inputs are assumed checked; see ``moments`` for the public, checked version.
+  ``pairs=True``: ``x`` is ``as_pairs`` of complex input, and each pair's two variances are
+  summed (both entries hold the sum). Inputs are assumed checked; see ``moments`` for the
+  public, checked version.
   """
   local = _local(x, axes, mask, variance)
   if axis_name is not None:
     local = _combine_devices(local, axis_name, axis_index_groups)
-  return local._replace(var=local.var / jnp.maximum(local.count, 1))
+  var = local.var / jnp.maximum(local.count, 1)
+  if pairs:
+    var = jnp.broadcast_to(jnp.sum(var, -1, keepdims=True), var.shape)
+  return local._replace(var=var)
+
+
+def as_pairs(x: jax.Array) -> jax.Array:
+  """Complex ``x`` as real pairs on a new last axis: ``[..., 0]`` real, ``[..., 1]`` imaginary.
+
+  Flax's complex batch norm has a complex mean and the real variance ``mean(|x - mean|^2)``,
+  which is the sum of the two parts' variances; each part gets its own accurate moments.
+  """
+  return jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1)
+
+
+def of_pairs(moments: Moments) -> Moments:
+  """The complex moments of ``batch_moments(as_pairs(x), ..., pairs=True)``."""
+  def joined(v):
+    return lax.complex(v[..., 0], v[..., 1])
+
+  count = moments.count if moments.count.ndim == 0 else moments.count[..., 0]
+  return Moments(shift=joined(moments.shift), delta=joined(moments.delta),
+                 var=moments.var[..., 0], count=count)
 def moments(
     x: jax.Array,
     axes,
@@ -248,7 +317,7 @@ def moments(
   """Batch mean and (biased) variance of ``x`` over ``axes``, like ``tf.nn.moments``.
 
   Args:
-    x: floating array.
+    x: floating or complex array.
     axes: the axes to reduce (an int or a tuple; negative allowed). The remaining axes are
       the features; the results have their shape.
     mask: optional boolean array broadcastable to ``x``; only True elements count (masked-out
@@ -262,7 +331,8 @@ def moments(
       ``_local``) or ``'fast'`` (E[x^2] - E[x]^2, clamped at 0; inaccurate when |mean| >> std).
 
   Returns:
-    ``(mean, var)``, each of the features' shape, in ``promote_types(x.dtype, float32)``.
+    ``(mean, var)``, each of the features' shape, in ``promote_types(x.dtype, float32)``; for
+    complex ``x`` the mean is complex and the variance is the real ``mean(|x - mean|^2)``.
   """
   fn = "moments"
   x = _checks.floating_input(fn, x)
@@ -270,8 +340,14 @@ def moments(
   mask = _checks.mask(fn, mask, x.shape)
   variance = resolve_variance(_checks.choice(fn, "variance", variance, _checks.VARIANCE_ALGORITHMS))
   _checks.axis_name(fn, axis_name, axis_index_groups)
-  m = batch_moments(
-      x, axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
-      variance=variance,
-  )
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    m = of_pairs(batch_moments(
+        as_pairs(x), axes, mask=None if mask is None else jnp.expand_dims(mask, -1),
+        axis_name=axis_name, axis_index_groups=axis_index_groups, variance=variance, pairs=True,
+    ))
+  else:
+    m = batch_moments(
+        x, axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
+        variance=variance,
+    )
   return jnp.squeeze(m.mean, axes), jnp.squeeze(m.var, axes)

@@ -11,6 +11,8 @@ statistics to the host and two evaluation calls on one batch.
 - ``check_eval_mode``: an evaluation function that normalizes with batch statistics.
 - ``check_warmup``: a momentum too high for the steps taken (``debias`` is one remedy).
 - ``check_frozen``: frozen layers whose running statistics moved (run with batch statistics).
+- ``check_batch``: a training batch with one element per channel (variance 0, output = bias).
+  ``bnjax.batch_norm`` and its modules stay silent there, as Flax and Equinox do.
 
 Layers are found by their running statistics: every dict with ``'mean'`` and ``'var'`` in a
 ``batch_stats`` tree, named by the '/'-joined keys leading to it (Flax's module paths, e.g.
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -40,6 +42,7 @@ __all__ = [
     "check_eval_mode",
     "check_warmup",
     "check_frozen",
+    "check_batch",
     "check_epoch",
     "debias",
 ]
@@ -55,7 +58,7 @@ EVAL_MODE_RTOL = 1e-4
 class Problem(NamedTuple):
   """One finding of a check."""
 
-  check: str  # the check that found it: 'stats_updated', 'eval_mode', 'warmup' or 'frozen'
+  check: str  # the check that found it: 'stats_updated', 'eval_mode', 'warmup', 'frozen', 'batch'
   layer: str  # the layer's path in batch_stats; '' for the whole model
   message: str  # what is wrong, why it matters and what to do
 
@@ -90,6 +93,41 @@ def covered_by(path: str, frozen: Collection[str]) -> bool:
   freezes all its layers, a path freezes everything under it; ``''`` covers everything.
   """
   return any(path == f or not f or path.startswith(f + "/") for f in frozen)
+
+
+def check_batch(
+    shape: Sequence[int], *, axis: int | tuple[int, ...] = -1, devices: int = 1,
+    virtual_batch_size: int | None = None,
+) -> list[Problem]:
+  """A training batch of ``shape`` with one element per channel: the batch variance is 0.
+
+  Normalization then outputs ``bias`` for every element and the running variance moves toward
+  0 (the unbiased estimate is undefined there; bnjax uses ``n / max(n - 1, 1)``, as
+  TensorFlow's fused kernel does; PyTorch raises). Static: only the shape is looked at.
+
+  Args:
+    shape: the shape of ``x`` as one device sees it (``x.shape``).
+    axis: the feature axis or axes, as given to ``bnjax.batch_norm``.
+    devices: how many devices of ``axis_name`` share the statistics.
+    virtual_batch_size: as given to ``bnjax.batch_norm``: each group then has its own moments.
+
+  Returns:
+    One ``Problem`` (check ``'batch'``) when each channel's statistics cover one element.
+  """
+  fn = "diagnostics.check_batch"
+  shape = tuple(int(n) for n in shape)
+  features = _checks.feature_axes(fn, axis, len(shape))
+  per_channel = math.prod(n for a, n in enumerate(shape) if a not in features) * int(devices)
+  if virtual_batch_size is not None:
+    per_channel = per_channel // shape[0] * int(virtual_batch_size)
+  if per_channel != 1:
+    return []
+  return [Problem(
+      "batch", "",
+      f"a batch of shape {shape} with feature axes {features} has one element per channel"
+      " (over all devices): its variance is 0, so training outputs the bias for every element"
+      " and moves the running variance toward 0. Hint: use a larger batch, or training=False.",
+  )]
 
 
 def check_stats_updated(

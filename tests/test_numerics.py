@@ -11,6 +11,7 @@ from oracle import batch_norm as oracle_batch_norm
 from tolerances import LARGE_OFFSET_VARIANCE_RTOL, assert_close
 
 import bnjax
+import bnjax.diagnostics
 
 ACCURATE = ["two_pass", "shifted"]
 
@@ -67,26 +68,32 @@ def test_constant_channel_gives_bias(variance, value):
 
 @pytest.mark.parametrize("running_variance", ["biased", "unbiased"])
 def test_single_element_per_channel(running_variance):
-  # One element per channel: variance 0, y = bias, and a warning that says so. The unbiased
-  # estimate n/(n-1) is undefined at n=1; bnjax uses n/max(n-1, 1) like TF's fused kernel.
+  # One element per channel: variance 0, y = bias, silently (Flax and Equinox do not warn;
+  # bnjax.diagnostics.check_batch reports it). The unbiased estimate n/(n-1) is undefined at
+  # n=1; bnjax uses n/max(n-1, 1) like TF's fused kernel.
   x = jnp.asarray([[1.0, -2.0, 7.0]])
   params = {"bias": jnp.asarray([0.5, 0.0, -0.5])}
   _, stats = bnjax.init(3)
-  with pytest.warns(UserWarning, match="one element per channel"):
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
     y, new_stats = bnjax.batch_norm(
         x, params, stats, training=True, momentum=0.9, running_variance=running_variance
     )
   np.testing.assert_array_equal(y, params["bias"][None])
   np.testing.assert_allclose(new_stats["mean"], 0.1 * x[0], rtol=1e-6)
   np.testing.assert_allclose(new_stats["var"], 0.9, rtol=1e-6)
+  (problem,) = bnjax.diagnostics.check_batch(x.shape)
+  assert problem.check == "batch" and "one element per channel" in problem.message
 
 
-def test_no_warning_when_not_training_or_batch_is_large():
-  _, stats = bnjax.init(3)
-  with warnings.catch_warnings():
-    warnings.simplefilter("error")
-    bnjax.batch_norm(jnp.ones((1, 3)), {}, stats, training=False)
-    bnjax.batch_norm(jnp.ones((2, 3)), {}, stats, training=True)
+@pytest.mark.parametrize(
+    "shape, options, expected",
+    [((1, 3), {}, 1), ((2, 3), {}, 0), ((1, 3), {"devices": 2}, 0), ((1, 4, 4, 3), {}, 0),
+     ((3, 1), {"axis": 0}, 1), ((3, 2), {"axis": 0}, 0), ((1, 3, 1, 1), {"axis": 1}, 1), ((8, 3), {"virtual_batch_size": 1}, 1),
+     ((8, 3), {"virtual_batch_size": 2}, 0), ((5,), {}, 1)],
+)
+def test_check_batch_finds_one_element_per_channel(shape, options, expected):
+  assert len(bnjax.diagnostics.check_batch(shape, **options)) == expected
 
 
 def test_channel_with_no_valid_element_keeps_running_stats():
