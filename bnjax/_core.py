@@ -218,7 +218,7 @@ def batch_norm(
     _checks.complex_options(
         fn, renorm=renorm, virtual_batch_size=virtual_batch_size, adjustment=adjustment)
     # Its running mean is complex from the first update on; both lax.cond branches agree.
-    stats = {**stats, "mean": stats["mean"].astype(jnp.result_type(stat_dtype, 1j))}
+    stats = {**stats, "mean": stats["mean"].astype(_stats.complex_dtype(stat_dtype))}
   scale, offset = (
       params[k].astype(stat_dtype).reshape(broadcast_shape) if k in params else None
       for k in ("scale", "bias")
@@ -280,8 +280,9 @@ def batch_norm(
     )
 
   def normalize_with_running_statistics():
-    mean = stats["mean"].astype(jnp.result_type(stats["mean"], stat_dtype)).reshape(
-        broadcast_shape)
+    mean_dtype = (_stats.complex_dtype(stat_dtype)
+                  if jnp.iscomplexobj(stats["mean"]) else stat_dtype)
+    mean = stats["mean"].astype(mean_dtype).reshape(broadcast_shape)
     var = stats["var"].astype(stat_dtype).reshape(broadcast_shape)
     m = _normalize.multiplier(var, scale, epsilon=epsilon)
     return _normalize.affine(x, mean, m, offset, out_dtype=out_dtype), stats

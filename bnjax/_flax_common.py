@@ -60,14 +60,3 @@ def output_dtype(*args: Any, dtype: Any) -> Any:
   """
   with jax.numpy_dtype_promotion("standard"):
     return dtypes.canonicalize_dtype(*args, dtype=dtype)
-
-
-TF_FEATURES = (
-    "renorm", "renorm_clipping", "renorm_momentum", "virtual_batch_size", "adjustment",
-    "zero_debias",
-)
-
-
-def tf_features(module: Any) -> dict[str, Any]:
-  """The module's TensorFlow-feature attributes, as ``bnjax.batch_norm`` keyword options."""
-  return {name: getattr(module, name) for name in TF_FEATURES}

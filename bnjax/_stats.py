@@ -94,6 +94,11 @@ def stat_dtype(x_dtype) -> jnp.dtype:
   return x_dtype if x_dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
+def complex_dtype(real_dtype) -> jnp.dtype:
+  """The complex dtype of a real statistics dtype: float32 -> complex64, float64 -> complex128."""
+  return jnp.dtype(jnp.complex128 if jnp.dtype(real_dtype).itemsize == 8 else jnp.complex64)
+
+
 def _shift(x, axes, valid, count):
   """``K = x0 + mean(lead - x0)``, per channel, over the valid elements (``valid`` None: all).
 

@@ -5,6 +5,7 @@ Imported on demand (``import bnjax.linen``); ``import bnjax`` alone never import
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -14,8 +15,9 @@ from flax.linen import module
 from flax.typing import Dtype, Initializer
 from jax.nn import initializers
 
-from bnjax import _checks, _flax_common
+from bnjax import _checks, _flax_common, _module_options
 from bnjax._core import batch_norm, init
+from bnjax.conventions import Convention
 
 __all__ = ["BatchNorm"]
 
@@ -122,6 +124,16 @@ class BatchNorm(module.Module):
   virtual_batch_size: int | None = None
   adjustment: Callable[[tuple[int, ...]], tuple[jax.Array, jax.Array]] | None = None
   zero_debias: str | None = None
+  track_count: bool = False
+  convention: Convention | None = None
+
+  def _options(self) -> dict[str, Any]:
+    """bnjax.batch_norm's options (and ``track_count``) from the fields and ``convention``."""
+    options = {name: getattr(self, name) for name in _module_options.BATCH_NORM_OPTIONS}
+    options["variance"] = _flax_common.variance_algorithm(
+        _FN, self.use_fast_variance, self.variance)
+    options["track_count"] = self.track_count
+    return _module_options.with_convention(_FN, self.convention, options, _DEFAULTS)
 
   @module.compact
   def __call__(
@@ -146,15 +158,19 @@ class BatchNorm(module.Module):
         "use_running_average", self.use_running_average, use_running_average
     )
     training = _flax_common.training_from_flag(_FN, use_running_average)
-    variance = _flax_common.variance_algorithm(_FN, self.use_fast_variance, self.variance)
-    feature_axes = _checks.feature_axes(_FN, self.axis, jnp.ndim(x))
-    feature_shape = tuple(jnp.shape(x)[a] for a in feature_axes)
+    options = self._options()
+    track_count = options.pop("track_count")
+    x = _checks.floating_input(_FN, x)
+    _module_options.check_layout(_FN, self.convention, self.axis, x.ndim)
+    feature_axes = _checks.feature_axes(_FN, self.axis, x.ndim)
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
 
-    # The running statistics bnjax.init lays out for these options, as batch_stats variables.
-    _, initial = init(
-        feature_shape, track_count=self.momentum is None or self.zero_debias is not None,
-        renorm=self.renorm,
-    )
+    # The running statistics bnjax.init lays out for these options, as batch_stats variables;
+    # a count is also kept up to date where the collection already holds one (stats from
+    # `conventions.PYTORCH.init`, a ported num_batches_tracked).
+    counts = (track_count or options["momentum"] is None or options["zero_debias"] is not None
+              or self.has_variable("batch_stats", "count"))
+    _, initial = init(feature_shape, track_count=counts, renorm=options["renorm"])
     variables = {
         key: self.variable("batch_stats", key, lambda v=value: v) for key, value in initial.items()
     }
@@ -167,25 +183,24 @@ class BatchNorm(module.Module):
       params["bias"] = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
 
     initializing = self.is_initializing()
+    options["update_stats"] = (
+        _checks.flag(_FN, "update_stats", options["update_stats"]) and not initializing)
     y, new_stats = batch_norm(
         x,
         params,
         stats,
         training=training,
         axis=self.axis,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        update_stats=_checks.flag(_FN, "update_stats", self.update_stats) and not initializing,
-        running_variance=self.running_variance,
-        variance=variance,
-        backward=self.backward,
         mask=mask,
         axis_name=None if initializing else self.axis_name,
         axis_index_groups=None if initializing else self.axis_index_groups,
         dtype=_flax_common.output_dtype(x, params.get("scale"), params.get("bias"), dtype=self.dtype),
-        **_flax_common.tf_features(self),
+        **options,
     )
     if training is not False and not initializing:
       for key, variable in variables.items():
         variable.value = new_stats[key]
     return y
+
+
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(BatchNorm)}

@@ -5,20 +5,22 @@ Imported on demand (``from bnjax import nnx``); ``import bnjax`` alone never imp
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from flax.nnx.module import first_from
-from flax.nnx.nn import initializers
-from flax.typing import Dtype, Initializer
+from flax.nnx.nn import dtypes, initializers
+from flax.typing import Dtype, Initializer, PromoteDtypeFn
+from jax import lax
 
-from bnjax import _checks, _flax_common, _normalize
+from bnjax import _checks, _flax_common, _module_options, _normalize
 from bnjax._core import batch_norm, init
+from bnjax.conventions import Convention
 
 __all__ = ["BatchNorm"]
 
@@ -129,22 +131,34 @@ class BatchNorm(nnx.Module):
       virtual_batch_size: int | None = None,
       adjustment: Callable[[tuple[int, ...]], tuple[jax.Array, jax.Array]] | None = None,
       zero_debias: str | None = None,
+      track_count: bool = False,
+      convention: Convention | None = None,
+      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
-    variance = _flax_common.variance_algorithm(_FN, use_fast_variance, variance)
-    _checks.choice(_FN, "variance", variance, _checks.VARIANCE_ALGORITHMS)
-    _checks.choice(_FN, "running_variance", running_variance, _checks.RUNNING_VARIANCES)
-    _checks.choice(_FN, "backward", backward, _normalize.BACKWARDS)
-    _checks.momentum(_FN, momentum)
-    feature_shape = (
-        (num_features,) if isinstance(num_features, (int, np.integer)) else tuple(num_features)
-    )
+    options = {name: value for name, value in locals().items()
+               if name in _module_options.BATCH_NORM_OPTIONS}
+    options["variance"] = _flax_common.variance_algorithm(_FN, use_fast_variance, variance)
+    options["track_count"] = track_count
+    options = _module_options.with_convention(_FN, convention, options, _DEFAULTS)
+    _checks.choice(_FN, "variance", options["variance"], _checks.VARIANCE_ALGORITHMS)
+    _checks.choice(_FN, "running_variance", options["running_variance"],
+                   _checks.RUNNING_VARIANCES)
+    _checks.choice(_FN, "backward", options["backward"], _normalize.BACKWARDS)
+    _checks.momentum(_FN, options["momentum"])
+    _checks.flag(_FN, "update_stats", options["update_stats"])
+    if not callable(promote_dtype):
+      _checks.fail(_FN, f"`promote_dtype` must be a callable, got {promote_dtype!r}.", TypeError)
+    feature_shape = _checks.num_features(_FN, num_features)
 
     # The running statistics bnjax.init lays out for these options, one BatchStat each.
     _, initial = init(
-        feature_shape, track_count=momentum is None or zero_debias is not None, renorm=renorm
+        feature_shape,
+        track_count=(options["track_count"] or options["momentum"] is None
+                     or options["zero_debias"] is not None),
+        renorm=options["renorm"],
     )
     for key, value in initial.items():
       setattr(self, key, nnx.BatchStat(value))
@@ -168,25 +182,17 @@ class BatchNorm(nnx.Module):
     self.num_features = num_features
     self.use_running_average = use_running_average
     self.axis = axis
-    self.momentum = momentum
-    self.epsilon = epsilon
     self.dtype = dtype
     self.param_dtype = param_dtype
     self.use_bias = use_bias
     self.use_scale = use_scale
     self.axis_name = axis_name
     self.axis_index_groups = axis_index_groups
-    self.use_fast_variance = use_fast_variance
-    self.variance = variance
-    self.running_variance = running_variance
-    self.backward = backward
-    self.update_stats = _checks.flag(_FN, "update_stats", update_stats)
-    self.renorm = renorm
-    self.renorm_clipping = renorm_clipping
-    self.renorm_momentum = renorm_momentum
-    self.virtual_batch_size = virtual_batch_size
-    self.adjustment = adjustment
-    self.zero_debias = zero_debias
+    self.use_fast_variance = options["variance"] == "fast"
+    self.convention = convention
+    self.promote_dtype = promote_dtype
+    for name, value in options.items():  # momentum, epsilon, ..., as the convention set them
+      setattr(self, name, value)
 
   def __call__(
       self,
@@ -215,40 +221,64 @@ class BatchNorm(nnx.Module):
         ),
     )
     training = _flax_common.training_from_flag(_FN, use_running_average)
+    x = _checks.floating_input(_FN, x)
+    _module_options.check_layout(_FN, self.convention, self.axis, x.ndim)
     stats = {key: getattr(self, key)[...] for key in self.stat_keys}
-    params = {}
-    if self.scale is not None:
-      params["scale"] = self.scale[...]
-    if self.bias is not None:
-      params["bias"] = self.bias[...]
+    # Flax's hook: x, the running mean and variance, and the params in one dtype (by default
+    # `dtype`, else their promotion). The promoted running statistics normalize in evaluation;
+    # training updates the stored ones. The params of complex input stay real. The hook runs
+    # under JAX's standard promotion rules, as Flax's does, also where the caller is strict.
+    with jax.numpy_dtype_promotion("standard"):
+      x, mean, var, scale, bias = self.promote_dtype(
+          (x, stats["mean"], stats["var"], _value(self.scale), _value(self.bias)),
+          dtype=self.dtype)
+    params = {key: _real_like(value, stored) for key, value, stored in (
+        ("scale", scale, self.scale), ("bias", bias, self.bias)) if value is not None}
+    if jnp.iscomplexobj(x):  # the running mean becomes complex, as in Flax
+      stats["mean"] = stats["mean"].astype(x.dtype)
+    eval_stats = {**stats, "mean": mean, "var": _real_like(var, self.var)}
+    options = {name: getattr(self, name) for name in _module_options.BATCH_NORM_OPTIONS}
 
-    y, new_stats = batch_norm(
-        x,
-        params,
-        stats,
-        training=training,
-        axis=self.axis,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        running_variance=self.running_variance,
-        variance=self.variance,
-        backward=self.backward,
-        update_stats=self.update_stats,
-        mask=mask,
-        axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups,
-        dtype=_flax_common.output_dtype(
-            x, stats["mean"], stats["var"], params.get("scale"), params.get("bias"),
-            dtype=self.dtype,
-        ),
-        **_flax_common.tf_features(self),
-    )
-    if training is not False:
-      for key in self.stat_keys:
-        getattr(self, key)[...] = new_stats[key]
+    def normalize(train: bool, stats):
+      return batch_norm(
+          x, params, stats, training=train, axis=self.axis, mask=mask,
+          axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+          dtype=_flax_common.output_dtype(x, scale, bias, dtype=self.dtype), **options,
+      )
+
+    if training is True:
+      y, new_stats = normalize(True, stats)
+    elif training is False:
+      return normalize(False, eval_stats)[0]
+    else:
+      y, new_stats = lax.cond(
+          training, lambda: normalize(True, stats), lambda: (normalize(False, eval_stats)[0], stats))
+    for key in self.stat_keys:
+      getattr(self, key)[...] = new_stats[key]
     return y
 
   def set_view(self, use_running_average: bool | None = None):
-    """Used by ``nnx.view``: sets ``use_running_average`` when given."""
+    """Sets the mode, as ``nnx.view`` and ``nnx.view_info`` expect of a module.
+
+    Args:
+      use_running_average: True: normalize with the stored running statistics; False: with
+        the batch statistics, updating the running ones. None leaves it as it is.
+    """
     if use_running_average is not None:
       self.use_running_average = use_running_average
+
+
+def _value(variable: nnx.Param | None) -> jax.Array | None:
+  return None if variable is None else variable[...]
+
+
+def _real_like(value: jax.Array | None, stored: nnx.Variable | None) -> jax.Array | None:
+  """``value``'s real part where promotion made a real stored variable complex."""
+  if value is None or not jnp.iscomplexobj(value) or jnp.iscomplexobj(stored[...]):
+    return value
+  return jnp.real(value)
+
+
+_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(BatchNorm.__init__).parameters.items()
+}
