@@ -81,11 +81,14 @@ def _canonical(axis: Any, ndim: int) -> tuple[int, ...] | None:
   return tuple(sorted(int(a) % ndim for a in axes))
 
 
-def check_layout(fn: str, convention: Convention | None, axis: Any, ndim: int) -> None:
+def check_layout(
+    fn: str, convention: Convention | None, axis: Any, ndim: int, *, axis_fixed: bool = False
+) -> None:
   """Raises where ``convention``'s feature axis and the module's ``axis`` differ for rank ``ndim``.
 
   A rank for which the convention's axis does not exist (a rank-1 input for PyTorch's axis 1)
-  has no layout to disagree with.
+  has no layout to disagree with. ``axis_fixed``: the module has no ``axis`` option (Equinox's
+  layer is channels-first), so the hint offers only the convention's side.
   """
   if convention is None:
     return
@@ -98,6 +101,6 @@ def check_layout(fn: str, convention: Convention | None, axis: Any, ndim: int) -
       f" module on `axis`={axis!r}: for input of rank {ndim} these are different axes"
       f" ({preset} and {module}), and where their sizes agree a wrong layout would go"
       " unnoticed. Hint: for data laid out as the module expects, pass"
-      f" `convention=convention.replace(axis={axis!r})`; for the convention's layout, pass"
-      f" `axis={convention.axis!r}`.",
+      f" `convention=convention.replace(axis={axis!r})`"
+      + ("." if axis_fixed else f"; for the convention's layout, pass `axis={convention.axis!r}`."),
   )

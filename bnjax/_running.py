@@ -115,7 +115,7 @@ def update(
   seen = batch.count > 0
   new_stats = dict(stats)
   if count is not None:
-    new_stats["count"] = count + jnp.ones((), count.dtype)
+    new_stats["count"] = count + 1  # keeps a weakly typed count (Equinox's) weak
   new_stats["mean"] = _move(stats["mean"], batch.mean, weight_mean, seen)
   if not renorm:
     new_stats["var"] = _move(stats["var"], batch.running_var, weight_var, seen)

@@ -127,14 +127,6 @@ class BatchNorm(module.Module):
   track_count: bool = False
   convention: Convention | None = None
 
-  def _options(self) -> dict[str, Any]:
-    """bnjax.batch_norm's options (and ``track_count``) from the fields and ``convention``."""
-    options = {name: getattr(self, name) for name in _module_options.BATCH_NORM_OPTIONS}
-    options["variance"] = _flax_common.variance_algorithm(
-        _FN, self.use_fast_variance, self.variance)
-    options["track_count"] = self.track_count
-    return _module_options.with_convention(_FN, self.convention, options, _DEFAULTS)
-
   @module.compact
   def __call__(
       self,
@@ -158,7 +150,7 @@ class BatchNorm(module.Module):
         "use_running_average", self.use_running_average, use_running_average
     )
     training = _flax_common.training_from_flag(_FN, use_running_average)
-    options = self._options()
+    options = _options(self)
     track_count = options.pop("track_count")
     x = _checks.floating_input(_FN, x)
     _module_options.check_layout(_FN, self.convention, self.axis, x.ndim)
@@ -201,6 +193,17 @@ class BatchNorm(module.Module):
       for key, variable in variables.items():
         variable.value = new_stats[key]
     return y
+
+
+def _options(bn: BatchNorm) -> dict[str, Any]:
+  """bnjax.batch_norm's options (and ``track_count``) from the fields and ``convention``.
+
+  A function, not a method: Flax's ``tabulate`` records what every method returns.
+  """
+  options = {name: getattr(bn, name) for name in _module_options.BATCH_NORM_OPTIONS}
+  options["variance"] = _flax_common.variance_algorithm(_FN, bn.use_fast_variance, bn.variance)
+  options["track_count"] = bn.track_count
+  return _module_options.with_convention(_FN, bn.convention, options, _DEFAULTS)
 
 
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(BatchNorm)}
