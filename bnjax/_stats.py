@@ -208,18 +208,20 @@ def _gather_type(local, axis_name, axis_index_groups) -> str:
 def _combine_devices(local: Moments, axis_name, axis_index_groups) -> Moments:
   """Count-weighted combination of per-device moments (``var`` holding M2) in one all_gather.
 
-  Where JAX cannot gather over ``axis_name`` (a tuple of names of nested ``jax.vmap``s has no
-  batching rule for ``all_gather``), ``_combine_by_sums`` combines them with two ``psum``s.
+  Where JAX cannot gather over ``axis_name`` (a tuple of names, some of them ``jax.vmap``'s:
+  its batching rule for ``all_gather`` takes one vmapped name, and refuses such a tuple while
+  tracing), ``_combine_by_sums`` combines them with two ``psum``s instead.
   """
   pieces = [v.reshape(-1) for v in local]  # shift, delta, M2: C floats each; count: 1 or C
   local_flat = jnp.concatenate(pieces)
+  several_names = isinstance(axis_name, (tuple, list)) and len(axis_name) > 1
   try:
     gathered = lax.all_gather(
         local_flat, axis_name, axis_index_groups=axis_index_groups,
         to=_gather_type(local_flat, axis_name, axis_index_groups),
     )
-  except AssertionError:  # JAX's vmap rule for all_gather asserts on several vmapped names
-    if not isinstance(axis_name, (tuple, list)):
+  except Exception:  # noqa: BLE001 - JAX raises AssertionError or ValueError, by transform
+    if not several_names:
       raise
     return _combine_by_sums(local, axis_name, axis_index_groups)
   shifts, deltas, m2s, counts = jnp.split(gathered, list(itertools.accumulate(

@@ -164,24 +164,21 @@ class BatchNorm(eqx.nn.StatefulLayer):
         )
       mode = "batch" if convention is not None else "ema"
     _checks.choice(fn, "mode", mode, _MODES)
+    # What a convention may set here: the state keeps (mean, var, count), so renorm's extra
+    # statistics are refused (with_convention names them).
+    defaults = {"momentum": 0.99, "epsilon": 1e-5, "variance": "auto", "backward": "closed_form",
+                "running_variance": "biased", "update_stats": True, "track_count": True,
+                "zero_debias": None, "adjustment": None}
     options = _module_options.with_convention(
         fn, convention,
-        {"momentum": momentum, "epsilon": eps, "variance": variance, "backward": backward,
-         "running_variance": "biased", "update_stats": True, "track_count": True},
-        {"momentum": 0.99, "epsilon": 1e-5, "variance": "auto", "backward": "closed_form",
-         "running_variance": "biased", "update_stats": True, "track_count": True},
+        {**defaults, "momentum": momentum, "epsilon": eps, "variance": variance,
+         "backward": backward},
+        defaults,
     )
     if convention is not None and mode != "batch":
       _checks.fail(
           fn, f"`convention` runs {convention.name!r}'s arithmetic, which keeps batch"
           f" statistics in training: it needs mode='batch', got mode={mode!r}.")
-    unsupported = sorted(set(options) - {"momentum", "epsilon", "variance", "backward",
-                                         "running_variance", "update_stats", "track_count",
-                                         "zero_debias", "adjustment"})
-    if unsupported:
-      _checks.fail(
-          fn, f"`convention` {convention.name!r} sets {unsupported}, which need state this"
-          " layer does not keep. Hint: call bnjax.batch_norm with `**convention.options()`.")
     _checks.momentum(fn, options["momentum"])
     _checks.epsilon(fn, options["epsilon"])
     _checks.choice(fn, "variance", options["variance"], _checks.VARIANCE_ALGORITHMS)
@@ -320,5 +317,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
                           out_dtype=dtype)
     new_mean, new_var = (lax.stop_gradient(v).reshape(-1).astype(running_mean.dtype)
                          for v in (moments.shift + centre, var_e))
-    state = state.set(self.ema_first_time_index, jnp.array(False))
+    # False of the flag's own type: under pmap it is typed per device, and Equinox's
+    # jnp.array(False) is refused there by State.set.
+    state = state.set(self.ema_first_time_index, jnp.zeros_like(first))
     return y, state.set(self.ema_state_index, (new_mean, new_var))
