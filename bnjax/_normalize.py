@@ -55,9 +55,10 @@ def affine(x, shift, multiplier, offset, *, out_dtype):
   The subtraction comes first: folding it into the offset (``x * m + (offset - shift * m)``,
   TensorFlow's order) cancels catastrophically when |shift| >> std.
   """
-  y = (x.astype(shift.dtype) - shift) * multiplier
+  dtype = shift.dtype  # complex for a complex running mean; its multiplier and offset are real
+  y = (x.astype(dtype) - shift) * multiplier.astype(dtype)
   if offset is not None:
-    y = y + offset
+    y = y + offset.astype(dtype)
   return y.astype(out_dtype)
 
 

@@ -253,8 +253,8 @@ class BatchNorm(nnx.Module):
     else:
       y, new_stats = lax.cond(
           training, lambda: normalize(True, stats), lambda: (normalize(False, eval_stats)[0], stats))
-    for key in self.stat_keys:
-      getattr(self, key)[...] = new_stats[key]
+    for key in self.stat_keys:  # set_value: complex input makes the mean complex
+      getattr(self, key).set_value(new_stats[key])
     return y
 
   def set_view(self, use_running_average: bool | None = None):
