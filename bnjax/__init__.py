@@ -6,9 +6,9 @@
 ``bnjax.fold`` folds inference batch norms into the Dense or Conv layers before them (arrays,
 Linen variables, NNX models).
 
-Imported on demand (``import bnjax`` alone needs only jax and numpy): the Flax adapters
-``bnjax.linen`` and ``bnjax.nnx``, the optax training loop ``bnjax.training`` and the checks in
-``bnjax.diagnostics``.
+Imported on demand (``import bnjax`` alone needs only jax and numpy): the drop-ins
+``bnjax.linen`` and ``bnjax.nnx`` (Flax) and ``bnjax.equinox`` (Equinox), the optax training
+loop ``bnjax.training`` and the checks in ``bnjax.diagnostics``.
 """
 
 from bnjax import conventions, fold

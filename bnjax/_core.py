@@ -118,7 +118,12 @@ def batch_norm(
   ``y = ((xhat * r + d) * a + b) * scale + bias``.
 
   Args:
-    x: input, float16, bfloat16, float32 or float64, any rank >= 2.
+    x: input, float16, bfloat16, float32 or float64, any rank >= 1 (rank 1, or ``axis``
+      naming every axis: each element is its own channel and training outputs ``bias``).
+      complex64/complex128 as in Flax: a complex mean, the real variance
+      ``mean(|x - mean|^2)`` (each part's moments accurate, ``bnjax._normalize``), real
+      params, and a running mean that becomes complex; differentiated by JAX (``backward``
+      does not apply), without renorm, virtual batches or adjustment.
     params: ``{'scale': (*F,), 'bias': (*F,)}``; a missing entry means scale 1 / bias 0.
     stats: ``{'mean': (*F,), 'var': (*F,)}`` running statistics (+ ``'count'``, + the renorm
       statistics): build them with ``bnjax.init``.
@@ -146,14 +151,18 @@ def batch_norm(
       keep the mean as K plus a small correction and are accurate at any offset: y within
       2e-6 of float64 arithmetic, the variance within 1e-6 (``docs/ACCURACY.md``). See
       ``bnjax.moments``.
-    mask: boolean, broadcastable to ``x``: statistics over the True elements only. All
+    mask: boolean, broadcastable to ``x``: statistics over the True elements only. A
+      Keras-shaped mask, one axis short and aligned from the first ((N, T) for (N, T, C)),
+      is accepted where NumPy's alignment would not broadcast it; where both would, it is
+      refused as ambiguous. All
       elements are normalized. A channel with no True element outputs ``bias`` and keeps its
       running statistics. Masked-out NaN or inf (padding) changes no statistic, and under a
       masked loss leaves the closed-form gradients of the valid elements finite.
     axis_name: a mapped axis (``shard_map``, ``pmap``, ``vmap``) whose devices share batch
       statistics: count-weighted, exact, one ``all_gather`` of 3C+1 floats per device (4C
-      with a mask): count, shift, correction and M2 (``bnjax._stats``). Not needed under
-      ``jax.jit`` over a sharded batch, where XLA inserts the reduction itself.
+      with a mask): count, shift, correction and M2 (``bnjax._stats``). A tuple of names JAX
+      cannot gather over (nested ``vmap``s) is combined exactly with two ``psum``s. Not
+      needed under ``jax.jit`` over a sharded batch, where XLA inserts the reduction itself.
     axis_index_groups: groups of indices of ``axis_name`` that share statistics.
     dtype: dtype of ``y``; default ``x.dtype``.
     renorm: batch renormalization (tf_keras ``renorm=True``): needs ``init(..., renorm=True)``.

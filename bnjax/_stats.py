@@ -29,7 +29,12 @@ a mask) and combine them weighted by count, every mean re-expressed about one de
     var    = M2 / N
 
 exact for devices holding different numbers of valid elements (a mean of per-device means is
-not), with no sum of squares of large values ever formed.
+not), with no sum of squares of large values ever formed. Where JAX cannot gather over the
+axis names (a tuple naming nested ``vmap``s), ``_combine_by_sums`` does the same with two
+``psum``s about the count-weighted mean of the shifts.
+
+Complex input is normalized as real pairs (``as_pairs``): each part gets these moments, and the
+variance is the sum of the two, ``mean(|x - mean|^2)``.
 """
 
 from __future__ import annotations

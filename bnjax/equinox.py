@@ -74,8 +74,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
     (``debias_initial_var=1.0``). Equinox divides the state by ``1 - momentum^t`` and so
     overstates the variance by ``momentum^t / (1 - momentum^t)``: 99 after one step with the
     default momentum, 0.58 after 100. ``debias_initial_var=0.0`` reproduces Equinox's values.
-  - Several named axes (``axis_name=("a", "b")`` over nested ``vmap``s) combine counts exactly
-    with two ``psum``s; one axis with one ``all_gather`` (``bnjax.batch_norm``).
+  - The examples' statistics are combined weighted by their counts, in one ``all_gather``
+    (``bnjax.batch_norm``); every example has as many elements, so this is Equinox's
+    ``pmean`` of means, computed without forming ``x - mean`` at a float32 mean. Several
+    named axes (``axis_name=("a", "b")`` over nested ``vmap``s) combine exactly with two
+    ``psum``s.
   - Agreement with Equinox is to a few float32 ulps, not bit for bit.
 
   Extensions: ``convention=`` (``bnjax.conventions``) runs that framework's arithmetic in

@@ -36,26 +36,47 @@ class BatchNorm(module.Module):
       y    = (x - mean)   * (scale * rsqrt(var   + epsilon)) + bias          (evaluation)
       mean <- momentum * mean + (1 - momentum) * mean_B,  likewise var       (training, not init)
 
-  Differences from ``flax.linen.BatchNorm``:
+  Differences from ``flax.linen.BatchNorm`` (Flax's own BatchNorm tests pass with this module
+  swapped in, warnings as errors; ``tests/test_flax_scenarios.py`` holds bnjax's tests of their
+  scenarios):
 
-  - The batch variance is accurate for any data by default (two-pass ``mean((x - mean)^2)`` on
-    CPU, shifted sums on GPU/TPU). Flax's
-    default ``use_fast_variance=True`` is ``E[x^2] - E[x]^2``, which loses all float32
-    precision once ``|mean| / std`` reaches ~3e3. ``use_fast_variance=True`` here is an alias
-    for ``variance='fast'`` and reproduces Flax's default.
+  - The batch variance is accurate for any data by default (two-pass about a shift from the
+    data on CPU, shifted sums on GPU/TPU). Flax's default ``use_fast_variance=True`` is
+    ``E[x^2] - E[x]^2``, which loses all float32 precision once ``|mean| / std`` reaches
+    ~3e3. ``use_fast_variance=True`` here is an alias for ``variance='fast'`` and reproduces
+    Flax's default.
   - With ``axis_name`` the devices' statistics are combined weighted by their counts (exact
     for uneven shards and masks); Flax averages per-device means, which agrees only when every
-    device holds the same number of valid elements.
-  - ``momentum=None``: cumulative average of all batches seen (PyTorch's ``momentum=None``);
-    adds an int32 scalar ``batch_stats/count``.
+    device holds the same number of valid elements. A tuple of names over nested ``vmap``s
+    (where ``all_gather`` cannot batch) is combined exactly with ``psum``s.
+  - Outputs agree with Flax's to a few float32 ulps (to Flax's own rounding error at an
+    offset), not bit for bit.
+  - A channel with no valid element under ``mask`` outputs ``bias`` and keeps its running
+    statistics; Flax's mean over no element is NaN.
+  - Statistics are always computed in at least float32 (Flax's ``force_float32_reductions``
+    is not offered).
+
+  As in Flax: complex input (complex mean, real variance ``mean(|x - mean|^2)``; the running
+  mean becomes complex), rank-1 input (each element its own channel), several init calls with
+  an unbound ``axis_name``. Beyond Flax:
+
+  - ``convention=``: a ``bnjax.conventions`` preset's arithmetic (momentum, epsilon, variance
+    algorithm, stored variance, batch counter). The layout stays ``axis``; where the preset's
+    axis differs for the input's rank (PyTorch's 1 on channels-last data), the call is
+    refused: pass ``convention=preset.replace(axis=...)`` or ``axis=...``. Setting a field the
+    preset also sets, to another value, is refused too.
+  - ``momentum=None``: cumulative average of all batches seen (PyTorch's ``momentum=None``).
+    ``track_count=True`` (or a preset that counts, or a ``batch_stats['count']`` already in the
+    variables, e.g. from ``conventions.PYTORCH.init``) keeps an int32 ``batch_stats/count``
+    up to date, PyTorch's ``num_batches_tracked``.
   - ``running_variance='unbiased'`` stores the Bessel-corrected variance (PyTorch,
     TensorFlow's fused kernel); normalization still uses the biased batch variance.
+  - ``mask`` may also be Keras-shaped (one axis short, aligned from the first).
   - ``use_running_average`` may be a traced boolean scalar (``jax.jit`` argument): one
     compiled function serves training and evaluation through ``lax.cond``. The running
     statistics are then written back in both branches (unchanged in evaluation), so
     ``'batch_stats'`` must be mutable.
-  - Statistics are always computed in at least float32 (Flax's ``force_float32_reductions``
-    is not offered).
+  - TensorFlow's training features (below) and ``backward=``.
 
   Example::
 
@@ -99,6 +120,9 @@ class BatchNorm(module.Module):
       TensorFlow's training-only features, as in ``bnjax.batch_norm``; renorm adds
       ``renorm_mean``, ``renorm_stddev`` and ``stddev`` to ``batch_stats``, zero_debias a
       ``count``.
+    track_count: keep ``batch_stats/count``, the number of updates.
+    convention: a ``bnjax.conventions.Convention`` whose arithmetic replaces ``momentum``,
+      ``epsilon``, ``variance``, ``running_variance``, ``track_count`` and its extra options.
   """
 
   use_running_average: bool | None = None
@@ -138,10 +162,11 @@ class BatchNorm(module.Module):
     """Normalizes ``x``; in training also updates ``batch_stats`` (unless initializing).
 
     Args:
-      x: input, floating, rank >= 2.
+      x: input, floating or complex, rank >= 1.
       use_running_average: overrides nothing: give it here or as a field, not both (Flax's
         rule). A Python bool, or a boolean scalar array (possibly traced).
-      mask: boolean, broadcastable to ``x``: statistics over the True elements only.
+      mask: boolean, broadcastable to ``x`` (or Keras-shaped, one axis short): statistics
+        over the True elements only.
 
     Returns:
       The normalized input, of ``x``'s shape.

@@ -39,24 +39,36 @@ class BatchNorm(nnx.Module):
       y    = (x - mean)   * (scale * rsqrt(var   + epsilon)) + bias          (evaluation)
       mean <- momentum * mean + (1 - momentum) * mean_B,  likewise var       (training)
 
-  Differences from ``flax.nnx.BatchNorm``:
+  Differences from ``flax.nnx.BatchNorm`` (Flax's own tests that use it pass with this module
+  swapped in, warnings as errors; ``tests/test_flax_scenarios.py`` holds bnjax's tests of their
+  scenarios):
 
-  - The batch variance is accurate for any data by default (two-pass ``mean((x - mean)^2)`` on
-    CPU, shifted sums on GPU/TPU). Flax's
-    default ``use_fast_variance=True`` is ``E[x^2] - E[x]^2``, which loses all float32
-    precision once ``|mean| / std`` reaches ~3e3. ``use_fast_variance=True`` here is an alias
-    for ``variance='fast'`` and reproduces Flax's default.
-  - ``num_features`` may be a tuple, one size per feature axis of a tuple ``axis``.
+  - The batch variance is accurate for any data by default (two-pass about a shift from the
+    data on CPU, shifted sums on GPU/TPU). Flax's default ``use_fast_variance=True`` is
+    ``E[x^2] - E[x]^2``, which loses all float32 precision once ``|mean| / std`` reaches
+    ~3e3. ``use_fast_variance=True`` here is an alias for ``variance='fast'`` and reproduces
+    Flax's default.
   - With ``axis_name`` the devices' statistics are combined weighted by their counts (exact
-    for uneven shards and masks); Flax averages per-device means.
-  - ``momentum=None``: cumulative average of all batches seen (PyTorch's ``momentum=None``);
-    adds an int32 scalar ``nnx.BatchStat`` ``count``.
-  - ``running_variance='unbiased'`` stores the Bessel-corrected variance (PyTorch).
-  - ``use_running_average`` may be a traced boolean scalar: ``lax.cond`` picks the branch.
-  - Statistics are computed in at least float32 from the input as given; with an explicit
-    ``dtype`` Flax first casts the input and the running statistics to ``dtype`` (for
-    ``dtype=bfloat16`` it normalizes with bfloat16-rounded statistics); bnjax does not, and
-    only the output is cast. Flax's ``promote_dtype`` hook is not offered.
+    for uneven shards and masks); Flax averages per-device means. A tuple of names over
+    nested ``vmap``s is combined exactly with ``psum``s.
+  - Outputs agree with Flax's to a few float32 ulps (to Flax's own rounding error at an
+    offset), not bit for bit. With ``promote_dtype`` the identity, this module and
+    ``bnjax.linen.BatchNorm`` agree bit for bit, as Flax's two do.
+  - A channel with no valid element under ``mask`` outputs ``bias`` and keeps its running
+    statistics; Flax's mean over no element is NaN.
+  - Complex input works, and makes the running mean complex (as in Flax Linen); Flax NNX's
+    float32 ``BatchStat`` cannot take it.
+  - Statistics are computed in at least float32 from the input as ``promote_dtype`` gives it
+    (Flax's default hook casts x, the running statistics and the params to ``dtype`` first;
+    evaluation then normalizes with the cast statistics, as Flax does).
+
+  Beyond Flax: ``num_features`` may be a tuple (one size per axis of a tuple ``axis``);
+  ``convention=`` (a ``bnjax.conventions`` preset's arithmetic; the layout stays ``axis``, and
+  an input for which the preset's axis differs is refused); ``momentum=None`` (cumulative
+  average) and ``track_count=True`` (an int32 ``nnx.BatchStat`` ``count``, PyTorch's
+  ``num_batches_tracked``); ``running_variance='unbiased'`` (PyTorch); Keras-shaped masks; a
+  traced ``use_running_average`` (``lax.cond`` picks the branch); TensorFlow's training
+  features and ``backward=``.
 
   Example::
 
@@ -99,6 +111,12 @@ class BatchNorm(nnx.Module):
     renorm, renorm_clipping, renorm_momentum, virtual_batch_size, adjustment, zero_debias:
       TensorFlow's training-only features, as in ``bnjax.batch_norm``; renorm adds the
       ``renorm_mean``, ``renorm_stddev`` and ``stddev`` BatchStats, zero_debias a ``count``.
+    track_count: keep an int32 ``count`` BatchStat, the number of updates.
+    convention: a ``bnjax.conventions.Convention`` whose arithmetic replaces ``momentum``,
+      ``epsilon``, ``variance``, ``running_variance``, ``track_count`` and its extra options.
+    promote_dtype: Flax's hook: called as ``promote_dtype((x, mean, var, scale, bias),
+      dtype=dtype)``, returns them in the dtype to compute with (default: Flax's
+      ``promote_dtype``; ``lambda a, **_: a`` computes as Linen does).
     rngs: the ``nnx.Rngs`` whose ``params`` stream feeds the initializers.
     bias_metadata: metadata of the ``bias`` ``nnx.Param``.
     scale_metadata: metadata of the ``scale`` ``nnx.Param``.
@@ -204,10 +222,11 @@ class BatchNorm(nnx.Module):
     """Normalizes ``x``; in training also updates the ``nnx.BatchStat`` variables.
 
     Args:
-      x: input, floating, rank >= 2.
+      x: input, floating or complex, rank >= 1.
       use_running_average: overrides the attribute (set by ``train()`` / ``eval()``) when
         given. A Python bool, or a boolean scalar array (possibly traced).
-      mask: boolean, broadcastable to ``x``: statistics over the True elements only.
+      mask: boolean, broadcastable to ``x`` (or Keras-shaped, one axis short): statistics
+        over the True elements only.
 
     Returns:
       The normalized input, of ``x``'s shape.

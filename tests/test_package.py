@@ -48,7 +48,8 @@ def test_readme_command_parser_rejects_missing_marker():
 
 
 def test_import_bnjax_imports_only_jax_and_numpy():
-  heavy = ["flax", "optax", "orbax", "tensorflow", "tf_keras", "keras", "torch", "sklearn"]
+  heavy = ["flax", "equinox", "optax", "orbax", "tensorflow", "tf_keras", "keras", "torch",
+           "sklearn"]
   code = (
       "import sys, bnjax; "
       f"print([m for m in {heavy!r} if m in sys.modules])"
@@ -63,7 +64,7 @@ def test_core_dependencies_are_jax_and_numpy_only():
   assert sorted(names) == ["jax", "numpy"]
   extras = project["optional-dependencies"]
   assert extras["torch"] == ["torch==2.13.0"]
-  assert {"flax", "train", "tf", "torch", "dev"} <= set(extras)
+  assert {"flax", "equinox", "train", "tf", "torch", "dev"} <= set(extras)
 
 
 def test_public_names():
@@ -74,6 +75,29 @@ def test_public_names():
   }
   assert callable(bnjax.fold.fold) and callable(bnjax.fold.fold_affine)
   assert re.fullmatch(r"\d+\.\d+\.\d+", bnjax.__version__)
+
+
+# The documented differences every drop-in states, as the README's list names them, with the
+# words each module's docstring uses for them.
+DIFFERENCES = {
+    "Accurate variance by default": "accurate",
+    "Exact uneven-shard sync": "weighted by",
+    "A few ulps, not bit-identity": "ulps",
+}
+
+
+@pytest.mark.parametrize("module, original", [
+    ("bnjax.linen", "flax.linen.BatchNorm"), ("bnjax.nnx", "flax.nnx.BatchNorm"),
+    ("bnjax.equinox", "equinox.nn.BatchNorm")])
+def test_readme_and_docstrings_list_the_drop_ins_and_their_differences(module, original):
+  import importlib
+
+  doc = importlib.import_module(module).BatchNorm.__doc__
+  assert f"`{module}.BatchNorm` | `{original}`" in README
+  assert f"Differences from ``{original}``" in doc
+  for readme_words, doc_words in DIFFERENCES.items():
+    assert readme_words in README
+    assert doc_words in doc, (module, doc_words)
 
 
 def _by_preset(text: str) -> str:
