@@ -22,6 +22,7 @@ RUNNING_VARIANCES = ("biased", "unbiased")
 RENORM_STAT_KEYS = ("renorm_mean", "renorm_stddev", "stddev")
 CLIPPING_KEYS = ("rmin", "rmax", "dmax")
 ZERO_DEBIAS = ("mean", "mean_and_var")
+ON_NONFINITE = ("keep", "propagate", "raise")
 
 
 def fail(fn: str, message: str, error: type[Exception] = ValueError):
@@ -29,10 +30,14 @@ def fail(fn: str, message: str, error: type[Exception] = ValueError):
 
 
 def array_like(fn: str, name: str, value: Any) -> jax.Array:
+  if value is None:
+    hint = (" Hint: leave the key out to disable it (scale 1, bias 0)."
+            if name.startswith("params[") else "")
+    fail(fn, f"`{name}` must be an array, got None.{hint}", TypeError)
   if not hasattr(value, "shape") or not hasattr(value, "dtype"):
     try:
       value = jnp.asarray(value)
-    except TypeError:
+    except (TypeError, ValueError):
       fail(fn, f"`{name}` must be an array, got {type(value).__name__}.", TypeError)
   return value
 
@@ -173,6 +178,10 @@ def stats(
 def momentum(fn: str, momentum: Any, *, name: str = "momentum") -> float | None:
   if momentum is None and name == "momentum":
     return None
+  if isinstance(momentum, jax.core.Tracer):
+    fail(fn, f"`{name}` must be a Python float, got a traced value ({momentum!r}). It is a"
+         " static option, fixed when the function is traced. Hint: close over it, or mark it"
+         " static: `jax.jit(step, static_argnames='momentum')`.", TypeError)
   if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
     allowed = " or None" if name == "momentum" else ""
     fail(fn, f"`{name}` must be a float in [0, 1){allowed}, got {momentum!r}.", TypeError)
@@ -192,6 +201,10 @@ def epsilon(fn: str, epsilon: Any) -> float:
     fail(fn, f"`epsilon` must be a non-negative float, got {epsilon!r}.", TypeError)
   if not epsilon >= 0.0:
     fail(fn, f"`epsilon` must be >= 0, got {epsilon}.")
+  if not np.isfinite(epsilon):
+    fail(fn, f"`epsilon` must be finite, got {epsilon}: an infinite epsilon normalizes every"
+         " output to `bias`. Hint: batch norm's epsilon is small, 1e-5 (Flax, PyTorch) or 1e-3"
+         " (Keras).")
   return float(epsilon)
 
 
@@ -307,9 +320,15 @@ def num_features(fn: str, num_features: Any) -> tuple[int, ...]:
 
 
 def floating_dtype(fn: str, name: str, dtype: Any) -> jnp.dtype:
+  try:
+    dtype = jnp.dtype(dtype)
+  except TypeError:
+    fail(fn, f"`{name}` must be a floating dtype, got {dtype!r}. Hint: e.g. jnp.float32.",
+         TypeError)
   if not jnp.issubdtype(dtype, jnp.floating):
-    fail(fn, f"`{name}` must be a floating dtype, got {dtype}.", TypeError)
-  return jnp.dtype(dtype)
+    fail(fn, f"`{name}` must be a floating dtype, got {dtype}. Hint: e.g. jnp.float32.",
+         TypeError)
+  return dtype
 
 
 def output_dtype(fn: str, dtype: Any, x_dtype: Any) -> Any:
@@ -332,6 +351,19 @@ def output_dtype(fn: str, dtype: Any, x_dtype: Any) -> Any:
   return dtype
 
 
+def raise_if_nonfinite(finite_channels) -> None:
+  """Run time (a ``jax.debug.callback``): raises where a channel's batch statistics are not
+  finite, for ``on_nonfinite='raise'``."""
+  bad = [int(i) for i in np.flatnonzero(~np.asarray(finite_channels))]
+  if bad:
+    raise FloatingPointError(
+        f"bnjax.batch_norm: the training batch has a NaN or inf mean or variance in channels"
+        f" {bad[:10]}{' ...' if len(bad) > 10 else ''} (on_nonfinite='raise'); the running"
+        " statistics were kept. Hint: find the non-finite input (jax.debug_nans), or pass"
+        " on_nonfinite='keep' to skip such batches silently."
+    )
+
+
 def complex_options(fn: str, *, renorm: Any, virtual_batch_size: Any, adjustment: Any) -> None:
   """TensorFlow's training-only features are defined for real input only."""
   given = [name for name, value in (("renorm", renorm), ("virtual_batch_size", virtual_batch_size),
@@ -343,6 +375,32 @@ def complex_options(fn: str, *, renorm: Any, virtual_batch_size: Any, adjustment
         " only. Hint: normalize complex input without them (Flax's complex batch norm), or"
         " normalize `x.real` and `x.imag` as separate real channels.",
     )
+
+
+def adjustment_values(fn: str, values: Any, shape: tuple[int, ...]) -> tuple[Any, Any]:
+  """What ``adjustment(shape)`` returned: a pair broadcastable to ``shape``."""
+  if not (isinstance(values, (tuple, list)) and len(values) == 2):
+    fail(fn, f"`adjustment` must return a pair (scale, bias), got {type(values).__name__}.",
+         TypeError)
+  for name, value in zip(("scale", "bias"), values):
+    value_shape = tuple(jnp.shape(value))
+    if not _broadcasts(value_shape, tuple(shape)):
+      fail(fn, f"`adjustment` returned a {name} of shape {value_shape}, which does not"
+           f" broadcast to x's shape {tuple(shape)}. Hint: return per-channel values shaped"
+           " to broadcast, e.g. (1, 1, 1, C) for NHWC.")
+  return tuple(values)
+
+
+def stats_precision(fn: str, stats: Mapping[str, Any]) -> None:
+  """Running statistics updated in float16 or bfloat16 drift: each update rounds to 8 or 11
+  bits, so an average over ~1000 steps is off by percents."""
+  low = sorted(k for k, v in stats.items() if hasattr(v, "dtype")
+               and jnp.issubdtype(v.dtype, jnp.floating) and jnp.dtype(v.dtype).itemsize < 4)
+  if low:
+    fail(fn, f"`stats` {low} are {stats[low[0]].dtype}; running statistics updated in half"
+         " precision drift (every update rounds to a few bits). Hint: keep them in float32,"
+         " as `bnjax.init` makes them: `jax.tree.map(lambda v: v.astype(jnp.float32), stats)`"
+         " (evaluation alone may use half-precision statistics).", TypeError)
 
 
 def renorm_clipping(fn: str, clipping: Any, renorm: bool) -> dict[str, float]:
@@ -361,6 +419,9 @@ def renorm_clipping(fn: str, clipping: Any, renorm: bool) -> dict[str, float]:
       continue
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
       fail(fn, f"`renorm_clipping['{key}']` must be a number, got {value!r}.", TypeError)
+    if np.isnan(value):
+      fail(fn, f"`renorm_clipping['{key}']` must be a number, got nan. Hint: leave the key out"
+           " (or pass inf) for no bound.")
     bounds[key] = float(value)
   rmin, rmax, dmax = (bounds.get(k) for k in CLIPPING_KEYS)
   if (rmin is not None and rmin <= 0) or (rmax is not None and rmax <= 0):
@@ -382,6 +443,9 @@ def zero_debias(fn: str, value: Any, *, momentum: float | None, renorm: bool) ->
   if renorm:
     fail(fn, "`zero_debias` and `renorm=True` cannot be combined: tf_keras's renorm tracks a"
          " standard deviation that this debiasing does not cover.")
+  if momentum == 0.0:
+    fail(fn, f"`zero_debias={value!r}` needs `momentum` > 0, got momentum=0: the running value"
+         " is then the last batch's, with no start to remove. Hint: leave zero_debias out.")
   return value
 
 

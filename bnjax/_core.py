@@ -91,6 +91,7 @@ def batch_norm(
     adjustment: Callable[[tuple[int, ...]], tuple[jax.Array, jax.Array]] | None = None,
     zero_debias: str | None = None,
     backward: str = "closed_form",
+    on_nonfinite: str = "keep",
 ) -> tuple[jax.Array, Stats]:
   """Batch normalization as a pure function: ``y, new_stats = batch_norm(x, params, stats, ...)``.
 
@@ -181,6 +182,16 @@ def batch_norm(
       and one elementwise pass, see ``bnjax._normalize``) or ``'autodiff'`` (JAX differentiates
       the forward computation; slower, but allows forward mode: ``jax.jvp``, ``jax.jacfwd``).
       Same values either way; evaluation mode is always plain autodiff.
+    on_nonfinite: what a training batch whose mean or variance is NaN or inf in some channel
+      (one NaN or inf element there) does to the running statistics. ``'keep'`` (default):
+      that channel keeps its old running statistics; the batch's own output still shows the
+      NaN, so nothing is hidden, and the next clean batch updates as usual. ``'propagate'``:
+      they become NaN, as in PyTorch, TensorFlow and Flax. ``'raise'``: as ``'keep'``, and
+      the call raises at run time (``jax.debug.callback``; under ``jit`` a ``JaxRuntimeError``
+      carrying the message). Masked-out elements never count. The float32 limit: a channel
+      whose sum of squared deviations passes ~3.4e38 (a spread beyond ~1.8e19 / sqrt(n))
+      has an infinite variance; its output is then NaN, not a silent ``bias``, and it counts
+      as non-finite here (``docs/RELIABILITY.md``).
 
   Returns:
     ``(y, new_stats)``: ``y`` of ``x``'s shape in ``dtype``; ``new_stats`` with ``stats``'s
@@ -205,6 +216,8 @@ def batch_norm(
       need_count=update_stats and (momentum is None or zero_debias is not None),
       need_renorm=renorm,
   )
+  if update_stats and training is not False:
+    _checks.stats_precision(fn, stats)
   stats = jax.tree.map(lax.stop_gradient, stats)  # running statistics are state, not parameters
   epsilon = _checks.epsilon(fn, epsilon)
   running_variance = _checks.choice(
@@ -214,6 +227,7 @@ def batch_norm(
       _checks.choice(fn, "variance", variance, _checks.VARIANCE_ALGORITHMS)
   )
   backward = _checks.choice(fn, "backward", backward, _normalize.BACKWARDS)
+  on_nonfinite = _checks.choice(fn, "on_nonfinite", on_nonfinite, _checks.ON_NONFINITE)
   mask = _checks.mask(fn, mask, x.shape)
   _checks.axis_name(fn, axis_name, axis_index_groups, communicates=training is not False)
   virtual_batch_size = _checks.virtual_batch_size(
@@ -252,7 +266,8 @@ def batch_norm(
       )
 
     if adjustment is not None:
-      a, b = (jnp.asarray(v).astype(stat_dtype) for v in adjustment(xv.shape))
+      a, b = (jnp.asarray(v).astype(stat_dtype)
+              for v in _checks.adjustment_values(fn, adjustment(xv.shape), xv.shape))
       scale_v, offset_v = _then(a, b, scale_v, offset_v)
     reduction = _normalize.Reduction(
         axes=axes_v, axis_name=axis_name, variance=variance, epsilon=epsilon,
@@ -283,9 +298,13 @@ def batch_norm(
     y = y.reshape(x.shape)
     if not update_stats:
       return y, stats
+    if on_nonfinite == "raise":
+      checked = _running.finite(target) | (target.count == 0)
+      jax.debug.callback(_checks.raise_if_nonfinite, checked)
     return y, _running.update(
         stats, target, momentum=momentum, zero_debias=zero_debias, renorm=renorm,
         renorm_momentum=renorm_momentum, epsilon=epsilon,
+        keep_nonfinite=on_nonfinite != "propagate",
     )
 
   def normalize_with_running_statistics():

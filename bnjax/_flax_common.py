@@ -60,3 +60,10 @@ def output_dtype(*args: Any, dtype: Any) -> Any:
   """
   with jax.numpy_dtype_promotion("standard"):
     return dtypes.canonicalize_dtype(*args, dtype=dtype)
+
+
+def module_dtypes(fn: str, *, dtype: Any, param_dtype: Any) -> None:
+  """``dtype`` (None, or floating or complex) and ``param_dtype`` (floating), or raises."""
+  if dtype is not None:
+    _checks.output_dtype(fn, dtype, jnp.float32)
+  _checks.floating_dtype(fn, "param_dtype", param_dtype)

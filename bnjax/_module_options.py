@@ -22,7 +22,7 @@ from bnjax.conventions import Convention
 BATCH_NORM_OPTIONS = (
     "momentum", "epsilon", "running_variance", "variance", "backward", "update_stats",
     "renorm", "renorm_clipping", "renorm_momentum", "virtual_batch_size", "adjustment",
-    "zero_debias",
+    "zero_debias", "on_nonfinite",
 )
 
 

@@ -63,11 +63,16 @@ def affine(x, shift, multiplier, offset, *, out_dtype):
 
 
 def inverse_stddev(var, *, epsilon, count=None):
-  """``rsqrt(var + epsilon)`` in ``var``'s dtype; 0 where that is 0, or where ``count`` is 0."""
+  """``rsqrt(var + epsilon)`` in ``var``'s dtype; 0 where that is 0, or where ``count`` is 0.
+
+  NaN where the variance overflowed to inf (float32 sums of squares past ~3.4e38, a spread
+  beyond ~1.8e19 / sqrt(n)): the output then shows the overflow instead of a silent ``bias``.
+  """
   total = var + jnp.asarray(epsilon, var.dtype)
   positive = total > 0
   # The inner where keeps rsqrt's derivative at 0 (inf) out of the gradient.
   inv = jnp.where(positive, lax.rsqrt(jnp.where(positive, total, 1)), 0)
+  inv = jnp.where(jnp.isinf(total), jnp.nan, inv)
   return inv if count is None else jnp.where(count > 0, inv, 0)
 
 
@@ -112,7 +117,16 @@ def with_batch_moments(x, mask, scale, offset, *, reduction: Reduction, backward
   if backward == "autodiff" or not per_channel:
     return _forward(reduction, x, mask, scale, offset)
   scale, offset = (_varying_like(x, v, reduction.axis_name) for v in (scale, offset))
-  return _closed_form(reduction, x, mask, scale, offset)
+  try:
+    return _closed_form(reduction, x, mask, scale, offset)
+  except TypeError as error:  # JAX's refusal of forward mode through a custom_vjp
+    if "forward-mode" not in str(error):
+      raise
+    raise TypeError(
+        "bnjax.batch_norm: forward-mode differentiation (jax.jvp, jax.jacfwd, jax.linearize)"
+        " of the closed-form backward (backward='closed_form', the default) is not possible."
+        " Hint: pass backward='autodiff', which JAX differentiates in both modes."
+    ) from error
 
 
 class _CollapsedView(NamedTuple):

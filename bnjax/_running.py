@@ -28,8 +28,11 @@ Conventions differ between frameworks:
   ~1000 steps to forget its initial value; the debiased one equals the first batch's value
   after one step.
 
-A channel with no valid element (all masked out) keeps its running statistics. ``count``, when
-present, counts the updates (PyTorch's ``num_batches_tracked``).
+A channel with no valid element (all masked out) keeps its running statistics, and so, with
+``keep_nonfinite`` (``batch_norm``'s default ``on_nonfinite='keep'``), does a channel whose
+batch mean or variance is NaN or inf: one bad batch would otherwise poison the averages for
+good (every framework's behaviour, ``'propagate'``). ``count``, when present, counts the
+update calls (PyTorch's ``num_batches_tracked``), skipped channels included.
 """
 
 from __future__ import annotations
@@ -85,6 +88,11 @@ def _weight_new(momentum: float | None, zero_debias: bool, count, dtype) -> jax.
   return jnp.asarray(1.0 - momentum, dtype) / -jnp.expm1((count.astype(dtype) + 1) * log_m)
 
 
+def finite(batch: Targets) -> jax.Array:
+  """Per channel: the batch mean, variance and stored variance are all finite."""
+  return jnp.isfinite(batch.mean) & jnp.isfinite(batch.var) & jnp.isfinite(batch.running_var)
+
+
 def _move(old, target, weight_new, seen):
   """``old + (1 - w) * (target - old)``: the same average as ``w * old + (1 - w) * target``,
   but an error in the weight scales the small step, not the whole value."""
@@ -103,19 +111,25 @@ def update(
     renorm: bool,
     renorm_momentum: float,
     epsilon: float,
+    keep_nonfinite: bool = True,
 ) -> dict[str, Any]:
   """Returns ``stats`` moved toward ``batch``; other keys pass through unchanged.
 
   No gradient flows through the update: ``stats`` arrive stopped, ``batch`` is stopped.
+  ``keep_nonfinite``: channels whose batch statistics are not finite keep their old values.
   """
   dtype = batch.var.dtype  # real, also where the mean is complex
   count = stats.get("count")
   weight_mean = _weight_new(momentum, zero_debias in ("mean", "mean_and_var"), count, dtype)
   weight_var = _weight_new(momentum, zero_debias == "mean_and_var", count, dtype)
   seen = batch.count > 0
+  if keep_nonfinite:
+    seen = seen & finite(batch)
   new_stats = dict(stats)
   if count is not None:
-    new_stats["count"] = count + 1  # keeps a weakly typed count (Equinox's) weak
+    # Saturates at the dtype's largest value instead of wrapping negative; Python ints keep a
+    # weakly typed count (Equinox's) weak.
+    new_stats["count"] = jnp.minimum(count, jnp.iinfo(count.dtype).max - 1) + 1
   new_stats["mean"] = _move(stats["mean"], batch.mean, weight_mean, seen)
   if not renorm:
     new_stats["var"] = _move(stats["var"], batch.running_var, weight_var, seen)

@@ -150,6 +150,12 @@ def from_torch_momentum(momentum: float | None) -> float | None:
   """
   if momentum is None:
     return None
+  if not isinstance(momentum, bool) and isinstance(momentum, numbers.Real) and momentum == 0:
+    _fail("from_torch_momentum",
+          "PyTorch's `momentum=0` never updates the running statistics, and has no bnjax"
+          " momentum (the weight on the old value would be 1). Hint: pass update_stats=False to"
+          " bnjax.batch_norm: training normalizes with batch statistics and keeps the running"
+          " ones, as torch does with momentum=0.")
   return _complement("from_torch_momentum", "momentum", momentum, low_open=True)
 
 
@@ -491,7 +497,32 @@ FLAX_LINEN = flax_linen()
 FLAX_NNX = flax_nnx()
 MXNET_GLUON = mxnet_gluon()
 
-PRESETS: Mapping[str, Convention] = types.MappingProxyType({
+class _Presets(Mapping):
+  """The presets by name, read-only; an unknown name's KeyError lists the known ones."""
+
+  def __init__(self, presets: Mapping[str, Convention]):
+    self._presets = types.MappingProxyType(dict(presets))
+
+  def __getitem__(self, name: str) -> Convention:
+    try:
+      return self._presets[name]
+    except KeyError:
+      hint = f" Hint: the names are upper case, e.g. {name.upper()!r}." if isinstance(
+          name, str) and name.upper() in self._presets else ""
+      raise KeyError(f"bnjax.conventions.PRESETS has no preset {name!r}; the presets are"
+                     f" {sorted(self._presets)}.{hint}") from None
+
+  def __iter__(self):
+    return iter(self._presets)
+
+  def __len__(self) -> int:
+    return len(self._presets)
+
+  def __repr__(self) -> str:
+    return f"PRESETS({sorted(self._presets)})"
+
+
+PRESETS: Mapping[str, Convention] = _Presets({
     "TF_NN": TF_NN,
     "TF_FUSED_NHWC": TF_FUSED_NHWC,
     "TF_FUSED_NCHW": TF_FUSED_NCHW,

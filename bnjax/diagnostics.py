@@ -11,6 +11,8 @@ statistics to the host and two evaluation calls on one batch.
 - ``check_eval_mode``: an evaluation function that normalizes with batch statistics.
 - ``check_warmup``: a momentum too high for the steps taken (``debias`` is one remedy).
 - ``check_frozen``: frozen layers whose running statistics moved (run with batch statistics).
+- ``check_skipped``: train steps skipped for a non-finite loss or gradient
+  (``bnjax.training``'s ``metrics['skipped']``).
 - ``check_batch``: a training batch with one element per channel (variance 0, output = bias).
   ``bnjax.batch_norm`` and its modules stay silent there, as Flax and Equinox do.
 
@@ -43,6 +45,7 @@ __all__ = [
     "check_warmup",
     "check_frozen",
     "check_batch",
+    "check_skipped",
     "check_epoch",
     "debias",
 ]
@@ -58,7 +61,7 @@ EVAL_MODE_RTOL = 1e-4
 class Problem(NamedTuple):
   """One finding of a check."""
 
-  check: str  # the check that found it: 'stats_updated', 'eval_mode', 'warmup', 'frozen', 'batch'
+  check: str  # 'stats_updated', 'eval_mode', 'warmup', 'frozen', 'batch' or 'skipped'
   layer: str  # the layer's path in batch_stats; '' for the whole model
   message: str  # what is wrong, why it matters and what to do
 
@@ -127,6 +130,35 @@ def check_batch(
       f"a batch of shape {shape} with feature axes {features} has one element per channel"
       " (over all devices): its variance is 0, so training outputs the bias for every element"
       " and moves the running variance toward 0. Hint: use a larger batch, or training=False.",
+  )]
+
+
+def check_skipped(metrics: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> list[Problem]:
+  """Counts the train steps skipped for a non-finite loss or gradient.
+
+  ``bnjax.training.make_train_step`` reports ``metrics['skipped']`` (1.0 for a skipped step);
+  such a step leaves params, optimizer state and running statistics unchanged.
+
+  Args:
+    metrics: the metrics of each step (a list of dicts), or one dict whose ``'skipped'`` holds
+      the steps' values stacked.
+
+  Returns:
+    One ``Problem`` (check ``'skipped'``) when any step was skipped, saying how many.
+  """
+  if isinstance(metrics, Mapping):
+    values = np.asarray(metrics.get("skipped", []), np.float64).ravel()
+  else:
+    values = np.asarray([float(m.get("skipped", 0.0)) for m in metrics], np.float64)
+  skipped = int(np.sum(values > 0))
+  if not skipped:
+    return []
+  return [Problem(
+      "skipped", "",
+      f"{skipped} of {values.size} train steps had a NaN or inf loss or gradient and were"
+      " skipped: params, optimizer state and running statistics kept their values. Hint:"
+      " find the batch (jax.debug_nans, or the input's finiteness); a lower learning rate or"
+      " gradient clipping helps when the loss diverges.",
   )]
 
 

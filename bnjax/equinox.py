@@ -116,6 +116,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
   backward: str = eqx.field(static=True)
   debias_initial_var: float = eqx.field(static=True)
   convention: Convention | None = eqx.field(static=True)
+  on_nonfinite: str = eqx.field(static=True)
 
   def __init__(
       self,
@@ -132,6 +133,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
       backward: str = "closed_form",
       debias_initial_var: float = 1.0,
       convention: Convention | None = None,
+      on_nonfinite: str = "keep",
   ):
     """Args:
       input_size: the number of channels, the size of each example's axis 0.
@@ -154,6 +156,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
         state's start) or 0.0 (Equinox's formula).
       convention: a ``bnjax.conventions.Convention`` whose arithmetic replaces ``eps``,
         ``momentum`` and ``variance``; ``mode='batch'`` only.
+      on_nonfinite: ``'keep'`` (default: a channel whose batch statistics are NaN or inf
+        keeps its state), ``'propagate'`` (Equinox's behaviour) or ``'raise'``; see
+        ``bnjax.batch_norm``.
     """
     fn = _FN
     if mode == "legacy":
@@ -171,11 +176,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
     # statistics are refused (with_convention names them).
     defaults = {"momentum": 0.99, "epsilon": 1e-5, "variance": "auto", "backward": "closed_form",
                 "running_variance": "biased", "update_stats": True, "track_count": True,
-                "zero_debias": None, "adjustment": None}
+                "zero_debias": None, "adjustment": None, "on_nonfinite": "keep"}
     options = _module_options.with_convention(
         fn, convention,
         {**defaults, "momentum": momentum, "epsilon": eps, "variance": variance,
-         "backward": backward},
+         "backward": backward, "on_nonfinite": on_nonfinite},
         defaults,
     )
     if convention is not None and mode != "batch":
@@ -186,6 +191,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     _checks.epsilon(fn, options["epsilon"])
     _checks.choice(fn, "variance", options["variance"], _checks.VARIANCE_ALGORITHMS)
     _checks.choice(fn, "backward", options["backward"], _normalize.BACKWARDS)
+    _checks.choice(fn, "on_nonfinite", options["on_nonfinite"], _checks.ON_NONFINITE)
     (size,) = _checks.num_features(fn, input_size)
     if debias_initial_var not in (0.0, 1.0):
       _checks.fail(fn, f"`debias_initial_var` must be 1.0 or 0.0, got {debias_initial_var!r}.")
@@ -221,6 +227,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     self.backward = options["backward"]
     self.debias_initial_var = float(debias_initial_var)
     self.convention = convention
+    self.on_nonfinite = options["on_nonfinite"]
 
   def __call__(
       self,
@@ -262,7 +269,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
   def _options(self) -> dict[str, Any]:
     options = {"momentum": self.momentum, "epsilon": self.eps, "variance": self.variance,
-               "backward": self.backward}
+               "backward": self.backward, "on_nonfinite": self.on_nonfinite}
     if self.convention is not None:
       options = {**self.convention.options(), **options}
       del options["axis"]
@@ -283,10 +290,14 @@ class BatchNorm(eqx.nn.StatefulLayer):
                        initial_var=self.debias_initial_var)
       y, _ = batch_norm(x, params, stats, training=False, axis=0, dtype=dtype, **self._options())
       return y, state
+    # Updated in at least float32 (half-precision averages drift), stored in the state's dtype.
+    wide = _stats.stat_dtype(mean.dtype)
+    stats = {**stats, "mean": mean.astype(wide), "var": var.astype(wide)}
     y, new = batch_norm(x, params, stats, training=True, axis=0, axis_name=self.axis_name,
                         dtype=dtype, **self._options())
     state = state.set(self.batch_counter, new["count"])
-    return y, state.set(self.batch_state_index, (new["mean"], new["var"]))
+    return y, state.set(self.batch_state_index,
+                        (new["mean"].astype(mean.dtype), new["var"].astype(var.dtype)))
 
   def _ema(self, x, state, params, inference):
     running_mean, running_var = state.get(self.ema_state_index)
@@ -320,6 +331,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
                           out_dtype=dtype)
     new_mean, new_var = (lax.stop_gradient(v).reshape(-1).astype(running_mean.dtype)
                          for v in (moments.shift + centre, var_e))
+    if self.on_nonfinite != "propagate":  # a channel with NaN or inf statistics keeps its state
+      finite = jnp.isfinite(new_mean) & jnp.isfinite(new_var)
+      if self.on_nonfinite == "raise":
+        jax.debug.callback(_checks.raise_if_nonfinite, finite)
+      new_mean = jnp.where(finite, new_mean, running_mean)
+      new_var = jnp.where(finite, new_var, running_var)
     # False of the flag's own type: under pmap it is typed per device, and Equinox's
     # jnp.array(False) is refused there by State.set.
     state = state.set(self.ema_first_time_index, jnp.zeros_like(first))

@@ -62,6 +62,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bnjax import _checks
@@ -108,6 +109,8 @@ def fold_affine(
     bn_stats: ``{'mean': (C,), 'var': (C,)}``, the running statistics; other keys (``count``,
       the renorm statistics) are ignored, as evaluation ignores them.
     epsilon: the batch norm's epsilon (bnjax and Flax: 1e-5; Keras: 1e-3; PyTorch: 1e-5).
+      A negative running variance (damaged statistics) raises, where the values are known
+      at trace time (not under ``jit``).
     kernel_axis: the kernel's output-feature axis: -1 for every Flax layer except
       ``ConvTranspose(transpose_kernel=True)`` (-2); 0 for PyTorch's ``(out, in, *window)``.
 
@@ -382,6 +385,15 @@ def _fold(fn, where, names, kernel, bias, bn_params, bn_stats, epsilon, kernel_a
           f" feature of `{names['kernel']}` {tuple(kernel.shape)}, got {tuple(bias.shape)}.",
       )
 
+  var = bn["var"]
+  if not isinstance(var, jax.core.Tracer) and bool(np.any(np.asarray(var) < 0)):
+    bad = [int(i) for i in np.flatnonzero(np.asarray(var) < 0)][:10]
+    _checks.fail(
+        fn,
+        f"{where}`{names['bn_stats']}['var']` is negative in features {bad}: a variance cannot"
+        " be, so the running statistics are damaged (its square root would make the folded"
+        " kernel NaN). Hint: restore them from a checkpoint, or re-estimate them on data.",
+    )
   dtype = max(
       (jnp.dtype(jnp.float32), *(a.dtype for a in (kernel, bias, *bn.values()) if a is not None)),
       key=lambda d: d.itemsize,

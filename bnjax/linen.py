@@ -121,6 +121,9 @@ class BatchNorm(module.Module):
       ``renorm_mean``, ``renorm_stddev`` and ``stddev`` to ``batch_stats``, zero_debias a
       ``count``.
     track_count: keep ``batch_stats/count``, the number of updates.
+    on_nonfinite: ``'keep'`` (default: a channel whose batch statistics are NaN or inf keeps
+      its running statistics), ``'propagate'`` (Flax's behaviour) or ``'raise'``; see
+      ``bnjax.batch_norm``.
     convention: a ``bnjax.conventions.Convention`` whose arithmetic replaces ``momentum``,
       ``epsilon``, ``variance``, ``running_variance``, ``track_count`` and its extra options.
   """
@@ -150,6 +153,7 @@ class BatchNorm(module.Module):
   zero_debias: str | None = None
   track_count: bool = False
   convention: Convention | None = None
+  on_nonfinite: str = "keep"
 
   @module.compact
   def __call__(
@@ -175,6 +179,7 @@ class BatchNorm(module.Module):
         "use_running_average", self.use_running_average, use_running_average
     )
     training = _flax_common.training_from_flag(_FN, use_running_average)
+    _flax_common.module_dtypes(_FN, dtype=self.dtype, param_dtype=self.param_dtype)
     options = _options(self)
     track_count = options.pop("track_count")
     x = _checks.floating_input(_FN, x)
@@ -215,6 +220,14 @@ class BatchNorm(module.Module):
         **options,
     )
     if training is not False and not initializing:
+      if not self.is_mutable_collection("batch_stats"):
+        _checks.fail(
+            _FN,
+            "training writes the new running statistics to the 'batch_stats' collection, which"
+            " this apply does not let change (with a traced `use_running_average`, both"
+            " branches write it). Hint: apply with mutable=['batch_stats'] and keep"
+            " updates['batch_stats'].",
+        )
       for key, variable in variables.items():
         variable.value = new_stats[key]
     return y

@@ -112,6 +112,9 @@ class BatchNorm(nnx.Module):
       TensorFlow's training-only features, as in ``bnjax.batch_norm``; renorm adds the
       ``renorm_mean``, ``renorm_stddev`` and ``stddev`` BatchStats, zero_debias a ``count``.
     track_count: keep an int32 ``count`` BatchStat, the number of updates.
+    on_nonfinite: ``'keep'`` (default: a channel whose batch statistics are NaN or inf keeps
+      its running statistics), ``'propagate'`` (Flax's behaviour) or ``'raise'``; see
+      ``bnjax.batch_norm``.
     convention: a ``bnjax.conventions.Convention`` whose arithmetic replaces ``momentum``,
       ``epsilon``, ``variance``, ``running_variance``, ``track_count`` and its extra options.
     promote_dtype: Flax's hook: called as ``promote_dtype((x, mean, var, scale, bias),
@@ -151,6 +154,7 @@ class BatchNorm(nnx.Module):
       zero_debias: str | None = None,
       track_count: bool = False,
       convention: Convention | None = None,
+      on_nonfinite: str = "keep",
       promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
@@ -165,8 +169,10 @@ class BatchNorm(nnx.Module):
     _checks.choice(_FN, "running_variance", options["running_variance"],
                    _checks.RUNNING_VARIANCES)
     _checks.choice(_FN, "backward", options["backward"], _normalize.BACKWARDS)
+    _checks.choice(_FN, "on_nonfinite", options["on_nonfinite"], _checks.ON_NONFINITE)
     _checks.momentum(_FN, options["momentum"])
     _checks.flag(_FN, "update_stats", options["update_stats"])
+    _flax_common.module_dtypes(_FN, dtype=dtype, param_dtype=param_dtype)
     if not callable(promote_dtype):
       _checks.fail(_FN, f"`promote_dtype` must be a callable, got {promote_dtype!r}.", TypeError)
     feature_shape = _checks.num_features(_FN, num_features)
@@ -271,7 +277,8 @@ class BatchNorm(nnx.Module):
       return normalize(False, eval_stats)[0]
     else:
       y, new_stats = lax.cond(
-          training, lambda: normalize(True, stats), lambda: (normalize(False, eval_stats)[0], stats))
+          training, lambda: normalize(True, stats),
+          lambda: (normalize(False, eval_stats)[0], stats))
     for key in self.stat_keys:  # set_value: complex input makes the mean complex
       getattr(self, key).set_value(new_stats[key])
     return y

@@ -30,7 +30,13 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from bnjax import _checks
+from bnjax import _checkpoint, _checks
+from bnjax._checkpoint import (
+    CheckpointDamagedError,
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+)
 from bnjax.diagnostics import covered_by
 
 __all__ = [
@@ -43,6 +49,10 @@ __all__ = [
     "freeze",
     "save_checkpoint",
     "restore_checkpoint",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CheckpointDamagedError",
+    "CheckpointMismatchError",
 ]
 
 ApplyFn = Callable[..., tuple[Any, Any]]  # (params, batch_stats, inputs, *, training[, key])
@@ -112,6 +122,7 @@ def make_train_step(
     loss_fn: LossFn,
     metrics_fn: MetricsFn | None = None,
     axis_name: Any = None,
+    skip_nonfinite: bool = True,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """A jitted ``train_step(state, inputs, targets, key=None) -> (new_state, metrics)``::
 
@@ -121,7 +132,15 @@ def make_train_step(
       updates, opt_state = tx.update(grads, opt_state, params)
       params  = optax.apply_updates(params, updates)
       new_state = TrainState(step + 1, params, new_batch_stats, opt_state)
-      metrics = {'loss': loss, **metrics_fn(outputs, targets)}   (pmean over axis_name)
+      metrics = {'loss': loss, **metrics_fn(outputs, targets),   (pmean over axis_name)
+                 'skipped': 1.0 if the step was skipped else 0.0}
+
+  A step whose loss or gradients are NaN or inf is skipped (``skip_nonfinite=True``): the
+  params, the optimizer state and the running statistics stay as they were (only ``step``
+  advances), so one bad batch cannot poison ``batch_stats`` while the parameters are spared, as
+  it does with ``optax.apply_if_finite`` alone. Where ``tx`` contains ``apply_if_finite``, its
+  own state (the count of non-finite steps) is taken from ``tx`` as it updated it.
+  ``bnjax.diagnostics.check_skipped`` counts the skipped steps in the metrics.
 
   ``key`` (optional) feeds the model's randomness: ``apply_fn`` gets
   ``key=fold_in(key, state.step)`` (and the device index with ``axis_name``), so one key passed
@@ -147,7 +166,10 @@ def make_train_step(
     metrics_fn: ``(outputs, targets) -> {name: scalar}`` reported besides the loss.
     axis_name: the mapped axis of data-parallel training; None on one device or under plain
       ``jax.jit`` over a sharded batch.
+    skip_nonfinite: skip the whole update of a step with a non-finite loss or gradient
+      (default). False applies it, as a bare optax loop does.
   """
+  skip_nonfinite = _checks.flag("training.make_train_step", "skip_nonfinite", skip_nonfinite)
   _callables(
       "training.make_train_step",
       apply_fn=apply_fn, loss_fn=loss_fn, metrics_fn=metrics_fn, optional={"metrics_fn"},
@@ -180,8 +202,15 @@ def make_train_step(
       grads = lax.pmean(grads, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    if skip_nonfinite:
+      params, batch_stats = _where(
+          finite, (params, batch_stats), (state.params, state.batch_stats))
+      if not _has_apply_if_finite(opt_state):  # apply_if_finite guards and counts by itself
+        opt_state = _where(finite, opt_state, state.opt_state)
     new_state = TrainState(state.step + 1, params, batch_stats, opt_state)
-    return new_state, _metrics(fn, loss, metrics_fn, outputs, targets, axis_name)
+    metrics = _metrics(fn, loss, metrics_fn, outputs, targets, axis_name)
+    return new_state, {**metrics, "skipped": jnp.where(finite, 0.0, 1.0).astype(jnp.float32)}
 
   return jax.jit(train_step)
 
@@ -304,54 +333,55 @@ def freeze(
   return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
 
 
-def save_checkpoint(path: str | pathlib.Path, state: TrainState) -> pathlib.Path:
-  """Writes all of ``state`` (step, params, batch_stats, opt_state) to the new directory ``path``.
+def save_checkpoint(
+    path: str | pathlib.Path, state: TrainState, *, overwrite: bool = False
+) -> pathlib.Path:
+  """Writes all of ``state`` (step, params, batch_stats, opt_state) to the directory ``path``.
 
-  Uses orbax's ``StandardCheckpointer`` and returns once the checkpoint is on disk, as an
-  absolute path. The running statistics and the optimizer state are saved with the
-  parameters: without them a restored run would normalize with initial statistics and restart
-  Adam's moments. orbax refuses an existing ``path``.
+  The running statistics and the optimizer state are saved with the parameters: without them
+  a restored run would normalize with initial statistics and restart Adam's moments. The
+  write is atomic: orbax's ``StandardCheckpointer`` writes a hidden sibling directory, a
+  manifest with every array's SHA-256 joins it, and a rename puts it in place, so a crash
+  leaves the previous checkpoint intact (``bnjax._checkpoint``).
+
+  Args:
+    path: the checkpoint directory to create.
+    state: the ``TrainState`` to save.
+    overwrite: replace a checkpoint already at ``path`` (atomically); False raises
+      ``FileExistsError`` there.
+
+  Returns:
+    The absolute path, once the checkpoint is on disk.
   """
-  import orbax.checkpoint as ocp  # on first use: ~1 s to import, and many loops never save
-
-  _train_state("training.save_checkpoint", "state", state)
-  path = pathlib.Path(path).absolute()
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(path, state)
-  return path
+  fn = "training.save_checkpoint"
+  _train_state(fn, "state", state)
+  return _checkpoint.save(fn, path, state, overwrite=_checks.flag(fn, "overwrite", overwrite))
 
 
-def restore_checkpoint(path: str | pathlib.Path, *, like: TrainState) -> TrainState:
-  """The ``TrainState`` saved at ``path`` by ``save_checkpoint``.
+def restore_checkpoint(
+    path: str | pathlib.Path, *, like: TrainState, cast: bool = False
+) -> TrainState:
+  """The ``TrainState`` saved at ``path`` by ``save_checkpoint``, verified against its manifest.
 
   Args:
     path: the checkpoint directory.
     like: a state of the same model and optimizer, e.g. fresh from ``create_train_state``; it
       gives the tree structure, shapes, dtypes and shardings to restore into. Training resumed
       from the result continues bit for bit as the uninterrupted run.
-  """
-  import orbax.checkpoint as ocp
+    cast: accept arrays saved in another dtype than ``like``'s and cast them (a bfloat16
+      ``like`` for a float32 checkpoint); False raises ``CheckpointMismatchError``.
 
+  Returns:
+    The restored state, every array's checksum verified.
+
+  Raises:
+    CheckpointNotFoundError: nothing, or no checkpoint, at ``path``.
+    CheckpointDamagedError: unreadable files or an array whose checksum differs (named).
+    CheckpointMismatchError: another tree, shape or dtype than ``like``.
+  """
   fn = "training.restore_checkpoint"
   _train_state(fn, "like", like)
-  path = pathlib.Path(path).absolute()
-  if not path.is_dir():
-    _checks.fail(
-        fn,
-        f"expected a checkpoint directory at {path}, got nothing there."
-        " Hint: pass the path that save_checkpoint returned.",
-        FileNotFoundError,
-    )
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  with ocp.StandardCheckpointer() as checkpointer:
-    try:
-      return checkpointer.restore(path, target)
-    except ValueError as error:
-      raise ValueError(
-          f"bnjax.{fn}: the checkpoint at {path} does not match `like`: {error}"
-          " Hint: build `like` from the model and optimizer that wrote the checkpoint"
-          " (momentum=None adds batch_stats/count; freeze() changes the optimizer state)."
-      ) from error
+  return _checkpoint.restore(fn, path, like, cast=_checks.flag(fn, "cast", cast))
 
 
 def _apply(fn, apply_fn, params, batch_stats, inputs, **kwargs):
@@ -377,6 +407,24 @@ def _apply(fn, apply_fn, params, batch_stats, inputs, **kwargs):
         f" batch_stats, expected {before}, got {after}.",
     )
   return outputs, new_batch_stats
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _where(condition, new, old):
+  """``new`` where ``condition`` (a scalar) holds, else ``old``, leaf by leaf."""
+  return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
+
+
+def _has_apply_if_finite(opt_state) -> bool:
+  def is_guard(node):
+    return isinstance(node, optax.ApplyIfFiniteState)
+
+  return any(is_guard(node) for node in jax.tree.leaves(opt_state, is_leaf=is_guard))
 
 
 def _scalar_loss(fn, loss):

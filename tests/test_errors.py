@@ -7,6 +7,7 @@ import pytest
 from tolerances import assert_close
 
 import bnjax
+import bnjax.fold
 
 X = jnp.ones((4, 5, 5, 3))
 PARAMS, STATS = bnjax.init(3)
@@ -99,6 +100,24 @@ CASES = {
     "init-num-features": (lambda: bnjax.init(0), ValueError, r"bnjax.init: `num_features` must be a positive int"),
     "init-num-features-float": (lambda: bnjax.init(3.0), ValueError, r"bnjax.init: `num_features`"),
     "init-dtype": (lambda: bnjax.init(3, dtype=jnp.int32), TypeError, r"bnjax.init: `dtype` must be a floating dtype"),
+    # The probe of bad inputs (issue: faults contained): each a bnjax error naming the argument.
+    "params-none": (lambda: bn(params={"scale": None}), TypeError, r"`params\['scale'\]` must be an array, got None. Hint: leave the key out"),
+    "dtype-number": (lambda: bn(dtype=5), TypeError, r"bnjax.batch_norm: `dtype` must be a floating or complex dtype, got 5"),
+    "dtype-bogus": (lambda: bn(dtype="bogus"), TypeError, r"`dtype` must be a floating or complex dtype, got 'bogus'"),
+    "init-dtype-number": (lambda: bnjax.init(3, dtype=5), TypeError, r"bnjax.init: `dtype` must be a floating dtype, got 5"),
+    "init-dtype-bogus": (lambda: bnjax.init(3, dtype="bogus"), TypeError, r"bnjax.init: `dtype` must be a floating dtype, got 'bogus'"),
+    "adjustment-shape": (lambda: bn(adjustment=lambda shape: (jnp.ones(5), jnp.zeros(5))), ValueError, r"`adjustment` returned a scale of shape \(5,\), which does not broadcast to x's shape \(4, 5, 5, 3\)"),
+    "adjustment-not-pair": (lambda: bn(adjustment=lambda shape: jnp.ones(3)), TypeError, r"`adjustment` must return a pair"),
+    "zero-debias-momentum-0": (lambda: bn(stats=COUNT_STATS, zero_debias="mean", momentum=0.0), ValueError, r"`zero_debias='mean'` needs `momentum` > 0"),
+    "epsilon-inf": (lambda: bn(epsilon=float("inf")), ValueError, r"`epsilon` must be finite, got inf"),
+    "renorm-clipping-nan": (lambda: bn(stats=RENORM_STATS, renorm=True, renorm_clipping={"rmax": float("nan")}), ValueError, r"`renorm_clipping\['rmax'\]` must be a number, got nan"),
+    "stats-float16": (lambda: bn(stats={k: v.astype(jnp.float16) for k, v in STATS.items()}), TypeError, r"`stats` \['mean', 'var'\] are float16; running statistics updated in half precision drift"),
+    "momentum-traced": (lambda: jax.jit(lambda m: bn(momentum=m))(0.9), TypeError, r"`momentum` must be a Python float, got a traced value.*static_argnames"),
+    "jvp-closed-form": (lambda: jax.jvp(lambda x: bn(x)[0], (X,), (X,)), TypeError, r"bnjax.batch_norm: forward-mode differentiation.*backward='autodiff'"),
+    "on-nonfinite": (lambda: bn(on_nonfinite="skip"), ValueError, r"`on_nonfinite` must be one of \('keep', 'propagate', 'raise'\)"),
+    "preset-name": (lambda: bnjax.conventions.PRESETS["pytorch"], KeyError, r"PRESETS has no preset 'pytorch'; the presets are \[.*'PYTORCH'.*upper case"),
+    "torch-momentum-0": (lambda: bnjax.conventions.pytorch(momentum=0.0), ValueError, r"`momentum=0` never updates.*update_stats=False"),
+    "fold-negative-variance": (lambda: bnjax.fold.fold_affine(jnp.ones((2, 3)), None, {}, {"mean": jnp.zeros(3), "var": -jnp.ones(3)}), ValueError, r"`bn_stats\['var'\]` is negative in features \[0, 1, 2\]"),
 }
 
 
@@ -134,3 +153,61 @@ def test_unbound_axis_name_is_harmless_in_evaluation():
 def test_numpy_bool_flags_are_accepted():
   y, _ = bn(training=np.bool_(True), update_stats=np.bool_(False))
   assert y.shape == X.shape
+
+
+def test_half_precision_statistics_may_still_normalize_in_evaluation():
+  half = {k: v.astype(jnp.bfloat16) for k, v in STATS.items()}
+  y, _ = bn(stats=half, training=False)
+  assert y.shape == X.shape
+  _, frozen = bn(stats=half, update_stats=False)
+  assert frozen["mean"].dtype == jnp.bfloat16
+
+
+def test_a_count_at_its_largest_value_saturates_instead_of_wrapping():
+  top = jnp.asarray(jnp.iinfo(jnp.int32).max, jnp.int32)
+  _, new = bn(stats={**STATS, "count": top}, momentum=None)
+  assert int(new["count"]) == int(top)
+  _, new = bn(stats={**STATS, "count": top - 1}, momentum=None)
+  assert int(new["count"]) == int(top)
+
+
+class TestModules:
+  """The Flax and Equinox modules name themselves and the argument."""
+
+  x = jnp.ones((4, 3)) + jnp.arange(12.0).reshape(4, 3)
+
+  def test_linen(self):
+    import bnjax.linen
+
+    key = jax.random.key(0)
+    with pytest.raises(TypeError, match=r"bnjax.linen.BatchNorm: `dtype` must be a floating or complex dtype, got int32"):
+      bnjax.linen.BatchNorm(dtype=jnp.int32).init(key, self.x, use_running_average=False)
+    with pytest.raises(TypeError, match=r"bnjax.linen.BatchNorm: `param_dtype` must be a floating dtype, got int32"):
+      bnjax.linen.BatchNorm(param_dtype=jnp.int32).init(key, self.x, use_running_average=False)
+    with pytest.raises(TypeError, match=r"bnjax.linen.BatchNorm: `dtype` must be a floating or complex dtype, got 'bogus'"):
+      bnjax.linen.BatchNorm(dtype="bogus").init(key, self.x, use_running_average=False)
+    bn_module = bnjax.linen.BatchNorm()
+    variables = bn_module.init(key, self.x, use_running_average=False)
+    with pytest.raises(ValueError, match=r"bnjax.linen.BatchNorm: training writes the new running statistics to the 'batch_stats' collection.*mutable=\['batch_stats'\]"):
+      jax.jit(lambda flag: bn_module.apply(variables, self.x, use_running_average=flag))(jnp.asarray(True))
+
+  def test_nnx(self):
+    from flax import nnx
+
+    import bnjax.nnx
+
+    with pytest.raises(ValueError, match=r"bnjax.nnx.BatchNorm: `num_features` must be a positive int or a tuple of them, got 4.0"):
+      bnjax.nnx.BatchNorm(4.0, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"bnjax.nnx.BatchNorm: `param_dtype` must be a floating dtype, got int32"):
+      bnjax.nnx.BatchNorm(3, param_dtype=jnp.int32, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"bnjax.nnx.BatchNorm: `dtype` must be a floating or complex dtype, got 5"):
+      bnjax.nnx.BatchNorm(3, dtype=5, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"bnjax.nnx.BatchNorm: `on_nonfinite` must be one of"):
+      bnjax.nnx.BatchNorm(3, on_nonfinite="skip", rngs=nnx.Rngs(0))
+
+  def test_torch_module_with_momentum_zero(self):
+    torch = pytest.importorskip("torch")
+    from bnjax.interop import torch as interop
+
+    with pytest.raises(ValueError, match=r"`momentum=0` never updates.*update_stats=False"):
+      interop.from_torch(torch.nn.BatchNorm2d(3, momentum=0.0))

@@ -422,7 +422,7 @@ ERRORS = {
         lambda: training.restore_checkpoint(
             "/nonexistent/x", like=training.create_train_state(*plain_variables(), optax.sgd(0.1))
         ),
-        FileNotFoundError, r"restore_checkpoint: expected a checkpoint directory at /nonexistent/x",
+        FileNotFoundError, r"restore_checkpoint: no checkpoint at /nonexistent/x: nothing there",
     ),
 }
 
