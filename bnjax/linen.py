@@ -11,7 +11,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax.linen import module
+
+try:
+  from flax.linen import module
+except ImportError as error:
+  raise ImportError("bnjax.linen needs flax: pip install 'bnjax[flax]'") from error
 from flax.typing import Dtype, Initializer
 from jax.nn import initializers
 

@@ -12,7 +12,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+
+try:
+  from flax import nnx
+except ImportError as error:
+  raise ImportError("bnjax.nnx needs flax: pip install 'bnjax[flax]'") from error
 from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn

@@ -27,7 +27,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
+
+try:
+  import optax
+except ImportError as error:
+  raise ImportError("bnjax.training needs optax: pip install 'bnjax[train]'") from error
 from jax import lax
 
 from bnjax import _checkpoint, _checks

@@ -201,6 +201,7 @@ def test_closed_form_backward_under_vmap_with_an_axis_name():
   dx, dparams = grads("closed_form")
   assert_close(dx, dx_ref, jnp.float32, x.size // x.shape[-1], "dx")
   assert_close(dparams["scale"], dscale_ref, jnp.float32, x.size // x.shape[-1], "dscale")
+  assert_close(dparams["bias"], dbias_ref, jnp.float32, x.size // x.shape[-1], "dbias")
 
 
 def test_closed_form_training_step_writes_only_y_and_dx():

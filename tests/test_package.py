@@ -110,3 +110,20 @@ def test_readme_equivalence_table_is_the_generated_one():
   # The README quotes docs/EQUIVALENCE.md, which tools/equivalence_report.py writes.
   generated = (ROOT / "docs" / "EQUIVALENCE.md").read_text()
   assert _by_preset(README) == _by_preset(generated)
+
+
+@pytest.mark.parametrize("module, blocked, extra", [
+    ("bnjax.linen", "flax", "flax"), ("bnjax.nnx", "flax", "flax"),
+    ("bnjax.training", "optax", "train"), ("bnjax.equinox", "equinox", "equinox")])
+def test_a_missing_extra_says_which_to_install(module, blocked, extra):
+  code = (f"import sys; sys.modules[{blocked!r}] = None\n"
+          f"try:\n  import {module}\nexcept ImportError as e:\n  print(e)\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert f"{module} needs {blocked}: pip install 'bnjax[{extra}]'" in out.stdout, out.stderr
+
+
+def test_the_wheel_carries_the_license_and_the_type_marker():
+  assert (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
+  assert (ROOT / "bnjax" / "py.typed").exists()
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]

@@ -68,3 +68,6 @@ def test_output_dtype_and_accuracy_across_dtypes(dtype, offset, spread, seed):
   atol = offset_atol(dtype, 16, max_abs_output=float(np.abs(y_ref).max()),
                      offset_over_std=abs(offset) / spread)
   np.testing.assert_allclose(np.asarray(y, np.float64), y_ref, atol=atol, rtol=0)
+  # The running statistics: float32 moments of the dtype-rounded input, moved by 1 - momentum.
+  for key in ("mean", "var"):
+    assert_close(new_stats[key], stats_ref[key], jnp.float32, 16, key)
