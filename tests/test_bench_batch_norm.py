@@ -101,3 +101,23 @@ def test_readme_quotes_the_results_summary():
 
   results = (root / "benchmarks" / "RESULTS.md").read_text()
   assert summary((root / "README.md").read_text()) == summary(results)
+
+
+def test_benchmarks_readme_lists_the_flags_the_scripts_take():
+  import pathlib
+  import re
+  import subprocess
+  import sys
+
+  root = pathlib.Path(__file__).resolve().parent.parent
+  readme = (root / "benchmarks" / "README.md").read_text()
+  listed = re.search(r"Flags of `bench_batch_norm.py`: (.*?)\. The\s+other", readme, re.DOTALL)
+  assert listed, "the flags sentence of benchmarks/README.md"
+  shared = re.search(r"`_common.timing_parser`\) take (.*?)\. `--help`", readme, re.DOTALL)
+  assert shared, "the shared flags sentence"
+  for script, text in (("bench_batch_norm.py", listed.group(1)),
+                       ("bench_traced_flag.py", shared.group(1))):
+    usage = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--help"],
+                           capture_output=True, text=True, timeout=120, check=True).stdout
+    for flag in re.findall(r"`(--[a-z-]+)`", text):
+      assert flag in usage, (script, flag)

@@ -127,3 +127,17 @@ def test_the_wheel_carries_the_license_and_the_type_marker():
   assert (ROOT / "bnjax" / "py.typed").exists()
   project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
   assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+
+
+def test_interop_converters_import_from_the_package_without_their_frameworks():
+  code = ("import sys\nfrom bnjax.interop import from_torch, to_torch, from_keras, to_keras,"
+          " to_state_dict, assign_to_keras\n"
+          "print([m for m in ('torch', 'tensorflow', 'keras', 'tf_keras') if m in sys.modules])")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert out.stdout.strip() == "[]", out.stderr
+  import bnjax.interop
+  import bnjax.interop.torch
+
+  assert bnjax.interop.from_torch is bnjax.interop.torch.from_torch
+  with pytest.raises(AttributeError, match="no attribute 'from_jax'"):
+    bnjax.interop.from_jax  # noqa: B018

@@ -1,7 +1,7 @@
 """Batch-norm weights and settings in and out of Keras and PyTorch.
 
-    import bnjax.interop.torch
-    params, stats, convention = bnjax.interop.torch.from_torch(module)   # a BatchNorm2d
+    from bnjax.interop import from_torch, to_torch, from_keras, to_keras
+    params, stats, convention = from_torch(module)   # a BatchNorm2d
     y, stats = bnjax.batch_norm(x, params, stats, training=True, **convention.options())
 
 - ``bnjax.interop.keras``: Keras 3 and tf_keras ``BatchNormalization`` layers
@@ -21,7 +21,14 @@ from typing import Any, NamedTuple
 
 from bnjax.conventions import Convention
 
-__all__ = ["Converted"]
+__all__ = [
+    "Converted", "from_torch", "to_torch", "to_state_dict", "from_keras", "to_keras",
+    "assign_to_keras",
+]
+
+# The converters, from their submodules on first use (neither imports its framework until called).
+_SUBMODULE = {"from_torch": "torch", "to_torch": "torch", "to_state_dict": "torch",
+              "from_keras": "keras", "to_keras": "keras", "assign_to_keras": "keras"}
 
 
 class Converted(NamedTuple):
@@ -31,3 +38,11 @@ class Converted(NamedTuple):
   stats: dict[str, Any]  # {'mean': (C,), 'var': (C,)} (+ 'count': int32[] for PyTorch,
   #                        + 'stddev', 'renorm_mean', 'renorm_stddev' for Keras renorm layers)
   convention: Convention  # keyword options for bnjax.batch_norm: convention.options()
+
+
+def __getattr__(name: str) -> Any:
+  if name in _SUBMODULE:
+    import importlib
+
+    return getattr(importlib.import_module(f"bnjax.interop.{_SUBMODULE[name]}"), name)
+  raise AttributeError(f"module 'bnjax.interop' has no attribute {name!r}")
