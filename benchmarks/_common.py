@@ -25,9 +25,9 @@ import bnjax
 # glibc's allocator told to reuse freed buffers: without it every fresh output of tens of MB is
 # mapped and unmapped per call, and its page faults hide the algorithm being timed.
 MALLOC_ENV = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_THRESHOLD_": "4294967296",
-    "MALLOC_TRIM_THRESHOLD_": "17179869184",
+  "MALLOC_ARENA_MAX": "1",
+  "MALLOC_MMAP_THRESHOLD_": "4294967296",
+  "MALLOC_TRIM_THRESHOLD_": "17179869184",
 }
 
 
@@ -61,24 +61,46 @@ def timing_parser(doc: str, defaults, *, malloc_env: bool) -> argparse.ArgumentP
   completes what this parses.
   """
   parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-  parser.add_argument("--rounds", type=int, default=None,
-                      help="rounds over all cases; ratios are medians over rounds"
-                      f" (default: {defaults.rounds}; 2 with --quick)")
-  parser.add_argument("--reps", type=int, default=None,
-                      help="timed calls per case in each round, the cases interleaved call by call"
-                      f" (default: {defaults.reps}; 2 with --quick)")
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny shapes and few rounds: a smoke test of the script, not a"
-                      " measurement")
-  parser.add_argument("--output", type=Path, default=defaults.output,
-                      help="where to write the markdown report"
-                      f" (default: benchmarks/{defaults.output.name} next to this script)")
+  parser.add_argument(
+    "--rounds",
+    type=int,
+    default=None,
+    help="rounds over all cases; ratios are medians over rounds"
+    f" (default: {defaults.rounds}; 2 with --quick)",
+  )
+  parser.add_argument(
+    "--reps",
+    type=int,
+    default=None,
+    help="timed calls per case in each round, the cases interleaved call by call"
+    f" (default: {defaults.reps}; 2 with --quick)",
+  )
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="tiny shapes and few rounds: a smoke test of the script, not a measurement",
+  )
+  parser.add_argument(
+    "--output",
+    type=Path,
+    default=defaults.output,
+    help="where to write the markdown report"
+    f" (default: benchmarks/{defaults.output.name} next to this script)",
+  )
   if malloc_env:
-    parser.add_argument("--no-malloc-env", dest="malloc_env", action="store_false",
-                        help="run in this process with the current environment instead of"
-                        " re-running with " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()))
-  parser.add_argument("--no-progress", dest="progress", action="store_false",
-                      help="hide the progress bar (also hidden when stderr is not a terminal)")
+    parser.add_argument(
+      "--no-malloc-env",
+      dest="malloc_env",
+      action="store_false",
+      help="run in this process with the current environment instead of"
+      " re-running with " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()),
+    )
+  parser.add_argument(
+    "--no-progress",
+    dest="progress",
+    action="store_false",
+    help="hide the progress bar (also hidden when stderr is not a terminal)",
+  )
   return parser
 
 
@@ -125,24 +147,30 @@ def environment(config, **extra: str) -> dict[str, str]:
   """Device, CPUs, versions and settings, plus the script's own ``extra`` entries."""
   device = jax.devices()[0]
   return {
-      "device": f"{device.device_kind} ({device.platform}), {jax.device_count()} device(s)",
-      "CPUs": f"{os.cpu_count()} (usable by this process: {len(os.sched_getaffinity(0))})",
-      "processor": f"{_cpu_model()}, {platform.machine()}",
-      **extra,
-      "XLA_FLAGS": os.environ.get("XLA_FLAGS", "(unset)") or "(empty)",
-      "versions": (
-          f"python {platform.python_version()}, jax {jax.__version__},"
-          f" jaxlib {importlib.metadata.version('jaxlib')}, numpy {np.__version__},"
-          f" bnjax {bnjax.__version__}"
-      ),
-      "settings": (
-          f"rounds={config.rounds}, reps={config.reps}, warmup={config.warmup},"
-          f" quick={config.quick}"
-      ),
-      "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    "device": f"{device.device_kind} ({device.platform}), {jax.device_count()} device(s)",
+    "CPUs": f"{os.cpu_count()} (usable by this process: {len(os.sched_getaffinity(0))})",
+    "processor": f"{_cpu_model()}, {platform.machine()}",
+    **extra,
+    "XLA_FLAGS": os.environ.get("XLA_FLAGS", "(unset)") or "(empty)",
+    "versions": (
+      f"python {platform.python_version()}, jax {jax.__version__},"
+      f" jaxlib {importlib.metadata.version('jaxlib')}, numpy {np.__version__},"
+      f" bnjax {bnjax.__version__}"
+    ),
+    "settings": (
+      f"rounds={config.rounds}, reps={config.reps}, warmup={config.warmup}, quick={config.quick}"
+    ),
+    "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
   }
 
 
 def environment_section(env: dict[str, str]) -> list[str]:
   """The report's closing '## Environment' table, as markdown lines."""
-  return ["## Environment", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in env.items()), ""]
+  return [
+    "## Environment",
+    "",
+    "| | |",
+    "|---|---|",
+    *(f"| {k} | {v} |" for k, v in env.items()),
+    "",
+  ]

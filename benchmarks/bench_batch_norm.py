@@ -59,8 +59,11 @@ sys.path.insert(0, str(HERE))
 RESULTS_DIR = HERE / "results"
 DEFAULT_OUTPUT = HERE / "RESULTS.md"
 MODES = ("train_forward", "forward_backward", "inference")
-MODE_TITLES = {"train_forward": "train forward", "forward_backward": "forward+backward",
-               "inference": "inference"}
+MODE_TITLES = {
+  "train_forward": "train forward",
+  "forward_backward": "forward+backward",
+  "inference": "inference",
+}
 # The fewest bytes each mode can move, in units of |x| (statistics and parameters are negligible).
 # Inference reads x and writes y. In training every output needs the complete statistics, so
 # unless x fits on chip x is read twice: 3|x| forward; the backward's sums need all of dy too,
@@ -77,23 +80,23 @@ class Shape(NamedTuple):
 
 # Shared with tests/test_bench_batch_norm.py, which checks bnjax at these shapes.
 SHAPES = (
-    Shape("NHWC conv (ResNet stage 2)", (32, 56, 56, 128), -1, "float32"),
-    Shape("NHWC conv (ResNet stage 4)", (32, 14, 14, 512), -1, "float32"),
-    Shape("dense", (4096, 1024), -1, "float32"),
-    Shape("NCHW conv", (32, 128, 56, 56), 1, "float32"),
-    Shape("NHWC conv bf16", (32, 56, 56, 128), -1, "bfloat16"),
+  Shape("NHWC conv (ResNet stage 2)", (32, 56, 56, 128), -1, "float32"),
+  Shape("NHWC conv (ResNet stage 4)", (32, 14, 14, 512), -1, "float32"),
+  Shape("dense", (4096, 1024), -1, "float32"),
+  Shape("NCHW conv", (32, 128, 56, 56), 1, "float32"),
+  Shape("NHWC conv bf16", (32, 56, 56, 128), -1, "bfloat16"),
 )
 # On a GPU the CPU shapes take 50-100 us, about what JAX's dispatch of one call costs: there
 # they would time the host. These are 4x larger (200-270 MB).
 GPU_SHAPES = (
-    Shape("NHWC conv, batch 128", (128, 56, 56, 128), -1, "float32"),
-    Shape("dense, large", (16384, 4096), -1, "float32"),
-    Shape("NCHW conv, batch 128", (128, 128, 56, 56), 1, "float32"),
-    Shape("NHWC conv bf16, batch 128", (128, 56, 56, 128), -1, "bfloat16"),
+  Shape("NHWC conv, batch 128", (128, 56, 56, 128), -1, "float32"),
+  Shape("dense, large", (16384, 4096), -1, "float32"),
+  Shape("NCHW conv, batch 128", (128, 128, 56, 56), 1, "float32"),
+  Shape("NHWC conv bf16, batch 128", (128, 56, 56, 128), -1, "bfloat16"),
 )
 QUICK_SHAPES = (
-    Shape("NHWC", (4, 6, 6, 8), -1, "float32"),
-    Shape("NCHW bf16", (4, 8, 6, 6), 1, "bfloat16"),
+  Shape("NHWC", (4, 6, 6, 8), -1, "float32"),
+  Shape("NCHW bf16", (4, 8, 6, 6), 1, "bfloat16"),
 )
 GROUPS = ("jax", "tf", "keras_jax")  # one process each
 
@@ -110,7 +113,7 @@ class Config:
 def data(shape: Shape):
   """x ~ N(0.5, 2^2), dy ~ N(0, 1), in the shape's dtype, as NumPy float32/float64 arrays."""
   rng = np.random.default_rng(0)
-  x = (rng.standard_normal(shape.shape, np.float32) * 2 + 0.5)
+  x = rng.standard_normal(shape.shape, np.float32) * 2 + 0.5
   dy = rng.standard_normal(shape.shape, np.float32)
   return x, dy
 
@@ -120,6 +123,7 @@ def channels(shape: Shape) -> int:
 
 
 # --- peers on JAX (bnjax, flax, keras on the JAX backend, copy) -----------------------------
+
 
 def jax_peers(shape: Shape, *, with_keras: bool, with_flax: bool):
   """{peer: {mode: (compiled fn, args)}} for the peers that run on JAX."""
@@ -135,6 +139,7 @@ def jax_peers(shape: Shape, *, with_keras: bool, with_flax: bool):
 
   def modes(forward, params, state):
     """forward(x, params, state) -> (y, new_state)."""
+
     def train(x, params, state):
       return forward(x, params, state, True)
 
@@ -145,9 +150,11 @@ def jax_peers(shape: Shape, *, with_keras: bool, with_flax: bool):
     def infer(x, params, state):
       return forward(x, params, state, False)[0]
 
-    fns = {"train_forward": (train, (x, params, state)),
-           "forward_backward": (step, (x, params, state, dy)),
-           "inference": (infer, (x, params, state))}
+    fns = {
+      "train_forward": (train, (x, params, state)),
+      "forward_backward": (step, (x, params, state, dy)),
+      "inference": (infer, (x, params, state)),
+    }
     return {m: (jax.jit(f).lower(*a).compile(), a) for m, (f, a) in fns.items()}
 
   one = jnp.ones((), shape.dtype)
@@ -157,24 +164,35 @@ def jax_peers(shape: Shape, *, with_keras: bool, with_flax: bool):
   # The defaults, then each default changed: the backward, and the variance algorithm that
   # 'auto' did not pick on this backend.
   other = "shifted" if bnjax._stats.resolve_variance("auto") == "two_pass" else "two_pass"
-  variants = {"bnjax": {}, "bnjax-autodiff": {"backward": "autodiff"},
-              f"bnjax-{other}": {"variance": other}}
+  variants = {
+    "bnjax": {},
+    "bnjax-autodiff": {"backward": "autodiff"},
+    f"bnjax-{other}": {"variance": other},
+  }
   for name, options in variants.items():
     peers[name] = modes(
-        lambda x, p, s, training, options=options: bnjax.batch_norm(
-            x, p, s, training=training, axis=shape.axis, **options),
-        params, stats)
+      lambda x, p, s, training, options=options: bnjax.batch_norm(
+        x, p, s, training=training, axis=shape.axis, **options
+      ),
+      params,
+      stats,
+    )
 
   if with_flax:
     import flax.linen as nn
+
     for name, fast in (("flax", True), ("flax-exact", False)):
       module = nn.BatchNorm(axis=shape.axis, use_fast_variance=fast, momentum=0.99)
       with jax.numpy_dtype_promotion("standard"):  # Flax relies on implicit promotion
         variables = module.init(jax.random.key(0), x[:2], use_running_average=True)
 
       def forward(x, p, s, training, module=module):
-        y, updates = module.apply({"params": p, "batch_stats": s}, x,
-                                  use_running_average=not training, mutable=["batch_stats"])
+        y, updates = module.apply(
+          {"params": p, "batch_stats": s},
+          x,
+          use_running_average=not training,
+          mutable=["batch_stats"],
+        )
         return y, updates["batch_stats"]
 
       with jax.numpy_dtype_promotion("standard"):
@@ -182,6 +200,7 @@ def jax_peers(shape: Shape, *, with_keras: bool, with_flax: bool):
 
   if with_keras:
     import keras
+
     layer = keras.layers.BatchNormalization(axis=shape.axis, momentum=0.99, epsilon=1e-5)
     layer.build(shape.shape)
     trainable = [v.value for v in layer.trainable_variables]
@@ -197,6 +216,7 @@ def jax_peers(shape: Shape, *, with_keras: bool, with_flax: bool):
 
 # --- PyTorch ---------------------------------------------------------------------------------
 
+
 def torch_peers(shape: Shape, device: str):
   import torch
   import torch.nn.functional as F
@@ -209,6 +229,7 @@ def torch_peers(shape: Shape, device: str):
   if len(shape.shape) == 4:
     layouts["torch-channels_last"] = torch.channels_last
   for name, memory_format in layouts.items():
+
     def tensor(v, memory_format=memory_format):
       t = torch.from_numpy(v)
       if shape.axis != 1:  # torch's channels are axis 1: move them there
@@ -233,12 +254,16 @@ def torch_peers(shape: Shape, device: str):
       with torch.no_grad():
         return F.batch_norm(x, mean, var, weight, bias, training=False, eps=1e-5)
 
-    peers[name] = {"train_forward": (train, ()), "forward_backward": (step, ()),
-                   "inference": (infer, ())}
+    peers[name] = {
+      "train_forward": (train, ()),
+      "forward_backward": (step, ()),
+      "inference": (infer, ()),
+    }
   return peers
 
 
 # --- TensorFlow (its own process: tf.keras is Keras 3 on the TensorFlow backend) --------------
+
 
 def tf_peers(shape: Shape):
   import tensorflow as tf
@@ -259,8 +284,15 @@ def tf_peers(shape: Shape):
 
     def fused(x, training):
       y, batch_mean, batch_var = tf.compat.v1.nn.fused_batch_norm(
-          x, scale, offset, mean=None if training else mean, variance=None if training else var,
-          epsilon=1e-5, data_format=data_format, is_training=training)
+        x,
+        scale,
+        offset,
+        mean=None if training else mean,
+        variance=None if training else var,
+        epsilon=1e-5,
+        data_format=data_format,
+        is_training=training,
+      )
       if training:
         mean.assign(0.99 * mean + 0.01 * batch_mean)
         var.assign(0.99 * var + 0.01 * batch_var)
@@ -274,13 +306,14 @@ def tf_peers(shape: Shape):
       return y, tape.gradient(y, [x, scale, offset], output_gradients=dy)
 
     peers["tf-fused"] = {
-        "train_forward": (tf.function(lambda x: fused(x, True)), (x,)),
-        "forward_backward": (fused_step, (x, dy)),
-        "inference": (tf.function(lambda x: fused(x, False)), (x,)),
+      "train_forward": (tf.function(lambda x: fused(x, True)), (x,)),
+      "forward_backward": (fused_step, (x, dy)),
+      "inference": (tf.function(lambda x: fused(x, False)), (x,)),
     }
 
-  layer = tf.keras.layers.BatchNormalization(axis=shape.axis, momentum=0.99, epsilon=1e-5,
-                                             dtype=shape.dtype)
+  layer = tf.keras.layers.BatchNormalization(
+    axis=shape.axis, momentum=0.99, epsilon=1e-5, dtype=shape.dtype
+  )
   layer.build(shape.shape)
 
   @tf.function(jit_compile=True)
@@ -291,29 +324,33 @@ def tf_peers(shape: Shape):
     return y, tape.gradient(y, [x, *layer.trainable_variables], output_gradients=dy)
 
   peers["keras-tf"] = {
-      "train_forward": (tf.function(lambda x: layer(x, training=True), jit_compile=True), (x,)),
-      "forward_backward": (keras_step, (x, dy)),
-      "inference": (tf.function(lambda x: layer(x, training=False), jit_compile=True), (x,)),
+    "train_forward": (tf.function(lambda x: layer(x, training=True), jit_compile=True), (x,)),
+    "forward_backward": (keras_step, (x, dy)),
+    "inference": (tf.function(lambda x: layer(x, training=False), jit_compile=True), (x,)),
   }
   return peers
 
 
 # --- timing ------------------------------------------------------------------------------------
 
+
 def _waiter(group: str, device: str) -> Callable:
   """A function that blocks until a result is computed."""
   if group == "tf":
     return lambda out: [np.asarray(t) for t in _flatten(out)]  # .numpy() waits for TF
   import jax
+
   if device == "cuda":
     import torch
+
     return lambda out: torch.cuda.synchronize() if _is_torch(out) else jax.block_until_ready(out)
   return lambda out: None if _is_torch(out) else jax.block_until_ready(out)
 
 
 def _is_torch(out) -> bool:
   return type(out).__module__.startswith("torch") or (
-      isinstance(out, tuple) and any(type(o).__module__.startswith("torch") for o in out))
+    isinstance(out, tuple) and any(type(o).__module__.startswith("torch") for o in out)
+  )
 
 
 def _flatten(out):
@@ -373,6 +410,7 @@ def run_group(group: str, shapes, config: Config) -> dict:
   device = "cpu"
   if group != "tf":
     import jax
+
     device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
   wait = _waiter(group, device)
   for shape in shapes:
@@ -388,8 +426,9 @@ def run_group(group: str, shapes, config: Config) -> dict:
     diffs = max_difference(peers, reference)
     times = time_peers(peers, config, wait)
     results[shape.name] = {
-        p: {"times": {m: t.tolist() for m, t in modes.items()}, "max_diff": diffs.get(p)}
-        for p, modes in times.items()}
+      p: {"times": {m: t.tolist() for m, t in modes.items()}, "max_diff": diffs.get(p)}
+      for p, modes in times.items()
+    }
   return results
 
 
@@ -399,33 +438,40 @@ def bnjax_reference(shape: Shape) -> np.ndarray:
   import jax.numpy as jnp
 
   import bnjax
+
   x_np, _ = data(shape)
   with jax.default_device(jax.devices("cpu")[0]):
     params, stats = bnjax.init(channels(shape))
-    y, _ = bnjax.batch_norm(jnp.asarray(x_np, shape.dtype), params, stats, training=True,
-                            axis=shape.axis)
+    y, _ = bnjax.batch_norm(
+      jnp.asarray(x_np, shape.dtype), params, stats, training=True, axis=shape.axis
+    )
     y = np.asarray(y.astype(jnp.float32), np.float64)
   return np.moveaxis(y, 1, -1) if shape.axis == 1 else y
 
 
 def _has(module: str) -> bool:
   import importlib.util
+
   return importlib.util.find_spec(module) is not None
 
 
 # --- orchestration -----------------------------------------------------------------------------
 
+
 def environment(config: Config) -> dict[str, str]:
   import _common
   import jax
+
   versions = []
   for package in ("flax", "torch", "tensorflow", "keras"):
     if _has(package):
       import importlib.metadata
+
       versions.append(f"{package} {importlib.metadata.version(package)}")
   env = _common.environment(
-      config, **{"malloc env": _common.malloc_env_row(),
-                 "peers": ", ".join(versions) or "(none installed)"})
+    config,
+    **{"malloc env": _common.malloc_env_row(), "peers": ", ".join(versions) or "(none installed)"},
+  )
   if jax.devices()[0].platform == "gpu":
     env["device"] += f", {jax.devices()[0].device_kind}"
   return env
@@ -434,15 +480,20 @@ def environment(config: Config) -> dict[str, str]:
 def run_all(config: Config, shapes, *, allocator_variants: bool) -> dict:
   """Every group, each in its own process (the jax group in this one)."""
   import jax
+
   on_gpu = jax.devices()[0].platform == "gpu"
-  record = {"environment": environment(config), "shapes": {s.name: s._asdict() for s in shapes},
-            "groups": {}}
+  record = {
+    "environment": environment(config),
+    "shapes": {s.name: s._asdict() for s in shapes},
+    "groups": {},
+  }
   record["groups"]["jax"] = run_group("jax", shapes, config)
   for group, needs in (("tf", "tensorflow"), ("keras_jax", "keras")):
     if _has(needs) and not (on_gpu and group == "tf"):
       record["groups"][group] = _subprocess(group, config, shapes, {})
   if allocator_variants and not on_gpu and sys.platform.startswith("linux"):
     import _common
+
     plain = dict.fromkeys(_common.MALLOC_ENV)
     record["glibc_defaults"] = _subprocess("jax", config, shapes[:1], plain)
   return record
@@ -460,8 +511,16 @@ def _subprocess(group: str, config: Config, shapes, env_changes) -> dict:
   if group == "tf":
     env["KERAS_BACKEND"] = "tensorflow"
   names = ",".join(s.name for s in shapes)
-  cmd = [sys.executable, __file__, "--group", group, "--shapes", names,
-         "--config", json.dumps(dataclasses.asdict(config))]
+  cmd = [
+    sys.executable,
+    __file__,
+    "--group",
+    group,
+    "--shapes",
+    names,
+    "--config",
+    json.dumps(dataclasses.asdict(config)),
+  ]
   done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600, check=False)
   if done.returncode != 0:
     raise RuntimeError(f"bench_batch_norm --group {group} failed:\n{done.stderr[-3000:]}")
@@ -469,6 +528,7 @@ def _subprocess(group: str, config: Config, shapes, env_changes) -> dict:
 
 
 # --- the report ----------------------------------------------------------------------------------
+
 
 def _median_ms(samples) -> float:
   return float(np.median(samples)) * 1e3
@@ -481,13 +541,18 @@ def _ratio(num, den) -> float:
 
 def device_section(record: dict) -> list[str]:
   import _common
+
   env = record["environment"]
   lines = [f"## {env['device']}", ""]
   for shape_name, shape in record["shapes"].items():
-    lines += [f"### {shape_name}: {tuple(shape['shape'])} {shape['dtype']}, axis {shape['axis']}",
-              "", "| peer | " + " | ".join(f"{MODE_TITLES[m]} ms" for m in MODES)
-              + " | fwd+bwd / flax | fwd+bwd / bnjax | max abs y diff vs bnjax |",
-              "|---|" + "---|" * (len(MODES) + 3)]
+    lines += [
+      f"### {shape_name}: {tuple(shape['shape'])} {shape['dtype']}, axis {shape['axis']}",
+      "",
+      "| peer | "
+      + " | ".join(f"{MODE_TITLES[m]} ms" for m in MODES)
+      + " | fwd+bwd / flax | fwd+bwd / bnjax | max abs y diff vs bnjax |",
+      "|---|" + "---|" * (len(MODES) + 3),
+    ]
     for group, results in record["groups"].items():
       peers = results[shape_name]
       for peer, result in peers.items():
@@ -503,14 +568,22 @@ def device_section(record: dict) -> list[str]:
     copy = record["groups"]["jax"][shape_name]["copy"]["times"]["train_forward"]
     lines += ["", _floor_line(record, shape_name, _median_ms(copy)), ""]
   if "glibc_defaults" in record:
-    lines += ["### The first shape with glibc's default allocator settings", "",
-              "| peer | " + " | ".join(f"{MODE_TITLES[m]} ms" for m in MODES) + " |",
-              "|---|" + "---|" * len(MODES)]
-    for shape_name, peers in record["glibc_defaults"].items():
+    lines += [
+      "### The first shape with glibc's default allocator settings",
+      "",
+      "| peer | " + " | ".join(f"{MODE_TITLES[m]} ms" for m in MODES) + " |",
+      "|---|" + "---|" * len(MODES),
+    ]
+    for peers in record["glibc_defaults"].values():
       for peer, result in peers.items():
-        lines.append(f"| {peer} | " + " | ".join(
+        lines.append(
+          f"| {peer} | "
+          + " | ".join(
             _common.format_ms(np.asarray(result["times"][m])) if m in result["times"] else ""
-            for m in MODES) + " |")
+            for m in MODES
+          )
+          + " |"
+        )
     lines.append("")
   lines += _common.environment_section(env)
   return lines
@@ -529,15 +602,22 @@ def _floor_line(record, shape_name, copy_ms) -> str:
   for m in MODES:
     moved = 2 * _median_ms(peers["bnjax"]["times"][m]) / copy_ms
     parts.append(f"{MODE_TITLES[m]} {moved:.1f}|x| (fewest possible: {TRAFFIC[m]}|x|)")
-  return (f"bnjax's time in |x| moved at this run's copy speed (2|x| in {copy_ms:.3g} ms): "
-          + "; ".join(parts) + ".")
+  return (
+    f"bnjax's time in |x| moved at this run's copy speed (2|x| in {copy_ms:.3g} ms): "
+    + "; ".join(parts)
+    + "."
+  )
 
 
 def summary(records: list[dict]) -> list[str]:
   """One row per device and shape: the ratios the goals of issue 6 are stated in."""
-  lines = [("| device | shape | train fwd / flax | fwd+bwd / flax | fwd+bwd / torch channels_last"
-            " | inference / copy | fwd+bwd in x-sized transfers at copy speed (fewest: 8) |"),
-           "|---|---|---|---|---|---|---|"]
+  lines = [
+    (
+      "| device | shape | train fwd / flax | fwd+bwd / flax | fwd+bwd / torch channels_last"
+      " | inference / copy | fwd+bwd in x-sized transfers at copy speed (fewest: 8) |"
+    ),
+    "|---|---|---|---|---|---|---|",
+  ]
   for record in records:
     device = record["environment"]["device"].split(" (")[0]
     for shape_name, peers in record["groups"]["jax"].items():
@@ -546,13 +626,15 @@ def summary(records: list[dict]) -> list[str]:
 
       def ratio(peer, other, mode, t=t):
         return f"{_ratio(t[peer][mode], t[other][mode]):.2f}" if other in t else "n/a"
+
       copy_ms = _median_ms(t["copy"]["train_forward"])
       moved = 2 * _median_ms(t["bnjax"]["forward_backward"]) / copy_ms
       lines.append(
-          f"| {device} | {shape_name} | {ratio('bnjax', 'flax', 'train_forward')} |"
-          f" {ratio('bnjax', 'flax', 'forward_backward')} |"
-          f" {ratio('bnjax', torch_name, 'forward_backward')} |"
-          f" {_ratio(t['bnjax']['inference'], t['copy']['train_forward']):.2f} | {moved:.1f} |")
+        f"| {device} | {shape_name} | {ratio('bnjax', 'flax', 'train_forward')} |"
+        f" {ratio('bnjax', 'flax', 'forward_backward')} |"
+        f" {ratio('bnjax', torch_name, 'forward_backward')} |"
+        f" {_ratio(t['bnjax']['inference'], t['copy']['train_forward']):.2f} | {moved:.1f} |"
+      )
   return lines
 
 
@@ -560,10 +642,10 @@ def goals(records: list[dict]) -> list[str]:
   """Issue 6's goals against the worst shape of each device, computed from the records."""
   lines = ["| device | goal | worst shape | measured | met |", "|---|---|---|---|---|"]
   checks = (
-      ("train forward <= 1.0x flax default", "train_forward", "flax", 1.0),
-      ("forward+backward <= 0.75x flax default", "forward_backward", "flax", 0.75),
-      ("forward+backward <= torch channels_last (stretch)", "forward_backward", "torch", 1.0),
-      ("inference within 10% of a copy", "inference", "copy", 1.1),
+    ("train forward <= 1.0x flax default", "train_forward", "flax", 1.0),
+    ("forward+backward <= 0.75x flax default", "forward_backward", "flax", 0.75),
+    ("forward+backward <= torch channels_last (stretch)", "forward_backward", "torch", 1.0),
+    ("inference within 10% of a copy", "inference", "copy", 1.1),
   )
   for record in records:
     device = record["environment"]["device"].split(" (")[0]
@@ -581,8 +663,10 @@ def goals(records: list[dict]) -> list[str]:
         ratio = _ratio(t["bnjax"][mode], t[other_name][other_mode])
         worst = max(worst, (ratio, shape_name))
       if worst[1]:
-        lines.append(f"| {device} | {title} | {worst[1]} | {worst[0]:.2f}x |"
-                     f" {'yes' if worst[0] <= limit else 'no'} |")
+        lines.append(
+          f"| {device} | {title} | {worst[1]} | {worst[0]:.2f}x |"
+          f" {'yes' if worst[0] <= limit else 'no'} |"
+        )
     if "(gpu)" in record["environment"]["device"]:
       lines += _bandwidth_goals(device, record["groups"]["jax"])
   return lines
@@ -601,23 +685,38 @@ def _bandwidth_goals(device: str, shapes: dict) -> list[str]:
       # (TRAFFIC |x| / t_bnjax) / (2|x| / t_copy), per round like every other ratio
       ratio = _ratio(peers["bnjax"]["times"][mode], peers["copy"]["times"]["train_forward"])
       worst = min(worst, (TRAFFIC[mode] / 2 / ratio, shape_name))
-    lines.append(f"| {device} | {MODE_TITLES[mode]} at >= 80% of a copy's bandwidth, moving"
-                 f" its floor of {TRAFFIC[mode]} x-sized transfers | {worst[1]} | {worst[0]:.0%} |"
-                 f" {'yes' if worst[0] >= 0.8 else 'no'} |")
+    lines.append(
+      f"| {device} | {MODE_TITLES[mode]} at >= 80% of a copy's bandwidth, moving"
+      f" its floor of {TRAFFIC[mode]} x-sized transfers | {worst[1]} | {worst[0]:.0%} |"
+      f" {'yes' if worst[0] >= 0.8 else 'no'} |"
+    )
   return lines
 
 
 def render(output: Path = DEFAULT_OUTPUT, results_dir: Path = RESULTS_DIR) -> str:
   records = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
-  lines = ["# bnjax against its peers", "",
-           "Written by `benchmarks/bench_batch_norm.py` from `benchmarks/results/*.json`; do not",
-           "edit by hand. Times are medians in ms with the interquartile range; ratios are the",
-           "median over rounds of per-round ratios, within one process. The README quotes the",
-           "summary.", "", "## Summary", "", "<!-- summary:start -->", *summary(records),
-           "<!-- summary:end -->", "", "## The goals of issue 6, at each device's worst shape", "",
-           *goals(records), "",
-           "Where a goal is not met, `benchmarks/NOTES.md` says what was tried, what each",
-           "formulation measured against its prediction, and what would close the gap.", ""]
+  lines = [
+    "# bnjax against its peers",
+    "",
+    "Written by `benchmarks/bench_batch_norm.py` from `benchmarks/results/*.json`; do not",
+    "edit by hand. Times are medians in ms with the interquartile range; ratios are the",
+    "median over rounds of per-round ratios, within one process. The README quotes the",
+    "summary.",
+    "",
+    "## Summary",
+    "",
+    "<!-- summary:start -->",
+    *summary(records),
+    "<!-- summary:end -->",
+    "",
+    "## The goals of issue 6, at each device's worst shape",
+    "",
+    *goals(records),
+    "",
+    "Where a goal is not met, `benchmarks/NOTES.md` says what was tried, what each",
+    "formulation measured against its prediction, and what would close the gap.",
+    "",
+  ]
   for record in records:
     lines += device_section(record)
   text = "\n".join(lines)
@@ -634,8 +733,9 @@ def main(argv=None) -> int:
   parser.add_argument("--group", choices=GROUPS, help=argparse.SUPPRESS)
   parser.add_argument("--shapes", help=argparse.SUPPRESS)
   parser.add_argument("--config", help=argparse.SUPPRESS)
-  parser.add_argument("--no-malloc-env", action="store_true",
-                      help="do not re-run with the tuned allocator settings")
+  parser.add_argument(
+    "--no-malloc-env", action="store_true", help="do not re-run with the tuned allocator settings"
+  )
   args = parser.parse_args(argv)
   if args.render:
     print(render(args.output))
@@ -647,14 +747,19 @@ def main(argv=None) -> int:
     print(json.dumps(run_group(args.group, shapes, config)))
     return 0
   import _common
+
   if not args.no_malloc_env and sys.platform.startswith("linux"):
     status = _common.rerun_with_malloc_env(__file__, argv)
     if status is not None:
       return status
   import jax
+
   on_gpu = jax.devices()[0].platform == "gpu"
-  config = Config(rounds=2, reps=2, warmup=1, quick=True) if args.quick else Config(
-      batch=10 if on_gpu else 1)
+  config = (
+    Config(rounds=2, reps=2, warmup=1, quick=True)
+    if args.quick
+    else Config(batch=10 if on_gpu else 1)
+  )
   shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if on_gpu else SHAPES)
   record = run_all(config, shapes, allocator_variants=not args.quick)
   device = jax.devices()[0].device_kind.replace(" ", "_")

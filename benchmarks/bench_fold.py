@@ -69,25 +69,25 @@ class Net(NamedTuple):
 
 
 NETS = (
-    Net("3x3", (32, 56, 56, 64), 3, 3),
-    Net("1x1", (32, 56, 56, 64), 1, 3),
+  Net("3x3", (32, 56, 56, 64), 3, 3),
+  Net("1x1", (32, 56, 56, 64), 1, 3),
 )
 QUICK_NETS = (
-    Net("3x3", (2, 8, 8, 16), 3, 1),
-    Net("1x1", (2, 8, 8, 16), 1, 1),
+  Net("3x3", (2, 8, 8, 16), 3, 1),
+  Net("1x1", (2, 8, 8, 16), 1, 1),
 )
 CASES = ("unfolded", "folded", "conv_only")
 CASE_TITLES = {
-    "unfolded": "unfolded (conv, BN, relu)",
-    "folded": "folded (conv, bias, relu)",
-    "conv_only": "conv only (conv, relu)",
+  "unfolded": "unfolded (conv, BN, relu)",
+  "folded": "folded (conv, bias, relu)",
+  "conv_only": "conv only (conv, relu)",
 }
 EPSILON = 1e-5
 
 
 def conv(x, kernel):
   return lax.conv_general_dilated(
-      x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
   )
 
 
@@ -119,10 +119,13 @@ def make_variables(net: Net):
   kernels, bn_params, bn_stats = [], [], []
   h = x
   for _ in range(net.blocks):
-    kernel = jnp.asarray(rng.normal(0.0, math.sqrt(2 / fan_in), (net.window, net.window, c, c)),
-                         jnp.float32)
-    params = {"scale": jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32),
-              "bias": jnp.asarray(rng.normal(0.0, 0.5, c), jnp.float32)}
+    kernel = jnp.asarray(
+      rng.normal(0.0, math.sqrt(2 / fan_in), (net.window, net.window, c, c)), jnp.float32
+    )
+    params = {
+      "scale": jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32),
+      "bias": jnp.asarray(rng.normal(0.0, 0.5, c), jnp.float32),
+    }
     mean, var = bnjax.moments(conv(h, kernel), (0, 1, 2))
     stats = {"mean": mean, "var": var}
     h = unfolded_net(h, [kernel], [params], [stats])
@@ -135,15 +138,17 @@ def make_variables(net: Net):
 def make_cases(net: Net):
   """Each case as a compiled ``jax.jit`` function and its arguments; and the accuracy check."""
   x, kernels, bn_params, bn_stats = make_variables(net)
-  folded = [fold.fold_affine(k, None, p, s, epsilon=EPSILON)
-            for k, p, s in zip(kernels, bn_params, bn_stats)]
+  folded = [
+    fold.fold_affine(k, None, p, s, epsilon=EPSILON)
+    for k, p, s in zip(kernels, bn_params, bn_stats)
+  ]
   cases = {
-      "unfolded": (unfolded_net, (x, kernels, bn_params, bn_stats)),
-      "folded": (folded_net, (x, [k for k, _ in folded], [b for _, b in folded])),
-      "conv_only": (conv_only_net, (x, kernels)),
+    "unfolded": (unfolded_net, (x, kernels, bn_params, bn_stats)),
+    "folded": (folded_net, (x, [k for k, _ in folded], [b for _, b in folded])),
+    "conv_only": (conv_only_net, (x, kernels)),
   }
   compiled = {
-      name: (jax.jit(fn).lower(*args).compile(), args) for name, (fn, args) in cases.items()
+    name: (jax.jit(fn).lower(*args).compile(), args) for name, (fn, args) in cases.items()
   }
   unfolded = np.asarray(compiled["unfolded"][0](*compiled["unfolded"][1]), np.float64)
   refolded = np.asarray(compiled["folded"][0](*compiled["folded"][1]), np.float64)
@@ -151,10 +156,19 @@ def make_cases(net: Net):
   # of the exact value relative to the output's scale (tests/tolerances.py, `tolerance`), twice
   # that apart; the blocks' errors add up.
   fan_in = net.window * net.window * net.input_shape[-1]
-  bound = 2 * 8 * np.finfo(np.float32).eps * math.sqrt(fan_in) * net.blocks * max(
-      1.0, float(np.abs(unfolded).max()))
-  check = {"max_diff": float(np.abs(refolded - unfolded).max()), "bound": bound,
-           "max_abs": float(np.abs(unfolded).max())}
+  bound = (
+    2
+    * 8
+    * np.finfo(np.float32).eps
+    * math.sqrt(fan_in)
+    * net.blocks
+    * max(1.0, float(np.abs(unfolded).max()))
+  )
+  check = {
+    "max_diff": float(np.abs(refolded - unfolded).max()),
+    "bound": bound,
+    "max_abs": float(np.abs(unfolded).max()),
+  }
   return compiled, check
 
 
@@ -192,8 +206,12 @@ def measure(nets, config: Config):
   all_cases, checks = {}, {}
   for net in nets:
     all_cases[net.name], checks[net.name] = make_cases(net)
-  ops = {net.name: {c: top_level_ops(fn, math.prod(net.input_shape))
-                    for c, (fn, _) in all_cases[net.name].items()} for net in nets}
+  ops = {
+    net.name: {
+      c: top_level_ops(fn, math.prod(net.input_shape)) for c, (fn, _) in all_cases[net.name].items()
+    }
+    for net in nets
+  }
   for cases in all_cases.values():
     for fn, args in cases.values():
       for _ in range(config.warmup):
@@ -212,13 +230,13 @@ def measure(nets, config: Config):
 
 def environment(config: Config, load: tuple[float, float]) -> dict[str, str]:
   return _common.environment(
-      config,
-      **{
-          "malloc env": _common.malloc_env_row(),
-          # Other processes share the CPUs; a load above the CPU count slows every case alike
-          # (they are interleaved), which blurs times more than ratios.
-          "load average": f"{load[0]:.2f} at the start, {load[1]:.2f} at the end (1 minute)",
-      },
+    config,
+    **{
+      "malloc env": _common.malloc_env_row(),
+      # Other processes share the CPUs; a load above the CPU count slows every case alike
+      # (they are interleaved), which blurs times more than ratios.
+      "load average": f"{load[0]:.2f} at the start, {load[1]:.2f} at the end (1 minute)",
+    },
   )
 
 
@@ -234,58 +252,58 @@ def report(nets, times, checks, ops, config: Config, load: tuple[float, float]) 
     label = _label(net)
     time_rows.append(f"| {label} | " + " | ".join(format_ms(t[case]) for case in CASES) + " |")
     ratio_rows.append(
-        f"| {label} | {format_ratio(t['folded'], t['unfolded'])} |"
-        f" {format_ratio(t['unfolded'], t['conv_only'])} |"
-        f" {format_ratio(t['folded'], t['conv_only'])} |"
+      f"| {label} | {format_ratio(t['folded'], t['unfolded'])} |"
+      f" {format_ratio(t['unfolded'], t['conv_only'])} |"
+      f" {format_ratio(t['folded'], t['conv_only'])} |"
     )
     check_rows.append(
-        f"| {label} | {c['max_diff']:.2g} | {c['bound']:.2g} | {c['max_abs']:.3g} |"
-        f" {'yes' if c['max_diff'] <= c['bound'] else 'NO'} |"
+      f"| {label} | {c['max_diff']:.2g} | {c['bound']:.2g} | {c['max_abs']:.3g} |"
+      f" {'yes' if c['max_diff'] <= c['bound'] else 'NO'} |"
     )
     op_rows.append(f"| {label} | " + " | ".join(ops[net.name][case] for case in CASES) + " |")
   env = environment(config, load)
   lines = [
-      "# Inference with the batch norms folded into the convolutions",
-      "",
-      "Written by `benchmarks/bench_fold.py`; do not edit by hand, re-run the script.",
-      "",
-      "`bnjax.fold` turns each `conv -> batch norm -> relu` into `conv' -> + bias' -> relu`.",
-      "float32 NHWC, `jax.jit`, `block_until_ready`, the variables passed as arguments; cases",
-      f"interleaved call by call, {config.rounds} rounds x {config.reps} calls each.",
-      "",
-      "## Times (ms): median [25th, 75th percentile] over all calls",
-      "",
-      "| net | " + " | ".join(CASE_TITLES[c] for c in CASES) + " |",
-      "|---|" + "---:|" * len(CASES),
-      *time_rows,
-      "",
-      "## Ratios: median [25th, 75th percentile] over rounds of the per-round ratio of medians",
-      "",
-      "| net | folded / unfolded | unfolded / conv only | folded / conv only |",
-      "|---|---:|---:|---:|",
-      *ratio_rows,
-      "",
-      "## The folded net computes the same (float32)",
-      "",
-      "| net | max \\|folded - unfolded\\| | bound | max \\|unfolded\\| | within |",
-      "|---|---:|---:|---:|---|",
-      *check_rows,
-      "",
-      "## Compiled programs: convolutions / passes over the activations / per-channel operations",
-      "",
-      "Top-level operations of each compiled program (structure, not timing).",
-      "",
-      "| net | " + " | ".join(CASE_TITLES[c] for c in CASES) + " |",
-      "|---|" + "---|" * len(CASES),
-      *op_rows,
-      "",
-      "A pass reads a convolution's output and writes the next block's input (relu fused in);",
-      "per-channel operations work on (C,) vectors (the batch norm's `rsqrt(var + eps) * scale`).",
-      "Where the batch norm rides in the pass that applies the relu anyway, folding saves its",
-      "arithmetic and per-channel operations, not a pass over memory. A backend that fuses the",
-      "bias and relu into the convolution itself (cuDNN on GPU) saves the pass as well.",
-      "",
-      *environment_section(env),
+    "# Inference with the batch norms folded into the convolutions",
+    "",
+    "Written by `benchmarks/bench_fold.py`; do not edit by hand, re-run the script.",
+    "",
+    "`bnjax.fold` turns each `conv -> batch norm -> relu` into `conv' -> + bias' -> relu`.",
+    "float32 NHWC, `jax.jit`, `block_until_ready`, the variables passed as arguments; cases",
+    f"interleaved call by call, {config.rounds} rounds x {config.reps} calls each.",
+    "",
+    "## Times (ms): median [25th, 75th percentile] over all calls",
+    "",
+    "| net | " + " | ".join(CASE_TITLES[c] for c in CASES) + " |",
+    "|---|" + "---:|" * len(CASES),
+    *time_rows,
+    "",
+    "## Ratios: median [25th, 75th percentile] over rounds of the per-round ratio of medians",
+    "",
+    "| net | folded / unfolded | unfolded / conv only | folded / conv only |",
+    "|---|---:|---:|---:|",
+    *ratio_rows,
+    "",
+    "## The folded net computes the same (float32)",
+    "",
+    "| net | max \\|folded - unfolded\\| | bound | max \\|unfolded\\| | within |",
+    "|---|---:|---:|---:|---|",
+    *check_rows,
+    "",
+    "## Compiled programs: convolutions / passes over the activations / per-channel operations",
+    "",
+    "Top-level operations of each compiled program (structure, not timing).",
+    "",
+    "| net | " + " | ".join(CASE_TITLES[c] for c in CASES) + " |",
+    "|---|" + "---|" * len(CASES),
+    *op_rows,
+    "",
+    "A pass reads a convolution's output and writes the next block's input (relu fused in);",
+    "per-channel operations work on (C,) vectors (the batch norm's `rsqrt(var + eps) * scale`).",
+    "Where the batch norm rides in the pass that applies the relu anyway, folding saves its",
+    "arithmetic and per-channel operations, not a pass over memory. A backend that fuses the",
+    "bias and relu into the convolution itself (cuDNN on GPU) saves the pass as well.",
+    "",
+    *environment_section(env),
   ]
   return "\n".join(lines)
 

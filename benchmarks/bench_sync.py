@@ -83,9 +83,10 @@ class Shape(NamedTuple):
 
 
 SHAPES = (
-    *(Shape(s.name, s.shape) for s in bench_batch_norm.SHAPES
-      if s.axis == -1 and s.dtype == "float32"),
-    Shape("NHWC, small", (64, 16, 16, 64)),
+  *(
+    Shape(s.name, s.shape) for s in bench_batch_norm.SHAPES if s.axis == -1 and s.dtype == "float32"
+  ),
+  Shape("NHWC, small", (64, 16, 16, 64)),
 )
 QUICK_SHAPES = (Shape("NHWC", (16, 4, 4, 8)),)
 PASSES = ("train", "train+grad")
@@ -105,22 +106,31 @@ def make_case(shape: Shape, mesh, mode: str, pass_: str):
     return bnjax.batch_norm(x, params, stats, training=True, axis_name=axis_name)
 
   if pass_ == "train":
+
     def body(x, dy, params):
       y, new_stats = forward(x, params)
       return y, jax.tree.map(lambda s: s[None], new_stats)
   else:
+
     def body(x, dy, params):
       def loss(x, params):
         return jnp.vdot(forward(x, params)[0], dy)
+
       dx, dparams = jax.grad(loss, argnums=(0, 1))(x, params)
       return dx, jax.tree.map(lambda g: g[None], dparams)
 
   # Same program shape for both modes: per-device outputs (P('d')), no replication check.
-  fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("d"), P("d"), P()),
-                             out_specs=P("d"), check_vma=False))
+  fn = jax.jit(
+    jax.shard_map(
+      body, mesh=mesh, in_specs=(P("d"), P("d"), P()), out_specs=P("d"), check_vma=False
+    )
+  )
   split = NamedSharding(mesh, P("d"))
-  args = (jax.device_put(x, split), jax.device_put(dy, split),
-          jax.device_put(params, NamedSharding(mesh, P())))
+  args = (
+    jax.device_put(x, split),
+    jax.device_put(dy, split),
+    jax.device_put(params, NamedSharding(mesh, P())),
+  )
   return fn.lower(*args).compile(), args
 
 
@@ -140,20 +150,25 @@ def _describe(counts: dict[str, int]) -> str:
 def measure(shapes, config: Config):
   """times[shape][pass][mode] = (rounds, reps) seconds; hlo[shape][pass][mode] = collectives."""
   mesh = jax.make_mesh((jax.device_count(),), ("d",))
-  cases = {s.name: {p: {m: make_case(s, mesh, m, p) for m in MODES} for p in PASSES}
-           for s in shapes}
+  cases = {
+    s.name: {p: {m: make_case(s, mesh, m, p) for m in MODES} for p in PASSES} for s in shapes
+  }
   hlo = {
-      s: {p: {m: collectives(compiled) for m, (compiled, _) in by_mode.items()}
-          for p, by_mode in by_pass.items()}
-      for s, by_pass in cases.items()
+    s: {
+      p: {m: collectives(compiled) for m, (compiled, _) in by_mode.items()}
+      for p, by_mode in by_pass.items()
+    }
+    for s, by_pass in cases.items()
   }
   for by_pass in cases.values():
     for by_mode in by_pass.values():
       for fn, args in by_mode.values():
         for _ in range(config.warmup):
           time_call(fn, args)
-  times = {s.name: {p: {m: np.zeros((config.rounds, config.reps)) for m in MODES} for p in PASSES}
-           for s in shapes}
+  times = {
+    s.name: {p: {m: np.zeros((config.rounds, config.reps)) for m in MODES} for p in PASSES}
+    for s in shapes
+  }
   show_bar = config.progress and sys.stderr.isatty()
   for r in tqdm(range(config.rounds), desc="rounds", disable=not show_bar):
     for name, by_pass in cases.items():
@@ -176,22 +191,34 @@ def _load() -> str:
 def worker(shapes, config: Config, path: Path) -> None:
   """Measures with this process's devices and writes the raw results to ``path`` as JSON."""
   times, hlo = measure(shapes, config)
-  env = _common.environment(config, **{
-      "malloc env": _common.malloc_env_row(), "load average at the end": _load()})
-  path.write_text(json.dumps({
-      "devices": jax.device_count(),
-      "times": {s: {p: {m: t.tolist() for m, t in by_mode.items()} for p, by_mode in by_pass.items()}
-                for s, by_pass in times.items()},
-      "hlo": hlo,
-      "environment": env,
-  }))
+  env = _common.environment(
+    config, **{"malloc env": _common.malloc_env_row(), "load average at the end": _load()}
+  )
+  path.write_text(
+    json.dumps(
+      {
+        "devices": jax.device_count(),
+        "times": {
+          s: {p: {m: t.tolist() for m, t in by_mode.items()} for p, by_mode in by_pass.items()}
+          for s, by_pass in times.items()
+        },
+        "hlo": hlo,
+        "environment": env,
+      }
+    )
+  )
 
 
 def run_worker(devices: int, argv: list[str], path: Path) -> dict:
   """Runs this script in a fresh process with ``devices`` fake CPU devices; its JSON results."""
   flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
-  env = {**os.environ, **_common.MALLOC_ENV, _WORKER: str(devices), "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip()}
+  env = {
+    **os.environ,
+    **_common.MALLOC_ENV,
+    _WORKER: str(devices),
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
+  }
   subprocess.run([sys.executable, __file__, *argv, "--json", str(path)], env=env, check=True)
   return json.loads(path.read_text())
 
@@ -212,49 +239,58 @@ def report(shapes, results: list[dict], config: Config) -> str:
         t = {m: np.asarray(v) for m, v in result["times"][s.name][p].items()}
         h = result["hlo"][s.name][p]
         rows.append(
-            f"| {devices} | {s.name} {'x'.join(map(str, s.shape))} |"
-            f" {'x'.join(map(str, per_device))} | {sent} B / {devices * sent} B | {p} |"
-            f" {format_ms(t['local'])} | {format_ms(t['synced'])} |"
-            f" {_ms(t['synced']) - _ms(t['local']):+.2f} |"
-            f" {format_ratio(t['synced'], t['local'])} |"
-            f" {_describe(h['synced'])} | {_describe(h['local'])} |"
+          f"| {devices} | {s.name} {'x'.join(map(str, s.shape))} |"
+          f" {'x'.join(map(str, per_device))} | {sent} B / {devices * sent} B | {p} |"
+          f" {format_ms(t['local'])} | {format_ms(t['synced'])} |"
+          f" {_ms(t['synced']) - _ms(t['local']):+.2f} |"
+          f" {format_ratio(t['synced'], t['local'])} |"
+          f" {_describe(h['synced'])} | {_describe(h['local'])} |"
         )
   env = dict(results[0]["environment"])
   env["device"] = f"{env['device'].split(',')[0]}, " + " and ".join(
-      f"{r['devices']} fake devices" for r in results)
+    f"{r['devices']} fake devices" for r in results
+  )
   env["XLA_FLAGS"] = "; ".join(r["environment"]["XLA_FLAGS"] for r in results)
   env["load average at the end"] = results[-1]["environment"]["load average at the end"]
   counts = " and ".join(str(r["devices"]) for r in results)
   lines = [
-      f"# Synchronized vs local batch norm on {counts} devices",
-      "",
-      "Written by `benchmarks/bench_sync.py`; do not edit by hand, re-run the script.",
-      "",
-      ("`bnjax.batch_norm(training=True)` per device inside `jax.shard_map` over fake CPU devices"
+    f"# Synchronized vs local batch norm on {counts} devices",
+    "",
+    "Written by `benchmarks/bench_sync.py`; do not edit by hand, re-run the script.",
+    "",
+    (
+      "`bnjax.batch_norm(training=True)` per device inside `jax.shard_map` over fake CPU devices"
       " (threads of one process sharing the host's cores: the collective is an in-memory"
       " rendezvous, not a network). local: `axis_name=None`, each device uses its own shard's"
-      " statistics; synced: `axis_name='d'`, one all-gather of (count, shift, delta, M2). train: forward"
-      " (y and new running statistics); train+grad: forward and backward (d/dx, d/dscale,"
-      " d/dbias of sum(y * dy)). float32, `jax.jit`, `block_until_ready`; cases interleaved call"
-      f" by call, {config.rounds} rounds x {config.reps} calls each. Each device count runs in"
-      " its own process."),
-      "",
-      ("With more devices than cores, the threads take turns: the synced program's rendezvous"
+      " statistics; synced: `axis_name='d'`, one all-gather of (count, shift, delta, M2)."
+      " train: forward (y and new running statistics); train+grad: forward and backward"
+      " (d/dx, d/dscale, d/dbias of sum(y * dy)). float32, `jax.jit`, `block_until_ready`;"
+      f" cases interleaved call by call, {config.rounds} rounds x {config.reps} calls each."
+      " Each device count runs in its own process."
+    ),
+    "",
+    (
+      "With more devices than cores, the threads take turns: the synced program's rendezvous"
       " waits until every device thread has had its turn, where local ones run through. With"
-      " one device per core that queueing is gone and the rest is the synchronization itself."),
-      "",
-      ("Times in ms: median [25th, 75th percentile] over all calls; the difference is of the"
+      " one device per core that queueing is gone and the rest is the synchronization itself."
+    ),
+    "",
+    (
+      "Times in ms: median [25th, 75th percentile] over all calls; the difference is of the"
       " medians. Ratio: median [25th, 75th] over rounds of the per-round ratio of medians."
       " Bytes: what one device contributes to the all-gather, (3C+1) float32, and what every"
-      " device receives. Collectives: counted in the compiled HLO (structure, not timing)."),
-      "",
-      ("| devices | global shape | per device | all-gather bytes (sent / received) | pass |"
+      " device receives. Collectives: counted in the compiled HLO (structure, not timing)."
+    ),
+    "",
+    (
+      "| devices | global shape | per device | all-gather bytes (sent / received) | pass |"
       " local | synced | synced - local (ms) | synced / local | collectives (synced) |"
-      " collectives (local) |"),
-      "|---:|---|---|---:|---|---:|---:|---:|---:|---|---|",
-      *rows,
-      "",
-      *environment_section(env),
+      " collectives (local) |"
+    ),
+    "|---:|---|---|---:|---|---:|---:|---:|---:|---|---|",
+    *rows,
+    "",
+    *environment_section(env),
   ]
   return "\n".join(lines)
 
@@ -262,17 +298,24 @@ def report(shapes, results: list[dict], config: Config) -> str:
 def main(argv: list[str] | None = None) -> Path:
   defaults = Config()
   parser = _common.timing_parser(__doc__, defaults, malloc_env=False)
-  parser.add_argument("--devices", type=int, nargs="+", default=list(DEVICE_COUNTS),
-                      help="fake CPU device counts, each measured in its own process"
-                      f" (default: {' '.join(map(str, DEVICE_COUNTS))})")
+  parser.add_argument(
+    "--devices",
+    type=int,
+    nargs="+",
+    default=list(DEVICE_COUNTS),
+    help="fake CPU device counts, each measured in its own process"
+    f" (default: {' '.join(map(str, DEVICE_COUNTS))})",
+  )
   parser.add_argument("--json", type=Path, default=None, help=argparse.SUPPRESS)  # worker output
   args = _common.timing_args(parser, argv, defaults)
   if any(n < 1 for n in args.devices):
     parser.error(f"--devices must be >= 1, got {args.devices}")
   shapes = QUICK_SHAPES if args.quick else SHAPES
   if any(s.shape[0] % n for s in shapes for n in args.devices):
-    parser.error(f"--devices {args.devices}: each must divide every batch,"
-                 f" {sorted({s.shape[0] for s in shapes})}")
+    parser.error(
+      f"--devices {args.devices}: each must divide every batch,"
+      f" {sorted({s.shape[0] for s in shapes})}"
+    )
   devices, json_path = args.devices, args.json
   del args.devices, args.json
   config = dataclasses.replace(defaults, **vars(args))

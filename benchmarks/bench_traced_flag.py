@@ -28,8 +28,9 @@ import dataclasses
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +40,8 @@ from tqdm.auto import tqdm
 import bnjax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
-from _common import environment_section, format_ms, format_ratio, time_call  # noqa: E402
+import _common
+from _common import environment_section, format_ms, format_ratio, time_call
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "TRACED_FLAG.md"
 
@@ -63,21 +64,21 @@ class Shape(NamedTuple):
 
 
 SHAPES = (
-    Shape("NHWC", (32, 56, 56, 128), -1),
-    Shape("dense", (4096, 1024), -1),
-    Shape("NCHW", (32, 128, 56, 56), 1),
+  Shape("NHWC", (32, 56, 56, 128), -1),
+  Shape("dense", (4096, 1024), -1),
+  Shape("NCHW", (32, 128, 56, 56), 1),
 )
 QUICK_SHAPES = (
-    Shape("NHWC", (4, 8, 8, 16), -1),
-    Shape("dense", (64, 32), -1),
-    Shape("NCHW", (4, 16, 8, 8), 1),
+  Shape("NHWC", (4, 8, 8, 16), -1),
+  Shape("dense", (64, 32), -1),
+  Shape("NCHW", (4, 16, 8, 8), 1),
 )
 CASES = ("static_eval", "traced_eval", "static_train", "copy")
 CASE_TITLES = {
-    "static_eval": "static eval",
-    "traced_eval": "traced eval (False)",
-    "static_train": "static train",
-    "copy": "copy `x * c`",
+  "static_eval": "static eval",
+  "traced_eval": "traced eval (False)",
+  "static_train": "static train",
+  "copy": "copy `x * c`",
 }
 
 
@@ -91,17 +92,17 @@ def make_cases(shape: Shape) -> dict[str, tuple[Callable, tuple]]:
 
   traced = jax.jit(lambda x, p, s, t: bnjax.batch_norm(x, p, s, training=t, axis=shape.axis))
   cases = {
-      "static_eval": (bn(False), (x, params, stats)),
-      "traced_eval": (traced, (x, params, stats, jnp.asarray(False))),
-      "static_train": (bn(True), (x, params, stats)),
-      "copy": (jax.jit(lambda x, c: x * c), (x, jnp.ones((), jnp.float32))),
+    "static_eval": (bn(False), (x, params, stats)),
+    "traced_eval": (traced, (x, params, stats, jnp.asarray(False))),
+    "static_train": (bn(True), (x, params, stats)),
+    "copy": (jax.jit(lambda x, c: x * c), (x, jnp.ones((), jnp.float32))),
   }
   return {name: (fn.lower(*args).compile(), args) for name, (fn, args) in cases.items()}
 
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
 _CALLS = re.compile(
-    r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)=%([\w.\-]+)"
+  r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)=%([\w.\-]+)"
 )
 _BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
 _REDUCE = re.compile(r"\sreduce\(")
@@ -152,10 +153,10 @@ def hlo_facts(cases: dict[str, tuple[Callable, tuple]]) -> dict[str, bool | None
   branches = _BRANCHES.findall(traced["ENTRY"])
   eval_branch = branches[0].split(",")[0].strip().lstrip("%") if branches else None
   return {
-      "traced_has_conditional": bool(branches),
-      "traced_false_branch_has_reduce": eval_branch and _has_reduce(traced, eval_branch),
-      "static_eval_has_reduce": _has_reduce(bodies["static_eval"], "ENTRY"),
-      "static_train_has_reduce": _has_reduce(bodies["static_train"], "ENTRY"),
+    "traced_has_conditional": bool(branches),
+    "traced_false_branch_has_reduce": eval_branch and _has_reduce(traced, eval_branch),
+    "static_eval_has_reduce": _has_reduce(bodies["static_eval"], "ENTRY"),
+    "static_train_has_reduce": _has_reduce(bodies["static_train"], "ENTRY"),
   }
 
 
@@ -180,9 +181,7 @@ def measure(shapes, config: Config):
 
 
 def environment(config: Config) -> dict[str, str]:
-  return _common.environment(
-      config, **{"malloc env": _common.malloc_env_row()}
-  )
+  return _common.environment(config, **{"malloc env": _common.malloc_env_row()})
 
 
 def report(shapes, times, facts, config: Config) -> str:
@@ -191,45 +190,54 @@ def report(shapes, times, facts, config: Config) -> str:
     t = times[s.name]
     label = f"{s.name} {'x'.join(map(str, s.shape))} axis={s.axis}"
     gbs = 2 * np.prod(s.shape) * 4 / np.median(t["copy"]) / 1e9
-    time_rows.append(f"| {label} | " + " | ".join(format_ms(t[c]) for c in CASES) + f" | {gbs:.1f} |")
+    time_rows.append(
+      f"| {label} | " + " | ".join(format_ms(t[c]) for c in CASES) + f" | {gbs:.1f} |"
+    )
     ratio_rows.append(
-        f"| {label} | {format_ratio(t['traced_eval'], t['static_eval'])} |"
-        f" {format_ratio(t['static_eval'], t['copy'])} | {format_ratio(t['traced_eval'], t['copy'])} |"
-        f" {format_ratio(t['static_train'], t['static_eval'])} |"
+      f"| {label} | {format_ratio(t['traced_eval'], t['static_eval'])} |"
+      f" {format_ratio(t['static_eval'], t['copy'])} |"
+      f" {format_ratio(t['traced_eval'], t['copy'])} |"
+      f" {format_ratio(t['static_train'], t['static_eval'])} |"
     )
     yes = {True: "yes", False: "no", None: "n/a"}
     hlo_rows.append(f"| {label} | " + " | ".join(yes[v] for v in facts[s.name].values()) + " |")
   env = environment(config)
   lines = [
-      "# Evaluation with a traced `training` flag",
-      "",
-      "Written by `benchmarks/bench_traced_flag.py`; do not edit by hand, re-run the script.",
-      "",
-      "Does `bnjax.batch_norm(x, params, stats, training=flag)` with a traced `flag=False` pay for",
+    "# Evaluation with a traced `training` flag",
+    "",
+    "Written by `benchmarks/bench_traced_flag.py`; do not edit by hand, re-run the script.",
+    "",
+    "Does `bnjax.batch_norm(x, params, stats, training=flag)` with a traced `flag=False` pay for",
+    (
       "batch moments? float32, `jax.jit`, `block_until_ready`; cases interleaved call by call,"
-      f" {config.rounds} rounds x {config.reps} calls each.",
-      "",
-      "## Times (ms): median [25th, 75th percentile] over all calls",
-      "",
-      "| shape | " + " | ".join(CASE_TITLES[c] for c in CASES) + " | copy GB/s (read+write) |",
-      "|---|" + "---:|" * (len(CASES) + 1),
-      *time_rows,
-      "",
-      "## Ratios: median [25th, 75th percentile] over rounds of the per-round ratio of medians",
-      "",
+      f" {config.rounds} rounds x {config.reps} calls each."
+    ),
+    "",
+    "## Times (ms): median [25th, 75th percentile] over all calls",
+    "",
+    "| shape | " + " | ".join(CASE_TITLES[c] for c in CASES) + " | copy GB/s (read+write) |",
+    "|---|" + "---:|" * (len(CASES) + 1),
+    *time_rows,
+    "",
+    "## Ratios: median [25th, 75th percentile] over rounds of the per-round ratio of medians",
+    "",
+    (
       "| shape | traced eval / static eval | static eval / copy | traced eval / copy |"
-      " static train / static eval |",
-      "|---|---:|---:|---:|---:|",
-      *ratio_rows,
-      "",
-      "## Compiled HLO (structure, not timing)",
-      "",
+      " static train / static eval |"
+    ),
+    "|---|---:|---:|---:|---:|",
+    *ratio_rows,
+    "",
+    "## Compiled HLO (structure, not timing)",
+    "",
+    (
       "| shape | traced flag: a `conditional` | its False branch: a `reduce` |"
-      " static eval: a `reduce` | static train: a `reduce` |",
-      "|---|---|---|---|---|",
-      *hlo_rows,
-      "",
-      *environment_section(env),
+      " static eval: a `reduce` | static train: a `reduce` |"
+    ),
+    "|---|---|---|---|---|",
+    *hlo_rows,
+    "",
+    *environment_section(env),
   ]
   return "\n".join(lines)
 
@@ -251,9 +259,11 @@ def main(argv: list[str] | None = None) -> Path:
   print(text)
   for s in shapes:
     f = facts[s.name]
-    print(f"{s.name}: compiled traced-flag function contains an HLO conditional (lax.cond):"
-          f" {f['traced_has_conditional']}; its False branch computes a reduction:"
-          f" {f['traced_false_branch_has_reduce']}")
+    print(
+      f"{s.name}: compiled traced-flag function contains an HLO conditional (lax.cond):"
+      f" {f['traced_has_conditional']}; its False branch computes a reduction:"
+      f" {f['traced_false_branch_has_reduce']}"
+    )
   print(f"wrote {config.output} in {time.perf_counter() - start:.0f} s")
   return config.output
 

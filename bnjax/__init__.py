@@ -17,4 +17,4 @@ from bnjax._stats import moments
 
 __version__ = "0.1.0"
 
-__all__ = ["batch_norm", "conventions", "fold", "init", "moments", "__version__"]
+__all__ = ["__version__", "batch_norm", "conventions", "fold", "init", "moments"]

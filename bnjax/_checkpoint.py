@@ -4,9 +4,9 @@
 directory, adds ``bnjax_manifest.json`` (every array's name, shape, dtype and SHA-256, and the
 tree structure), and only then renames the directory into place: a crash at any point leaves
 either the previous checkpoint at ``path`` or the new one, never a mixture (a leftover hidden
-``.NAME.tmp`` directory is all a crash costs, removed by the next save to ``path``). ``restore_checkpoint`` checks the manifest
-against ``like`` before reading and every array's checksum after, and raises one of three
-errors, all ``CheckpointError``:
+``.NAME.tmp`` directory is all a crash costs, removed by the next save to ``path``).
+``restore_checkpoint`` checks the manifest against ``like`` before reading and every array's
+checksum after, and raises one of three errors, all ``CheckpointError``:
 
 - ``CheckpointNotFoundError`` (a ``FileNotFoundError``): nothing, an empty directory, or a
   directory that is not a checkpoint at ``path``;
@@ -94,9 +94,9 @@ def manifest_of(state: Any) -> dict[str, Any]:
   entries = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(state):
     entries[entry_name(path)] = {
-        "shape": list(np.shape(leaf)),
-        "dtype": str(leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype),
-        "sha256": _digest(leaf),
+      "shape": list(np.shape(leaf)),
+      "dtype": str(leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype),
+      "sha256": _digest(leaf),
     }
   return {"format": FORMAT, "treedef": str(jax.tree.structure(state)), "arrays": entries}
 
@@ -122,8 +122,9 @@ def save(fn: str, path: pathlib.Path, state: Any, *, overwrite: bool) -> pathlib
   path = pathlib.Path(path).absolute()
   if path.exists() and not overwrite:
     raise FileExistsError(
-        f"bnjax.{fn}: a checkpoint (or another file) is already at {path}. Hint: pass"
-        " overwrite=True to replace it atomically, or save each step to its own directory.")
+      f"bnjax.{fn}: a checkpoint (or another file) is already at {path}. Hint: pass"
+      " overwrite=True to replace it atomically, or save each step to its own directory."
+    )
   # One staging name for every process of a multi-host run (orbax writes it together); a
   # crashed save's leftover is removed first, by the primary process.
   staged = path.with_name(f".{path.name}.tmp")
@@ -148,17 +149,19 @@ def save(fn: str, path: pathlib.Path, state: Any, *, overwrite: bool) -> pathlib
 
 def _not_found(fn: str, path: pathlib.Path, what: str) -> CheckpointNotFoundError:
   return CheckpointNotFoundError(
-      f"bnjax.{fn}: no checkpoint at {path}: {what}. Hint: pass the path save_checkpoint"
-      " returned; a crash during a save leaves the previous checkpoint in place and a hidden"
-      f" .{path.name}.tmp directory beside it.")
+    f"bnjax.{fn}: no checkpoint at {path}: {what}. Hint: pass the path save_checkpoint"
+    " returned; a crash during a save leaves the previous checkpoint in place and a hidden"
+    f" .{path.name}.tmp directory beside it."
+  )
 
 
 def _compare(fn: str, path, manifest: dict, like: Any, *, cast: bool) -> None:
   saved = manifest["arrays"]
   wanted = {entry_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(like)}
   problems = [f"{name} is missing from the checkpoint" for name in wanted if name not in saved]
-  problems += [f"{name} is in the checkpoint but not in `like`" for name in saved
-               if name not in wanted]
+  problems += [
+    f"{name} is in the checkpoint but not in `like`" for name in saved if name not in wanted
+  ]
   for name, leaf in wanted.items():
     if name not in saved:
       continue
@@ -169,10 +172,12 @@ def _compare(fn: str, path, manifest: dict, like: Any, *, cast: bool) -> None:
       problems.append(f"{name} is {entry['dtype']}, `like` {leaf.dtype} (cast=True casts)")
   if problems:
     raise CheckpointMismatchError(
-        f"bnjax.{fn}: the checkpoint at {path} does not match `like`: " + "; ".join(problems[:8])
-        + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        + ". Hint: build `like` from the model and optimizer that wrote the checkpoint"
-        " (momentum=None adds batch_stats/count; freeze() changes the optimizer state).")
+      f"bnjax.{fn}: the checkpoint at {path} does not match `like`: "
+      + "; ".join(problems[:8])
+      + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+      + ". Hint: build `like` from the model and optimizer that wrote the checkpoint"
+      " (momentum=None adds batch_stats/count; freeze() changes the optimizer state)."
+    )
 
 
 def restore(fn: str, path: pathlib.Path, like: Any, *, cast: bool) -> Any:
@@ -190,17 +195,19 @@ def restore(fn: str, path: pathlib.Path, like: Any, *, cast: bool) -> Any:
   if manifest_path.exists():
     try:
       manifest = json.loads(manifest_path.read_text())
-      manifest["arrays"]  # noqa: B018 - the one key restore needs
+      manifest["arrays"]
     except (ValueError, KeyError, TypeError) as error:
       raise CheckpointDamagedError(
-          f"bnjax.{fn}: the checkpoint at {path} is damaged: its {MANIFEST} cannot be read"
-          f" ({error}).") from error
+        f"bnjax.{fn}: the checkpoint at {path} is damaged: its {MANIFEST} cannot be read ({error})."
+      ) from error
     _compare(fn, path, manifest, like, cast=cast)
   else:
     warnings.warn(
-        f"bnjax.{fn}: the checkpoint at {path} has no {MANIFEST} (written before bnjax kept"
-        " checksums); it is restored without verification. Save it again to add one.",
-        UserWarning, stacklevel=3)
+      f"bnjax.{fn}: the checkpoint at {path} has no {MANIFEST} (written before bnjax kept"
+      " checksums); it is restored without verification. Save it again to add one.",
+      UserWarning,
+      stacklevel=3,
+    )
 
   def target(path_, leaf):
     struct = ocp.utils.to_shape_dtype_struct(leaf)
@@ -213,21 +220,24 @@ def restore(fn: str, path: pathlib.Path, like: Any, *, cast: bool) -> Any:
   with ocp.StandardCheckpointer() as checkpointer:
     try:
       restored = checkpointer.restore(path, targets)
-    except Exception as error:  # noqa: BLE001 - orbax and TensorStore raise many kinds
+    except Exception as error:
       if manifest is None and isinstance(error, ValueError):
         raise CheckpointMismatchError(
-            f"bnjax.{fn}: the checkpoint at {path} does not match `like`: {error} Hint: build"
-            " `like` from the model and optimizer that wrote the checkpoint.") from error
+          f"bnjax.{fn}: the checkpoint at {path} does not match `like`: {error} Hint: build"
+          " `like` from the model and optimizer that wrote the checkpoint."
+        ) from error
       raise CheckpointDamagedError(
-          f"bnjax.{fn}: the checkpoint at {path} is damaged: its files cannot be read"
-          f" ({type(error).__name__}: {str(error)[:300]}).") from error
+        f"bnjax.{fn}: the checkpoint at {path} is damaged: its files cannot be read"
+        f" ({type(error).__name__}: {str(error)[:300]})."
+      ) from error
   if manifest is not None:
     for path_, leaf in jax.tree_util.tree_leaves_with_path(restored):
       name = entry_name(path_)
       if _digest(leaf) != manifest["arrays"][name]["sha256"]:
         raise CheckpointDamagedError(
-            f"bnjax.{fn}: the checkpoint at {path} is damaged: {name} checksum mismatch (its"
-            " bytes differ from what was saved). Hint: restore an earlier checkpoint.")
+          f"bnjax.{fn}: the checkpoint at {path} is damaged: {name} checksum mismatch (its"
+          " bytes differ from what was saved). Hint: restore an earlier checkpoint."
+        )
   if cast:
     restored = jax.tree.map(lambda value, leaf: value.astype(leaf.dtype), restored, like)
   return restored

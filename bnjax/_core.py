@@ -20,13 +20,13 @@ Stats = dict[str, jax.Array]  # {'mean': (*F,), 'var': (*F,)} (+ 'count': int32[
 
 
 def init(
-    num_features: int | tuple[int, ...],
-    *,
-    use_scale: bool = True,
-    use_bias: bool = True,
-    dtype: Any = jnp.float32,
-    track_count: bool = False,
-    renorm: bool = False,
+  num_features: int | tuple[int, ...],
+  *,
+  use_scale: bool = True,
+  use_bias: bool = True,
+  dtype: Any = jnp.float32,
+  track_count: bool = False,
+  renorm: bool = False,
 ) -> tuple[Params, Stats]:
   """Initial ``(params, stats)`` for ``batch_norm``, with Flax's names and layout.
 
@@ -69,29 +69,29 @@ def _then(inner_scale, inner_offset, scale, offset):
 
 
 def batch_norm(
-    x: jax.Array,
-    params: Params,
-    stats: Stats,
-    *,
-    training: bool | jax.Array,
-    axis: int | tuple[int, ...] = -1,
-    momentum: float | None = 0.99,
-    epsilon: float = 1e-5,
-    update_stats: bool = True,
-    running_variance: str = "biased",
-    variance: str = "auto",
-    mask: jax.Array | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-    dtype: Any = None,
-    renorm: bool = False,
-    renorm_clipping: dict[str, float] | None = None,
-    renorm_momentum: float = 0.99,
-    virtual_batch_size: int | None = None,
-    adjustment: Callable[[tuple[int, ...]], tuple[jax.Array, jax.Array]] | None = None,
-    zero_debias: str | None = None,
-    backward: str = "closed_form",
-    on_nonfinite: str = "keep",
+  x: jax.Array,
+  params: Params,
+  stats: Stats,
+  *,
+  training: bool | jax.Array,
+  axis: int | tuple[int, ...] = -1,
+  momentum: float | None = 0.99,
+  epsilon: float = 1e-5,
+  update_stats: bool = True,
+  running_variance: str = "biased",
+  variance: str = "auto",
+  mask: jax.Array | None = None,
+  axis_name: Any = None,
+  axis_index_groups: Any = None,
+  dtype: Any = None,
+  renorm: bool = False,
+  renorm_clipping: dict[str, float] | None = None,
+  renorm_momentum: float = 0.99,
+  virtual_batch_size: int | None = None,
+  adjustment: Callable[[tuple[int, ...]], tuple[jax.Array, jax.Array]] | None = None,
+  zero_debias: str | None = None,
+  backward: str = "closed_form",
+  on_nonfinite: str = "keep",
 ) -> tuple[jax.Array, Stats]:
   """Batch normalization as a pure function: ``y, new_stats = batch_norm(x, params, stats, ...)``.
 
@@ -212,26 +212,28 @@ def batch_norm(
   update_stats = _checks.flag(fn, "update_stats", update_stats)
   params = _checks.params(fn, params, feature_shape)
   stats = _checks.stats(
-      fn, stats, feature_shape,
-      need_count=update_stats and (momentum is None or zero_debias is not None),
-      need_renorm=renorm,
+    fn,
+    stats,
+    feature_shape,
+    need_count=update_stats and (momentum is None or zero_debias is not None),
+    need_renorm=renorm,
   )
   if update_stats and training is not False:
     _checks.stats_precision(fn, stats)
   stats = jax.tree.map(lax.stop_gradient, stats)  # running statistics are state, not parameters
   epsilon = _checks.epsilon(fn, epsilon)
   running_variance = _checks.choice(
-      fn, "running_variance", running_variance, _checks.RUNNING_VARIANCES
+    fn, "running_variance", running_variance, _checks.RUNNING_VARIANCES
   )
   variance = _stats.resolve_variance(
-      _checks.choice(fn, "variance", variance, _checks.VARIANCE_ALGORITHMS)
+    _checks.choice(fn, "variance", variance, _checks.VARIANCE_ALGORITHMS)
   )
   backward = _checks.choice(fn, "backward", backward, _normalize.BACKWARDS)
   on_nonfinite = _checks.choice(fn, "on_nonfinite", on_nonfinite, _checks.ON_NONFINITE)
   mask = _checks.mask(fn, mask, x.shape)
   _checks.axis_name(fn, axis_name, axis_index_groups, communicates=training is not False)
   virtual_batch_size = _checks.virtual_batch_size(
-      fn, virtual_batch_size, x.shape, reduced_axes, axis_name
+    fn, virtual_batch_size, x.shape, reduced_axes, axis_name
   )
   adjustment = _checks.adjustment(fn, adjustment, virtual_batch_size=virtual_batch_size)
   out_dtype = _checks.output_dtype(fn, dtype, x.dtype)
@@ -239,12 +241,13 @@ def batch_norm(
   is_complex = jnp.issubdtype(x.dtype, jnp.complexfloating)
   if is_complex:
     _checks.complex_options(
-        fn, renorm=renorm, virtual_batch_size=virtual_batch_size, adjustment=adjustment)
+      fn, renorm=renorm, virtual_batch_size=virtual_batch_size, adjustment=adjustment
+    )
     # Its running mean is complex from the first update on; both lax.cond branches agree.
     stats = {**stats, "mean": stats["mean"].astype(_stats.complex_dtype(stat_dtype))}
   scale, offset = (
-      params[k].astype(stat_dtype).reshape(broadcast_shape) if k in params else None
-      for k in ("scale", "bias")
+    params[k].astype(stat_dtype).reshape(broadcast_shape) if k in params else None
+    for k in ("scale", "bias")
   )
 
   def normalize_with_batch_statistics():
@@ -252,47 +255,60 @@ def batch_norm(
     if virtual_batch_size is None:
       xv, mask_v, axes_v, group_axis, features_v = x, mask, reduced_axes, None, broadcast_shape
     else:
-      grouped = (virtual_batch_size, x.shape[0] // virtual_batch_size) + x.shape[1:]
+      grouped = (virtual_batch_size, x.shape[0] // virtual_batch_size, *x.shape[1:])
       xv = x.reshape(grouped)
       mask_v = None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(grouped)
-      axes_v, group_axis = (0,) + tuple(a + 1 for a in reduced_axes if a != 0), 1
-      features_v = (1,) + broadcast_shape  # x's axis 0 is reduced, so broadcast_shape[0] == 1
+      axes_v, group_axis = (0, *tuple(a + 1 for a in reduced_axes if a != 0)), 1
+      features_v = (1, *broadcast_shape)  # x's axis 0 is reduced, so broadcast_shape[0] == 1
     scale_v, offset_v = (None if v is None else v.reshape(features_v) for v in (scale, offset))
 
     def _targets(batch):
       return _running.targets(
-          batch, running_variance=running_variance, feature_shape=feature_shape,
-          group_axis=group_axis,
+        batch,
+        running_variance=running_variance,
+        feature_shape=feature_shape,
+        group_axis=group_axis,
       )
 
     if adjustment is not None:
-      a, b = (jnp.asarray(v).astype(stat_dtype)
-              for v in _checks.adjustment_values(fn, adjustment(xv.shape), xv.shape))
+      a, b = (
+        jnp.asarray(v).astype(stat_dtype)
+        for v in _checks.adjustment_values(fn, adjustment(xv.shape), xv.shape)
+      )
       scale_v, offset_v = _then(a, b, scale_v, offset_v)
     reduction = _normalize.Reduction(
-        axes=axes_v, axis_name=axis_name, variance=variance, epsilon=epsilon,
-        out_dtype=out_dtype,
-        axis_index_groups=None if axis_index_groups is None else tuple(
-            tuple(group) for group in axis_index_groups),
+      axes=axes_v,
+      axis_name=axis_name,
+      variance=variance,
+      epsilon=epsilon,
+      out_dtype=out_dtype,
+      axis_index_groups=None
+      if axis_index_groups is None
+      else tuple(tuple(group) for group in axis_index_groups),
     )
     if is_complex:  # the real and imaginary parts as pairs, differentiated by JAX
       y, batch = _normalize.complex_with_batch_moments(
-          xv, mask_v, scale_v, offset_v, reduction=reduction)
+        xv, mask_v, scale_v, offset_v, reduction=reduction
+      )
       target = _targets(batch)
     elif renorm:  # r and d come from the batch moments, so these come first
       batch = _stats.batch_moments(
-          xv, axes_v, mask=mask_v, axis_name=axis_name, axis_index_groups=axis_index_groups,
-          variance=variance,
+        xv,
+        axes_v,
+        mask=mask_v,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        variance=variance,
       )
       target = _targets(batch)
       r, d = _renorm.correction(
-          target.mean, target.var, stats, epsilon=epsilon, clipping=renorm_clipping
+        target.mean, target.var, stats, epsilon=epsilon, clipping=renorm_clipping
       )
       scale_v, offset_v = _then(r.reshape(features_v), d.reshape(features_v), scale_v, offset_v)
       y = _normalize.with_moments(xv, batch, scale_v, offset_v, reduction=reduction)
     else:
       y, batch = _normalize.with_batch_moments(
-          xv, mask_v, scale_v, offset_v, reduction=reduction, backward=backward
+        xv, mask_v, scale_v, offset_v, reduction=reduction, backward=backward
       )
       target = _targets(batch)
     y = y.reshape(x.shape)
@@ -302,14 +318,18 @@ def batch_norm(
       checked = _running.finite(target) | (target.count == 0)
       jax.debug.callback(_checks.raise_if_nonfinite, checked)
     return y, _running.update(
-        stats, target, momentum=momentum, zero_debias=zero_debias, renorm=renorm,
-        renorm_momentum=renorm_momentum, epsilon=epsilon,
-        keep_nonfinite=on_nonfinite != "propagate",
+      stats,
+      target,
+      momentum=momentum,
+      zero_debias=zero_debias,
+      renorm=renorm,
+      renorm_momentum=renorm_momentum,
+      epsilon=epsilon,
+      keep_nonfinite=on_nonfinite != "propagate",
     )
 
   def normalize_with_running_statistics():
-    mean_dtype = (_stats.complex_dtype(stat_dtype)
-                  if jnp.iscomplexobj(stats["mean"]) else stat_dtype)
+    mean_dtype = _stats.complex_dtype(stat_dtype) if jnp.iscomplexobj(stats["mean"]) else stat_dtype
     mean = stats["mean"].astype(mean_dtype).reshape(broadcast_shape)
     var = stats["var"].astype(stat_dtype).reshape(broadcast_shape)
     m = _normalize.multiplier(var, scale, epsilon=epsilon)

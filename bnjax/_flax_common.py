@@ -20,21 +20,21 @@ def training_from_flag(fn: str, use_running_average: Any) -> bool | jax.Array:
   if isinstance(use_running_average, (bool, np.bool_)):
     return not use_running_average
   if (
-      hasattr(use_running_average, "dtype")
-      and hasattr(use_running_average, "shape")
-      and use_running_average.dtype == jnp.bool_
-      and use_running_average.shape == ()
+    hasattr(use_running_average, "dtype")
+    and hasattr(use_running_average, "shape")
+    and use_running_average.dtype == jnp.bool_
+    and use_running_average.shape == ()
   ):
     return jnp.logical_not(use_running_average)
   got = (
-      f"{use_running_average.dtype}{list(use_running_average.shape)}"
-      if hasattr(use_running_average, "dtype")
-      else repr(use_running_average)
+    f"{use_running_average.dtype}{list(use_running_average.shape)}"
+    if hasattr(use_running_average, "dtype")
+    else repr(use_running_average)
   )
   _checks.fail(
-      fn,
-      f"`use_running_average` must be a Python bool or a boolean scalar array, got {got}.",
-      TypeError,
+    fn,
+    f"`use_running_average` must be a Python bool or a boolean scalar array, got {got}.",
+    TypeError,
   )
 
 
@@ -44,9 +44,9 @@ def variance_algorithm(fn: str, use_fast_variance: Any, variance: str) -> str:
     return variance
   if variance not in ("auto", "two_pass", "fast"):
     _checks.fail(
-        fn,
-        f"`use_fast_variance=True` means variance='fast', got variance={variance!r} as well."
-        " Hint: pass only one of them.",
+      fn,
+      f"`use_fast_variance=True` means variance='fast', got variance={variance!r} as well."
+      " Hint: pass only one of them.",
     )
   return "fast"
 

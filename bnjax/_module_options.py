@@ -20,21 +20,31 @@ from bnjax.conventions import Convention
 # Options a module passes to bnjax.batch_norm as they are (the TF features are modules' fields
 # of the same names).
 BATCH_NORM_OPTIONS = (
-    "momentum", "epsilon", "running_variance", "variance", "backward", "update_stats",
-    "renorm", "renorm_clipping", "renorm_momentum", "virtual_batch_size", "adjustment",
-    "zero_debias", "on_nonfinite",
+  "momentum",
+  "epsilon",
+  "running_variance",
+  "variance",
+  "backward",
+  "update_stats",
+  "renorm",
+  "renorm_clipping",
+  "renorm_momentum",
+  "virtual_batch_size",
+  "adjustment",
+  "zero_debias",
+  "on_nonfinite",
 )
 
 
 def _same(a: Any, b: Any) -> bool:
   try:
-    return bool(a == b) and type(a) is type(b) or a is b
+    return (bool(a == b) and type(a) is type(b)) or a is b
   except Exception:  # an array or an object whose == does not give a bool
     return a is b
 
 
 def with_convention(
-    fn: str, convention: Any, options: Mapping[str, Any], defaults: Mapping[str, Any]
+  fn: str, convention: Any, options: Mapping[str, Any], defaults: Mapping[str, Any]
 ) -> dict[str, Any]:
   """``options`` with ``convention``'s values, or raises where one was set to something else.
 
@@ -46,10 +56,10 @@ def with_convention(
     return options
   if not isinstance(convention, Convention):
     _checks.fail(
-        fn,
-        f"`convention` must be a bnjax.conventions.Convention, got {type(convention).__name__}."
-        " Hint: a preset such as `bnjax.conventions.PYTORCH`, or `conventions.pytorch(...)`.",
-        TypeError,
+      fn,
+      f"`convention` must be a bnjax.conventions.Convention, got {type(convention).__name__}."
+      " Hint: a preset such as `bnjax.conventions.PYTORCH`, or `conventions.pytorch(...)`.",
+      TypeError,
     )
   pinned = convention.options()
   del pinned["axis"]  # the layout is the module's `axis`; see check_layout
@@ -57,18 +67,18 @@ def with_convention(
   unknown = sorted(set(pinned) - set(options))
   if unknown:
     _checks.fail(
-        fn,
-        f"`convention` {convention.name!r} sets {unknown}, which this module does not take."
-        " Hint: call bnjax.batch_norm with `**convention.options()` instead.",
+      fn,
+      f"`convention` {convention.name!r} sets {unknown}, which this module does not take."
+      " Hint: call bnjax.batch_norm with `**convention.options()` instead.",
     )
   for name, value in pinned.items():
     given = options[name]
     if not _same(given, defaults[name]) and not _same(given, value):
       _checks.fail(
-          fn,
-          f"`{name}`={given!r} conflicts with `convention` {convention.name!r}, which sets"
-          f" {name}={value!r}. Hint: pass one of them, e.g."
-          f" `convention=convention.replace({name}={given!r})`.",
+        fn,
+        f"`{name}`={given!r} conflicts with `convention` {convention.name!r}, which sets"
+        f" {name}={value!r}. Hint: pass one of them, e.g."
+        f" `convention=convention.replace({name}={given!r})`.",
       )
   options.update(pinned)
   return options
@@ -82,7 +92,7 @@ def _canonical(axis: Any, ndim: int) -> tuple[int, ...] | None:
 
 
 def check_layout(
-    fn: str, convention: Convention | None, axis: Any, ndim: int, *, axis_fixed: bool = False
+  fn: str, convention: Convention | None, axis: Any, ndim: int, *, axis_fixed: bool = False
 ) -> None:
   """Raises where ``convention``'s feature axis and the module's ``axis`` differ for rank ``ndim``.
 
@@ -96,11 +106,11 @@ def check_layout(
   if preset is None or module is None or preset == module:
     return
   _checks.fail(
-      fn,
-      f"`convention` {convention.name!r} has its features on axis {convention.axis!r}, this"
-      f" module on `axis`={axis!r}: for input of rank {ndim} these are different axes"
-      f" ({preset} and {module}), and where their sizes agree a wrong layout would go"
-      " unnoticed. Hint: for data laid out as the module expects, pass"
-      f" `convention=convention.replace(axis={axis!r})`"
-      + ("." if axis_fixed else f"; for the convention's layout, pass `axis={convention.axis!r}`."),
+    fn,
+    f"`convention` {convention.name!r} has its features on axis {convention.axis!r}, this"
+    f" module on `axis`={axis!r}: for input of rank {ndim} these are different axes"
+    f" ({preset} and {module}), and where their sizes agree a wrong layout would go"
+    " unnoticed. Hint: for data laid out as the module expects, pass"
+    f" `convention=convention.replace(axis={axis!r})`"
+    + ("." if axis_fixed else f"; for the convention's layout, pass `axis={convention.axis!r}`."),
   )

@@ -107,11 +107,15 @@ def with_batch_moments(x, mask, scale, offset, *, reduction: Reduction, backward
   view = _CollapsedView.of(x.shape, reduction.axes)
   # Not for float16/bfloat16: XLA:CPU then writes x's float32 conversion out once per
   # reduction instead of once (bfloat16 step 36 -> 48 ms at (32, 56, 56, 128); NOTES.md, J).
-  if (mask is None and per_channel and view.shape != x.shape
-      and x.dtype == _stats.stat_dtype(x.dtype)):
+  if (
+    mask is None and per_channel and view.shape != x.shape and x.dtype == _stats.stat_dtype(x.dtype)
+  ):
     y, moments = with_batch_moments(
-        x.reshape(view.shape), None, *(view.per_channel(v) for v in (scale, offset)),
-        reduction=reduction._replace(axes=view.axes), backward=backward,
+      x.reshape(view.shape),
+      None,
+      *(view.per_channel(v) for v in (scale, offset)),
+      reduction=reduction._replace(axes=view.axes),
+      backward=backward,
     )
     return y.reshape(x.shape), view.restore(moments)
   if backward == "autodiff" or not per_channel:
@@ -123,9 +127,9 @@ def with_batch_moments(x, mask, scale, offset, *, reduction: Reduction, backward
     if "forward-mode" not in str(error):
       raise
     raise TypeError(
-        "bnjax.batch_norm: forward-mode differentiation (jax.jvp, jax.jacfwd, jax.linearize)"
-        " of the closed-form backward (backward='closed_form', the default) is not possible."
-        " Hint: pass backward='autodiff', which JAX differentiates in both modes."
+      "bnjax.batch_norm: forward-mode differentiation (jax.jvp, jax.jacfwd, jax.linearize)"
+      " of the closed-form backward (backward='closed_form', the default) is not possible."
+      " Hint: pass backward='autodiff', which JAX differentiates in both modes."
     ) from error
 
 
@@ -150,9 +154,9 @@ class _CollapsedView(NamedTuple):
       else:
         runs.append([a in axes, size])
     return cls(
-        moments_shape=tuple(1 if a in axes else size for a, size in enumerate(shape)),
-        shape=tuple(size for _, size in runs),
-        axes=tuple(i for i, (reduced, _) in enumerate(runs) if reduced),
+      moments_shape=tuple(1 if a in axes else size for a, size in enumerate(shape)),
+      shape=tuple(size for _, size in runs),
+      axes=tuple(i for i, (reduced, _) in enumerate(runs) if reduced),
     )
 
   def per_channel(self, value):
@@ -176,8 +180,9 @@ def with_moments(x, moments: _stats.Moments, scale, offset, *, reduction: Reduct
   # (benchmarks/NOTES.md).
   moments = lax.optimization_barrier(moments)
   m = multiplier(moments.var, scale, epsilon=reduction.epsilon, count=moments.count)
-  return affine(x, moments.shift, m, _stats.centering_offset(moments, m, offset),
-                out_dtype=reduction.out_dtype)
+  return affine(
+    x, moments.shift, m, _stats.centering_offset(moments, m, offset), out_dtype=reduction.out_dtype
+  )
 
 
 def complex_with_batch_moments(x, mask, scale, offset, *, reduction: Reduction):
@@ -194,22 +199,33 @@ def complex_with_batch_moments(x, mask, scale, offset, *, reduction: Reduction):
   """
   pairs = _stats.as_pairs(x)
   moments = _stats.batch_moments(
-      pairs, reduction.axes, mask=None if mask is None else jnp.expand_dims(mask, -1),
-      axis_name=reduction.axis_name, axis_index_groups=reduction.axis_index_groups,
-      variance=reduction.variance, pairs=True,
+    pairs,
+    reduction.axes,
+    mask=None if mask is None else jnp.expand_dims(mask, -1),
+    axis_name=reduction.axis_name,
+    axis_index_groups=reduction.axis_index_groups,
+    variance=reduction.variance,
+    pairs=True,
   )
   pair_offset = None if offset is None else jnp.stack([offset, jnp.zeros_like(offset)], -1)
   y = with_moments(
-      pairs, moments, None if scale is None else jnp.expand_dims(scale, -1), pair_offset,
-      reduction=reduction._replace(out_dtype=moments.var.dtype),
+    pairs,
+    moments,
+    None if scale is None else jnp.expand_dims(scale, -1),
+    pair_offset,
+    reduction=reduction._replace(out_dtype=moments.var.dtype),
   )
   return lax.complex(y[..., 0], y[..., 1]).astype(reduction.out_dtype), _stats.of_pairs(moments)
 
 
 def _forward(reduction: Reduction, x, mask, scale, offset):
   moments = _stats.batch_moments(
-      x, reduction.axes, mask=mask, axis_name=reduction.axis_name,
-      axis_index_groups=reduction.axis_index_groups, variance=reduction.variance,
+    x,
+    reduction.axes,
+    mask=mask,
+    axis_name=reduction.axis_name,
+    axis_index_groups=reduction.axis_index_groups,
+    variance=reduction.variance,
   )
   return with_moments(x, moments, scale, offset, reduction=reduction), moments
 
@@ -223,7 +239,7 @@ def _per_channel(value, axes, ndim) -> bool:
 
 
 def _varying_like(x, value, axis_name):
-  """``value`` cast to varying over the ``axis_name`` axes that ``shard_map`` says ``x`` varies over.
+  """``value`` cast to vary over the ``axis_name`` axes that ``shard_map`` says ``x`` varies over.
 
   A replicated (invariant) parameter needs an invariant cotangent. Autodiff gets one by
   transposing the implicit cast into a ``psum``; the ``custom_vjp`` returns per-device sums,
@@ -275,7 +291,8 @@ def _closed_form_bwd(reduction: Reduction, residuals, cotangents):
     t1, t2 = lax.psum((t1, t2), reduction.axis_name, axis_index_groups=reduction.axis_index_groups)
   n = jnp.maximum(moments.count, 1)
   shift, delta, m, c1, c2 = lax.optimization_barrier(
-      (moments.shift, moments.delta, m, t1 / n, t2 / n))
+    (moments.shift, moments.delta, m, t1 / n, t2 / n)
+  )
   correction = c2 * (x.astype(dtype) - shift) + (c1 - c2 * delta)
   if mask is not None:
     correction = jnp.where(mask, correction, 0)
@@ -289,7 +306,7 @@ def _sum_to(total, like):
   """``total`` (x's rank, reduced axes of size 1) summed to ``like``'s broadcastable shape."""
   extra = total.ndim - like.ndim
   axes = tuple(range(extra)) + tuple(
-      extra + i for i, size in enumerate(like.shape) if size == 1 and total.shape[extra + i] != 1
+    extra + i for i, size in enumerate(like.shape) if size == 1 and total.shape[extra + i] != 1
   )
   return jnp.sum(total, axes).reshape(like.shape).astype(like.dtype)
 

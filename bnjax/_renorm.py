@@ -22,12 +22,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+
 def init_stats(shape, dtype) -> dict[str, jax.Array]:
   """The extra running statistics renorm needs, initialized as tf_keras does (var = 1)."""
   return {
-      "renorm_mean": jnp.zeros(shape, dtype),
-      "renorm_stddev": jnp.ones(shape, dtype),
-      "stddev": jnp.ones(shape, dtype),
+    "renorm_mean": jnp.zeros(shape, dtype),
+    "renorm_stddev": jnp.ones(shape, dtype),
+    "stddev": jnp.ones(shape, dtype),
   }
 
 

@@ -57,7 +57,7 @@ class Targets(NamedTuple):
 
 
 def targets(
-    batch: Moments, *, running_variance: str, feature_shape, group_axis: int | None
+  batch: Moments, *, running_variance: str, feature_shape, group_axis: int | None
 ) -> Targets:
   """Reduces batch ``Moments`` to per-feature targets, averaging over virtual batches."""
   mean, var, count = (lax.stop_gradient(v) for v in (batch.mean, batch.var, batch.count))
@@ -103,15 +103,15 @@ def _move(old, target, weight_new, seen):
 
 
 def update(
-    stats: dict[str, Any],
-    batch: Targets,
-    *,
-    momentum: float | None,
-    zero_debias: str | None,
-    renorm: bool,
-    renorm_momentum: float,
-    epsilon: float,
-    keep_nonfinite: bool = True,
+  stats: dict[str, Any],
+  batch: Targets,
+  *,
+  momentum: float | None,
+  zero_debias: str | None,
+  renorm: bool,
+  renorm_momentum: float,
+  epsilon: float,
+  keep_nonfinite: bool = True,
 ) -> dict[str, Any]:
   """Returns ``stats`` moved toward ``batch``; other keys pass through unchanged.
 
@@ -138,10 +138,12 @@ def update(
   eps = jnp.asarray(epsilon, dtype)
   stddev = _move(stats["stddev"], jnp.sqrt(batch.running_var + eps), weight_var, seen)
   new_stats["stddev"] = stddev
-  new_stats["var"] = jnp.maximum(jnp.square(stddev.astype(dtype)) - eps, 0).astype(stats["var"].dtype)
+  new_stats["var"] = jnp.maximum(jnp.square(stddev.astype(dtype)) - eps, 0).astype(
+    stats["var"].dtype
+  )
   renorm_weight = _weight_new(renorm_momentum, False, count, dtype)
   new_stats["renorm_mean"] = _move(stats["renorm_mean"], batch.mean, renorm_weight, seen)
   new_stats["renorm_stddev"] = _move(
-      stats["renorm_stddev"], jnp.sqrt(batch.var + eps), renorm_weight, seen
+    stats["renorm_stddev"], jnp.sqrt(batch.var + eps), renorm_weight, seen
   )
   return new_stats

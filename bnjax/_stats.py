@@ -222,15 +222,18 @@ def _combine_devices(local: Moments, axis_name, axis_index_groups) -> Moments:
   several_names = isinstance(axis_name, (tuple, list)) and len(axis_name) > 1
   try:
     gathered = lax.all_gather(
-        local_flat, axis_name, axis_index_groups=axis_index_groups,
-        to=_gather_type(local_flat, axis_name, axis_index_groups),
+      local_flat,
+      axis_name,
+      axis_index_groups=axis_index_groups,
+      to=_gather_type(local_flat, axis_name, axis_index_groups),
     )
-  except Exception:  # noqa: BLE001 - JAX raises AssertionError or ValueError, by transform
+  except Exception:
     if not several_names:
       raise
     return _combine_by_sums(local, axis_name, axis_index_groups)
-  shifts, deltas, m2s, counts = jnp.split(gathered, list(itertools.accumulate(
-      p.size for p in pieces[:-1])), axis=1)
+  shifts, deltas, m2s, counts = jnp.split(
+    gathered, list(itertools.accumulate(p.size for p in pieces[:-1])), axis=1
+  )
   total = jnp.sum(counts, 0)
   counts = jnp.broadcast_to(counts, shifts.shape)
   # Every device's mean about one reference shift: that of the device with the most elements.
@@ -240,8 +243,10 @@ def _combine_devices(local: Moments, axis_name, axis_index_groups) -> Moments:
   m2 = jnp.sum(m2s, 0) + jnp.sum(counts * jnp.square(means_about_reference - delta), 0)
   shape = local.shift.shape
   return Moments(
-      shift=reference.reshape(shape), delta=delta.reshape(shape), var=m2.reshape(shape),
-      count=total.reshape(local.count.shape),
+    shift=reference.reshape(shape),
+    delta=delta.reshape(shape),
+    var=m2.reshape(shape),
+    count=total.reshape(local.count.shape),
   )
 
 
@@ -259,6 +264,7 @@ def _combine_by_sums(local: Moments, axis_name, axis_index_groups) -> Moments:
   ``delta`` is small next to the spread of the ``e_d`` (K* is near the mean), so the last
   subtraction loses at most a few ulps of M2.
   """
+
   def psum(values):
     return lax.psum(values, axis_name, axis_index_groups=axis_index_groups)
 
@@ -268,22 +274,27 @@ def _combine_by_sums(local: Moments, axis_name, axis_index_groups) -> Moments:
   reference = weighted_shifts / safe_total
   about_reference = (local.shift - reference) + local.delta
   weighted_means, m2_about_reference = psum(
-      (count * about_reference, local.var + count * jnp.square(about_reference)))
+    (count * about_reference, local.var + count * jnp.square(about_reference))
+  )
   delta = weighted_means / safe_total
   m2 = jnp.maximum(m2_about_reference - total * jnp.square(delta), 0)
-  return Moments(shift=reference, delta=delta, var=m2,
-                 count=total if local.count.shape else jnp.reshape(total.ravel()[0], ()))
+  return Moments(
+    shift=reference,
+    delta=delta,
+    var=m2,
+    count=total if local.count.shape else jnp.reshape(total.ravel()[0], ()),
+  )
 
 
 def batch_moments(
-    x: jax.Array,
-    axes: tuple[int, ...],
-    *,
-    mask: jax.Array | None,
-    axis_name,
-    axis_index_groups,
-    variance: str,
-    pairs: bool = False,
+  x: jax.Array,
+  axes: tuple[int, ...],
+  *,
+  mask: jax.Array | None,
+  axis_name,
+  axis_index_groups,
+  variance: str,
+  pairs: bool = False,
 ) -> Moments:
   """Moments over ``axes`` (and over devices of ``axis_name``), with the biased variance.
 
@@ -311,20 +322,24 @@ def as_pairs(x: jax.Array) -> jax.Array:
 
 def of_pairs(moments: Moments) -> Moments:
   """The complex moments of ``batch_moments(as_pairs(x), ..., pairs=True)``."""
+
   def joined(v):
     return lax.complex(v[..., 0], v[..., 1])
 
   count = moments.count if moments.count.ndim == 0 else moments.count[..., 0]
-  return Moments(shift=joined(moments.shift), delta=joined(moments.delta),
-                 var=moments.var[..., 0], count=count)
+  return Moments(
+    shift=joined(moments.shift), delta=joined(moments.delta), var=moments.var[..., 0], count=count
+  )
+
+
 def moments(
-    x: jax.Array,
-    axes,
-    *,
-    mask: jax.Array | None = None,
-    axis_name=None,
-    axis_index_groups=None,
-    variance: str = "auto",
+  x: jax.Array,
+  axes,
+  *,
+  mask: jax.Array | None = None,
+  axis_name=None,
+  axis_index_groups=None,
+  variance: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
   """Batch mean and (biased) variance of ``x`` over ``axes``, like ``tf.nn.moments``.
 
@@ -353,13 +368,24 @@ def moments(
   variance = resolve_variance(_checks.choice(fn, "variance", variance, _checks.VARIANCE_ALGORITHMS))
   _checks.axis_name(fn, axis_name, axis_index_groups)
   if jnp.issubdtype(x.dtype, jnp.complexfloating):
-    m = of_pairs(batch_moments(
-        as_pairs(x), axes, mask=None if mask is None else jnp.expand_dims(mask, -1),
-        axis_name=axis_name, axis_index_groups=axis_index_groups, variance=variance, pairs=True,
-    ))
+    m = of_pairs(
+      batch_moments(
+        as_pairs(x),
+        axes,
+        mask=None if mask is None else jnp.expand_dims(mask, -1),
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        variance=variance,
+        pairs=True,
+      )
+    )
   else:
     m = batch_moments(
-        x, axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
-        variance=variance,
+      x,
+      axes,
+      mask=mask,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      variance=variance,
     )
   return jnp.squeeze(m.mean, axes), jnp.squeeze(m.var, axes)

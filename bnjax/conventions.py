@@ -89,25 +89,36 @@ from bnjax import _checks
 from bnjax._core import batch_norm, init
 
 __all__ = [
-    "Convention",
-    "LEGACY_FUSED_MIN_EPSILON",
-    "PRESETS",
-    "from_exponential_avg_factor",
-    "from_torch_momentum",
-    "to_exponential_avg_factor",
-    "to_torch_momentum",
-    "tf_nn",
-    "tf_fused",
-    "keras",
-    "tf_keras",
-    "tf_v1_layers",
-    "pytorch",
-    "flax_linen",
-    "flax_nnx",
-    "mxnet_gluon",
-    *("TF_NN", "TF_FUSED_NHWC", "TF_FUSED_NCHW", "KERAS", "KERAS_SYNCHRONIZED", "TF_KERAS_FUSED",
-      "TF_KERAS_UNFUSED", "TF_V1_LAYERS_FUSED", "TF_V1_LAYERS_UNFUSED", "PYTORCH",
-      "PYTORCH_CUMULATIVE", "FLAX_LINEN", "FLAX_NNX", "MXNET_GLUON"),
+  "FLAX_LINEN",
+  "FLAX_NNX",
+  "KERAS",
+  "KERAS_SYNCHRONIZED",
+  "LEGACY_FUSED_MIN_EPSILON",
+  "MXNET_GLUON",
+  "PRESETS",
+  "PYTORCH",
+  "PYTORCH_CUMULATIVE",
+  "TF_FUSED_NCHW",
+  "TF_FUSED_NHWC",
+  "TF_KERAS_FUSED",
+  "TF_KERAS_UNFUSED",
+  "TF_NN",
+  "TF_V1_LAYERS_FUSED",
+  "TF_V1_LAYERS_UNFUSED",
+  "Convention",
+  "flax_linen",
+  "flax_nnx",
+  "from_exponential_avg_factor",
+  "from_torch_momentum",
+  "keras",
+  "mxnet_gluon",
+  "pytorch",
+  "tf_fused",
+  "tf_keras",
+  "tf_nn",
+  "tf_v1_layers",
+  "to_exponential_avg_factor",
+  "to_torch_momentum",
 ]
 
 # The floor TensorFlow's `fused_batch_norm` wrapper put on epsilon before TF dropped it
@@ -117,9 +128,9 @@ LEGACY_FUSED_MIN_EPSILON = 1.001e-5
 # Keyword options of bnjax.batch_norm a Convention may set. Read from the signature, so options
 # added to batch_norm later (renorm, virtual_batch_size, ...) are accepted without a change here.
 _BATCH_NORM_OPTIONS = frozenset(
-    name
-    for name, p in inspect.signature(batch_norm).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "training"
+  name
+  for name, p in inspect.signature(batch_norm).parameters.items()
+  if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "training"
 )
 _CORE_FIELDS = ("axis", "momentum", "epsilon", "running_variance", "variance")
 
@@ -151,11 +162,13 @@ def from_torch_momentum(momentum: float | None) -> float | None:
   if momentum is None:
     return None
   if not isinstance(momentum, bool) and isinstance(momentum, numbers.Real) and momentum == 0:
-    _fail("from_torch_momentum",
-          "PyTorch's `momentum=0` never updates the running statistics, and has no bnjax"
-          " momentum (the weight on the old value would be 1). Hint: pass update_stats=False to"
-          " bnjax.batch_norm: training normalizes with batch statistics and keeps the running"
-          " ones, as torch does with momentum=0.")
+    _fail(
+      "from_torch_momentum",
+      "PyTorch's `momentum=0` never updates the running statistics, and has no bnjax"
+      " momentum (the weight on the old value would be 1). Hint: pass update_stats=False to"
+      " bnjax.batch_norm: training normalizes with batch statistics and keeps the running"
+      " ones, as torch does with momentum=0.",
+    )
   return _complement("from_torch_momentum", "momentum", momentum, low_open=True)
 
 
@@ -223,8 +236,9 @@ class Convention:
     _checks.momentum(f"conventions.{fn}", self.momentum)
     _checks.epsilon(f"conventions.{fn}", self.epsilon)
     _checks.epsilon(f"conventions.{fn}", self.min_epsilon)
-    _checks.choice(f"conventions.{fn}", "running_variance", self.running_variance,
-                   _checks.RUNNING_VARIANCES)
+    _checks.choice(
+      f"conventions.{fn}", "running_variance", self.running_variance, _checks.RUNNING_VARIANCES
+    )
     _checks.choice(f"conventions.{fn}", "variance", self.variance, _checks.VARIANCE_ALGORITHMS)
     _checks.flag(f"conventions.{fn}", "track_count", self.track_count)
     extra = dict(self.extra) if isinstance(self.extra, Mapping) else dict(tuple(self.extra))
@@ -235,8 +249,11 @@ class Convention:
     if self.momentum is None and not self.track_count:
       _fail(fn, "`momentum=None` (cumulative average) needs `track_count=True`.")
     if extra.get("zero_debias") is not None and not self.track_count:
-      _fail(fn, f"`zero_debias={extra['zero_debias']!r}` counts the batches seen: it needs"
-            " `track_count=True`.")
+      _fail(
+        fn,
+        f"`zero_debias={extra['zero_debias']!r}` counts the batches seen: it needs"
+        " `track_count=True`.",
+      )
     object.__setattr__(self, "extra", tuple(sorted(extra.items())))
 
   def options(self, **overrides: Any) -> dict[str, Any]:
@@ -268,10 +285,10 @@ def _known_options(fn: str, what: str, options: Mapping[str, Any]) -> None:
   unknown = sorted(set(options) - _BATCH_NORM_OPTIONS)
   if unknown:
     _fail(
-        fn,
-        f"`{what}` has {unknown}, which are not keyword options of bnjax.batch_norm; expected"
-        f" some of {sorted(_BATCH_NORM_OPTIONS)}.",
-        TypeError,
+      fn,
+      f"`{what}` has {unknown}, which are not keyword options of bnjax.batch_norm; expected"
+      f" some of {sorted(_BATCH_NORM_OPTIONS)}.",
+      TypeError,
     )
 
 
@@ -295,16 +312,21 @@ def tf_nn(*, decay: float, variance_epsilon: float, axis: int | tuple[int, ...] 
   ``decay`` is bnjax's ``momentum``. ``tf.nn.batch_normalization`` computes ``x * a + (bias -
   mean * a)``; for float16 input it does so in float16, where bnjax computes in float32.
   """
-  return Convention(name="tf.nn.moments+tf.nn.batch_normalization", axis=axis, momentum=decay,
-                    epsilon=variance_epsilon, running_variance="biased")
+  return Convention(
+    name="tf.nn.moments+tf.nn.batch_normalization",
+    axis=axis,
+    momentum=decay,
+    epsilon=variance_epsilon,
+    running_variance="biased",
+  )
 
 
 def tf_fused(
-    *,
-    epsilon: float = 1e-3,
-    exponential_avg_factor: float = 1.0,
-    data_format: str = "NHWC",
-    min_epsilon: float = 0.0,
+  *,
+  epsilon: float = 1e-3,
+  exponential_avg_factor: float = 1.0,
+  data_format: str = "NHWC",
+  min_epsilon: float = 0.0,
 ) -> Convention:
   """``tf.compat.v1.nn.fused_batch_norm`` (the ``FusedBatchNormV3`` kernel), TF's defaults.
 
@@ -315,29 +337,36 @@ def tf_fused(
   does not clamp epsilon; ``min_epsilon=LEGACY_FUSED_MIN_EPSILON`` reproduces older TF.
   """
   return Convention(
-      name=f"tf.compat.v1.nn.fused_batch_norm[{data_format}]",
-      axis=_axis_for_data_format("tf_fused", data_format),
-      momentum=from_exponential_avg_factor(exponential_avg_factor),
-      epsilon=epsilon, running_variance="unbiased", min_epsilon=min_epsilon,
+    name=f"tf.compat.v1.nn.fused_batch_norm[{data_format}]",
+    axis=_axis_for_data_format("tf_fused", data_format),
+    momentum=from_exponential_avg_factor(exponential_avg_factor),
+    epsilon=epsilon,
+    running_variance="unbiased",
+    min_epsilon=min_epsilon,
   )
 
 
 def _tf_features(**options: Any) -> dict[str, Any]:
   """Keras's TF-only options that differ from their defaults, for ``Convention.extra``."""
-  defaults = {"renorm": False, "renorm_clipping": None, "renorm_momentum": 0.99,
-              "virtual_batch_size": None, "adjustment": None}
+  defaults = {
+    "renorm": False,
+    "renorm_clipping": None,
+    "renorm_momentum": 0.99,
+    "virtual_batch_size": None,
+    "adjustment": None,
+  }
   return {k: v for k, v in options.items() if v != defaults[k]}
 
 
 def keras(
-    *,
-    axis: int = -1,
-    momentum: float = 0.99,
-    epsilon: float = 1e-3,
-    synchronized: bool = False,
-    renorm: bool = False,
-    renorm_clipping: dict[str, float] | None = None,
-    renorm_momentum: float = 0.99,
+  *,
+  axis: int = -1,
+  momentum: float = 0.99,
+  epsilon: float = 1e-3,
+  synchronized: bool = False,
+  renorm: bool = False,
+  renorm_clipping: dict[str, float] | None = None,
+  renorm_momentum: float = 0.99,
 ) -> Convention:
   """Keras 3 ``keras.layers.BatchNormalization`` (``tf.keras`` in TF 2.21), its defaults.
 
@@ -350,25 +379,31 @@ def keras(
   (``bnjax.batch_norm``'s batch renormalization), when not at their defaults.
   """
   _checks.flag("conventions.keras", "synchronized", synchronized)
-  return Convention(name="keras.layers.BatchNormalization" + ("[synchronized]" * synchronized),
-                    axis=axis, momentum=momentum, epsilon=epsilon, running_variance="biased",
-                    variance="fast" if synchronized else "two_pass",
-                    extra=_tf_features(renorm=renorm, renorm_clipping=renorm_clipping,
-                                       renorm_momentum=renorm_momentum))
+  return Convention(
+    name="keras.layers.BatchNormalization" + ("[synchronized]" * synchronized),
+    axis=axis,
+    momentum=momentum,
+    epsilon=epsilon,
+    running_variance="biased",
+    variance="fast" if synchronized else "two_pass",
+    extra=_tf_features(
+      renorm=renorm, renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum
+    ),
+  )
 
 
 def tf_keras(
-    *,
-    fused: bool,
-    axis: int = -1,
-    momentum: float = 0.99,
-    epsilon: float = 1e-3,
-    synchronized: bool = False,
-    renorm: bool = False,
-    renorm_clipping: dict[str, float] | None = None,
-    renorm_momentum: float = 0.99,
-    virtual_batch_size: int | None = None,
-    adjustment: Any = None,
+  *,
+  fused: bool,
+  axis: int = -1,
+  momentum: float = 0.99,
+  epsilon: float = 1e-3,
+  synchronized: bool = False,
+  renorm: bool = False,
+  renorm_clipping: dict[str, float] | None = None,
+  renorm_momentum: float = 0.99,
+  virtual_batch_size: int | None = None,
+  adjustment: Any = None,
 ) -> Convention:
   """tf_keras (Keras 2) ``BatchNormalization``; ``fused`` as the layer resolved it.
 
@@ -388,27 +423,33 @@ def tf_keras(
   _checks.flag(f"conventions.{fn}", "synchronized", synchronized)
   if fused and synchronized:
     _fail(fn, "`fused=True` and `synchronized=True` exclude each other (tf_keras raises too).")
-  features = _tf_features(renorm=renorm, renorm_clipping=renorm_clipping,
-                          renorm_momentum=renorm_momentum,
-                          virtual_batch_size=virtual_batch_size, adjustment=adjustment)
+  features = _tf_features(
+    renorm=renorm,
+    renorm_clipping=renorm_clipping,
+    renorm_momentum=renorm_momentum,
+    virtual_batch_size=virtual_batch_size,
+    adjustment=adjustment,
+  )
   if fused and features:
     _fail(fn, f"`fused=True` excludes {sorted(features)}: tf_keras only fuses without them.")
   return Convention(
-      name="tf_keras.layers.BatchNormalization" + ("[fused]" if fused else "[unfused]"),
-      axis=axis, momentum=momentum, epsilon=epsilon,
-      running_variance="unbiased" if fused else "biased",
-      variance="fast" if synchronized else "two_pass",
-      extra=features,
+    name="tf_keras.layers.BatchNormalization" + ("[fused]" if fused else "[unfused]"),
+    axis=axis,
+    momentum=momentum,
+    epsilon=epsilon,
+    running_variance="unbiased" if fused else "biased",
+    variance="fast" if synchronized else "two_pass",
+    extra=features,
   )
 
 
 def tf_v1_layers(
-    *,
-    fused: bool,
-    axis: int = -1,
-    momentum: float = 0.99,
-    epsilon: float = 1e-3,
-    trainable: bool = True,
+  *,
+  fused: bool,
+  axis: int = -1,
+  momentum: float = 0.99,
+  epsilon: float = 1e-3,
+  trainable: bool = True,
 ) -> Convention:
   """TF1 ``tf.compat.v1.layers.batch_normalization`` (needs ``TF_USE_LEGACY_KERAS=1``).
 
@@ -422,9 +463,10 @@ def tf_v1_layers(
   _checks.flag("conventions.tf_v1_layers", "trainable", trainable)
   base = tf_keras(fused=fused, axis=axis, momentum=momentum, epsilon=epsilon)
   return base.replace(
-      name="tf.compat.v1.layers.batch_normalization" + ("[fused]" if fused else "[unfused]")
-      + ("" if trainable else "[trainable=False]"),
-      extra={} if trainable else {"update_stats": False},
+    name="tf.compat.v1.layers.batch_normalization"
+    + ("[fused]" if fused else "[unfused]")
+    + ("" if trainable else "[trainable=False]"),
+    extra={} if trainable else {"update_stats": False},
   )
 
 
@@ -436,16 +478,22 @@ def pytorch(*, momentum: float | None = 0.1, eps: float = 1e-5) -> Convention:
   the cumulative average over ``num_batches_tracked`` (``stats['count']``, counted always).
   Stores the unbiased variance. Training with one element per channel raises in PyTorch.
   """
-  return Convention(name="torch.nn.BatchNorm", axis=1, momentum=from_torch_momentum(momentum),
-                    epsilon=eps, running_variance="unbiased", track_count=True)
+  return Convention(
+    name="torch.nn.BatchNorm",
+    axis=1,
+    momentum=from_torch_momentum(momentum),
+    epsilon=eps,
+    running_variance="unbiased",
+    track_count=True,
+  )
 
 
 def flax_linen(
-    *,
-    axis: int | tuple[int, ...] = -1,
-    momentum: float = 0.99,
-    epsilon: float = 1e-5,
-    use_fast_variance: bool = True,
+  *,
+  axis: int | tuple[int, ...] = -1,
+  momentum: float = 0.99,
+  epsilon: float = 1e-5,
+  use_fast_variance: bool = True,
 ) -> Convention:
   """``flax.linen.BatchNorm`` defaults: biased, and ``use_fast_variance=True`` (E[x^2]-E[x]^2).
 
@@ -453,20 +501,26 @@ def flax_linen(
   3e3); ``use_fast_variance=False`` is bnjax's two-pass default.
   """
   _checks.flag("conventions.flax_linen", "use_fast_variance", use_fast_variance)
-  return Convention(name="flax.linen.BatchNorm", axis=axis, momentum=momentum, epsilon=epsilon,
-                    variance="fast" if use_fast_variance else "two_pass")
+  return Convention(
+    name="flax.linen.BatchNorm",
+    axis=axis,
+    momentum=momentum,
+    epsilon=epsilon,
+    variance="fast" if use_fast_variance else "two_pass",
+  )
 
 
 def flax_nnx(
-    *,
-    axis: int | tuple[int, ...] = -1,
-    momentum: float = 0.99,
-    epsilon: float = 1e-5,
-    use_fast_variance: bool = True,
+  *,
+  axis: int | tuple[int, ...] = -1,
+  momentum: float = 0.99,
+  epsilon: float = 1e-5,
+  use_fast_variance: bool = True,
 ) -> Convention:
   """``flax.nnx.BatchNorm`` defaults: the same arithmetic as ``flax.linen.BatchNorm``."""
-  return flax_linen(axis=axis, momentum=momentum, epsilon=epsilon,
-                    use_fast_variance=use_fast_variance).replace(name="flax.nnx.BatchNorm")
+  return flax_linen(
+    axis=axis, momentum=momentum, epsilon=epsilon, use_fast_variance=use_fast_variance
+  ).replace(name="flax.nnx.BatchNorm")
 
 
 def mxnet_gluon(*, axis: int = 1, momentum: float = 0.9, epsilon: float = 1e-5) -> Convention:
@@ -478,8 +532,13 @@ def mxnet_gluon(*, axis: int = 1, momentum: float = 0.9, epsilon: float = 1e-5) 
   ``((x - mean) * rsqrt(var + eps)) * gamma + beta``. ``momentum`` means what it means here.
   Not tested live (MXNet is retired and not installable here); GPU (cuDNN) kernels may differ.
   """
-  return Convention(name="mxnet.gluon.nn.BatchNorm", axis=axis, momentum=momentum,
-                    epsilon=epsilon, running_variance="biased")
+  return Convention(
+    name="mxnet.gluon.nn.BatchNorm",
+    axis=axis,
+    momentum=momentum,
+    epsilon=epsilon,
+    running_variance="biased",
+  )
 
 
 TF_NN = tf_nn(decay=0.99, variance_epsilon=1e-3)  # tf.nn has no defaults: Keras's values
@@ -497,6 +556,7 @@ FLAX_LINEN = flax_linen()
 FLAX_NNX = flax_nnx()
 MXNET_GLUON = mxnet_gluon()
 
+
 class _Presets(Mapping):
   """The presets by name, read-only; an unknown name's KeyError lists the known ones."""
 
@@ -507,10 +567,15 @@ class _Presets(Mapping):
     try:
       return self._presets[name]
     except KeyError:
-      hint = f" Hint: the names are upper case, e.g. {name.upper()!r}." if isinstance(
-          name, str) and name.upper() in self._presets else ""
-      raise KeyError(f"bnjax.conventions.PRESETS has no preset {name!r}; the presets are"
-                     f" {sorted(self._presets)}.{hint}") from None
+      hint = (
+        f" Hint: the names are upper case, e.g. {name.upper()!r}."
+        if isinstance(name, str) and name.upper() in self._presets
+        else ""
+      )
+      raise KeyError(
+        f"bnjax.conventions.PRESETS has no preset {name!r}; the presets are"
+        f" {sorted(self._presets)}.{hint}"
+      ) from None
 
   def __iter__(self):
     return iter(self._presets)
@@ -522,7 +587,8 @@ class _Presets(Mapping):
     return f"PRESETS({sorted(self._presets)})"
 
 
-PRESETS: Mapping[str, Convention] = _Presets({
+PRESETS: Mapping[str, Convention] = _Presets(
+  {
     "TF_NN": TF_NN,
     "TF_FUSED_NHWC": TF_FUSED_NHWC,
     "TF_FUSED_NCHW": TF_FUSED_NCHW,
@@ -537,4 +603,5 @@ PRESETS: Mapping[str, Convention] = _Presets({
     "FLAX_LINEN": FLAX_LINEN,
     "FLAX_NNX": FLAX_NNX,
     "MXNET_GLUON": MXNET_GLUON,
-})
+  }
+)

@@ -37,17 +37,17 @@ import numpy as np
 from bnjax import _checks
 
 __all__ = [
-    "Problem",
-    "layers",
-    "covered_by",
-    "check_stats_updated",
-    "check_eval_mode",
-    "check_warmup",
-    "check_frozen",
-    "check_batch",
-    "check_skipped",
-    "check_epoch",
-    "debias",
+  "Problem",
+  "check_batch",
+  "check_epoch",
+  "check_eval_mode",
+  "check_frozen",
+  "check_skipped",
+  "check_stats_updated",
+  "check_warmup",
+  "covered_by",
+  "debias",
+  "layers",
 ]
 
 # check_warmup's limit on momentum**steps, the weight the initial values still carry.
@@ -82,9 +82,9 @@ def layers(batch_stats: Any) -> dict[str, Mapping[str, Any]]:
   visit(batch_stats, ())
   if not found:
     _checks.fail(
-        "diagnostics.layers",
-        "expected batch_stats holding at least one layer's {'mean', 'var'}, got"
-        f" {jax.tree.map(jnp.shape, batch_stats)!r}. Hint: pass state.batch_stats, not the params.",
+      "diagnostics.layers",
+      "expected batch_stats holding at least one layer's {'mean', 'var'}, got"
+      f" {jax.tree.map(jnp.shape, batch_stats)!r}. Hint: pass state.batch_stats, not the params.",
     )
   return found
 
@@ -99,8 +99,11 @@ def covered_by(path: str, frozen: Collection[str]) -> bool:
 
 
 def check_batch(
-    shape: Sequence[int], *, axis: int | tuple[int, ...] = -1, devices: int = 1,
-    virtual_batch_size: int | None = None,
+  shape: Sequence[int],
+  *,
+  axis: int | tuple[int, ...] = -1,
+  devices: int = 1,
+  virtual_batch_size: int | None = None,
 ) -> list[Problem]:
   """A training batch of ``shape`` with one element per channel: the batch variance is 0.
 
@@ -125,12 +128,15 @@ def check_batch(
     per_channel = per_channel // shape[0] * int(virtual_batch_size)
   if per_channel != 1:
     return []
-  return [Problem(
-      "batch", "",
+  return [
+    Problem(
+      "batch",
+      "",
       f"a batch of shape {shape} with feature axes {features} has one element per channel"
       " (over all devices): its variance is 0, so training outputs the bias for every element"
       " and moves the running variance toward 0. Hint: use a larger batch, or training=False.",
-  )]
+    )
+  ]
 
 
 def check_skipped(metrics: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> list[Problem]:
@@ -153,17 +159,20 @@ def check_skipped(metrics: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> l
   skipped = int(np.sum(values > 0))
   if not skipped:
     return []
-  return [Problem(
-      "skipped", "",
+  return [
+    Problem(
+      "skipped",
+      "",
       f"{skipped} of {values.size} train steps had a NaN or inf loss or gradient and were"
       " skipped: params, optimizer state and running statistics kept their values. Hint:"
       " find the batch (jax.debug_nans, or the input's finiteness); a lower learning rate or"
       " gradient clipping helps when the loss diverges.",
-  )]
+    )
+  ]
 
 
 def check_stats_updated(
-    batch_stats: Any, *, steps: int | jax.Array, frozen: Collection[str] = ()
+  batch_stats: Any, *, steps: int | jax.Array, frozen: Collection[str] = ()
 ) -> list[Problem]:
   """Layers whose running statistics are still exactly mean 0, var 1 after ``steps`` > 0 steps.
 
@@ -180,15 +189,18 @@ def check_stats_updated(
     if covered_by(path, frozen):
       continue
     if np.all(np.asarray(stats["mean"]) == 0) and np.all(np.asarray(stats["var"]) == 1):
-      problems.append(Problem(
-          "stats_updated", path,
+      problems.append(
+        Problem(
+          "stats_updated",
+          path,
           f"{_describe(path)}: running statistics are still at their initial values (mean 0,"
           f" var 1) after {steps} training steps, so evaluation normalizes with the wrong"
           " statistics. The train step computed new ones and dropped them. Hint: keep the"
           " new_stats that bnjax.batch_norm returns (Flax: apply with"
           " mutable=['batch_stats'] and store updates['batch_stats']), e.g. through"
           " bnjax.training.make_train_step.",
-      ))
+        )
+      )
   return problems
 
 
@@ -213,22 +225,25 @@ def check_eval_mode(predict: Callable[[Any], Any], inputs: Any) -> list[Problem]
   copies = jnp.broadcast_to(inputs[:1], inputs.shape) if inputs.ndim else inputs
   if inputs.ndim == 0 or bool(jnp.array_equal(inputs, copies)):
     _checks.fail(
-        fn,
-        "`inputs` must be a batch holding at least two different examples, got shape"
-        f" {inputs.shape} with every example equal to the first.",
+      fn,
+      "`inputs` must be a batch holding at least two different examples, got shape"
+      f" {inputs.shape} with every example equal to the first.",
     )
   alone = np.asarray(predict(inputs)[0], np.float64)
   among_copies = np.asarray(predict(copies)[0], np.float64)
   difference = float(np.max(np.abs(alone - among_copies), initial=0.0))
   if difference <= EVAL_MODE_RTOL * max(1.0, float(np.max(np.abs(alone), initial=0.0))):
     return []
-  return [Problem(
-      "eval_mode", "",
+  return [
+    Problem(
+      "eval_mode",
+      "",
       f"the evaluation output of one example changed by {difference:.3g} when the rest of its"
       " batch changed: evaluation normalizes with batch statistics, not the running ones."
       " Hint: evaluate with training=False (bnjax.batch_norm) or use_running_average=True"
       " (Flax), e.g. through bnjax.training.make_eval_step.",
-  )]
+    )
+  ]
 
 
 def check_warmup(*, momentum: float | None, steps: int | jax.Array) -> list[Problem]:
@@ -248,14 +263,17 @@ def check_warmup(*, momentum: float | None, steps: int | jax.Array) -> list[Prob
   if initial_weight <= INITIAL_WEIGHT_LIMIT:
     return []
   needed = math.ceil(math.log(INITIAL_WEIGHT_LIMIT) / math.log(momentum))
-  return [Problem(
-      "warmup", "",
+  return [
+    Problem(
+      "warmup",
+      "",
       f"momentum={momentum} after {steps} steps: the initial values (mean 0, var 1) still make"
       f" up {initial_weight:.0%} of the running statistics (momentum**steps); they fall under"
       f" {INITIAL_WEIGHT_LIMIT:.0%} after {needed} steps, about 3 / (1 - momentum). Hint: a"
       " lower momentum (0.9 or 0.99), momentum=None (cumulative average, bnjax.init(...,"
       " track_count=True)), or bnjax.diagnostics.debias on the statistics.",
-  )]
+    )
+  ]
 
 
 def check_frozen(batch_stats: Any, reference: Any, *, frozen: Collection[str]) -> list[Problem]:
@@ -274,34 +292,37 @@ def check_frozen(batch_stats: Any, reference: Any, *, frozen: Collection[str]) -
   for path in sorted(p for p in found if covered_by(p, frozen)):
     if path not in expected:
       _checks.fail(
-          fn,
-          f"expected `reference` to hold the frozen layer {path!r}, got layers"
-          f" {sorted(expected)}. Hint: the batch_stats the model was frozen with.",
+        fn,
+        f"expected `reference` to hold the frozen layer {path!r}, got layers"
+        f" {sorted(expected)}. Hint: the batch_stats the model was frozen with.",
       )
     moved = {
-        key: float(np.max(np.abs(np.asarray(found[path][key]) - np.asarray(expected[path][key]))))
-        for key in ("mean", "var")
+      key: float(np.max(np.abs(np.asarray(found[path][key]) - np.asarray(expected[path][key]))))
+      for key in ("mean", "var")
     }
     if any(moved.values()):
-      problems.append(Problem(
-          "frozen", path,
+      problems.append(
+        Problem(
+          "frozen",
+          path,
           f"{_describe(path)} is frozen but its running statistics moved (max |change|: mean"
           f" {moved['mean']:.3g}, var {moved['var']:.3g}): the model ran it with batch"
           " statistics. Hint: build it with use_running_average=True while frozen, e.g."
           f" `use_running_average=not train or {path!r} in self.frozen`"
           " (bnjax.training.freeze).",
-      ))
+        )
+      )
   return problems
 
 
 def check_epoch(
-    state: Any,
-    *,
-    momentum: float | None,
-    predict: Callable[[Any, Any], Any] | None = None,
-    inputs: Any = None,
-    frozen: Collection[str] = (),
-    reference: Any = None,
+  state: Any,
+  *,
+  momentum: float | None,
+  predict: Callable[[Any, Any], Any] | None = None,
+  inputs: Any = None,
+  frozen: Collection[str] = (),
+  reference: Any = None,
 ) -> list[Problem]:
   """Every check the arguments allow, for the end of an epoch. Returns all problems found.
 
@@ -327,9 +348,9 @@ def check_epoch(
     _checks.fail(fn, "`predict` and `inputs` go together, got only one of them.")
   if frozen and reference is None:
     _checks.fail(
-        fn,
-        f"`frozen`={sorted(frozen)} needs `reference`, the batch_stats those layers must keep,"
-        " got None. Hint: the pretrained state's batch_stats.",
+      fn,
+      f"`frozen`={sorted(frozen)} needs `reference`, the batch_stats those layers must keep,"
+      " got None. Hint: the pretrained state's batch_stats.",
     )
   problems = check_stats_updated(state.batch_stats, steps=state.step, frozen=frozen)
   if not all(covered_by(path, frozen) for path in layers(state.batch_stats)):
@@ -342,12 +363,12 @@ def check_epoch(
 
 
 def debias(
-    stats: Mapping[str, Any],
-    *,
-    momentum: float,
-    count: int | jax.Array | None = None,
-    initial_mean: float = 0.0,
-    initial_var: float = 1.0,
+  stats: Mapping[str, Any],
+  *,
+  momentum: float,
+  count: int | jax.Array | None = None,
+  initial_mean: float = 0.0,
+  initial_var: float = 1.0,
 ) -> dict[str, Any]:
   """One layer's running statistics with the weight of their initial values removed.
 
@@ -387,19 +408,19 @@ def debias(
   fn = "diagnostics.debias"
   if momentum is None:
     _checks.fail(
-        fn,
-        "`momentum` must be the float the statistics were updated with, got None; the"
-        " cumulative average (momentum=None) carries no initial value to remove.",
-        TypeError,
+      fn,
+      "`momentum` must be the float the statistics were updated with, got None; the"
+      " cumulative average (momentum=None) carries no initial value to remove.",
+      TypeError,
     )
   momentum = _checks.momentum(fn, momentum)
   if count is None:
     if "count" not in stats:
       _checks.fail(
-          fn,
-          f"expected the number of updates in stats['count'] or `count=`, got stats with keys"
-          f" {sorted(stats)} and count=None. Hint: bnjax.init(..., track_count=True), or"
-          " count=state.step for layers updated once per step.",
+        fn,
+        f"expected the number of updates in stats['count'] or `count=`, got stats with keys"
+        f" {sorted(stats)} and count=None. Hint: bnjax.init(..., track_count=True), or"
+        " count=state.step for layers updated once per step.",
       )
     count = stats["count"]
   debiased = dict(stats)
@@ -419,9 +440,9 @@ def debias(
 def _frozen(fn: str, frozen: Collection[str]) -> frozenset[str]:
   if isinstance(frozen, str) or not isinstance(frozen, Collection):
     _checks.fail(
-        fn,
-        f"`frozen` must be a collection of layer paths, got {frozen!r}. Hint: frozen={{'bn1'}}.",
-        TypeError,
+      fn,
+      f"`frozen` must be a collection of layer paths, got {frozen!r}. Hint: frozen={{'bn1'}}.",
+      TypeError,
     )
   return frozenset(frozen)
 

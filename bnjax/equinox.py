@@ -17,8 +17,7 @@ from jax import lax
 try:
   import equinox as eqx
 except ImportError as error:  # pragma: no cover - exercised by a subprocess test
-  raise ImportError(
-      "bnjax.equinox needs equinox: pip install 'bnjax[equinox]'") from error
+  raise ImportError("bnjax.equinox needs equinox: pip install 'bnjax[equinox]'") from error
 
 from bnjax import _checks, _module_options, _normalize, _stats
 from bnjax._core import batch_norm
@@ -119,74 +118,93 @@ class BatchNorm(eqx.nn.StatefulLayer):
   on_nonfinite: str = eqx.field(static=True)
 
   def __init__(
-      self,
-      input_size: int,
-      axis_name: Hashable | Sequence[Hashable],
-      eps: float = 1e-5,
-      channelwise_affine: bool = True,
-      momentum: float = 0.99,
-      inference: bool = False,
-      dtype: Any = None,
-      mode: Literal["ema", "batch", "legacy"] = "legacy",
-      *,
-      variance: str = "auto",
-      backward: str = "closed_form",
-      debias_initial_var: float = 1.0,
-      convention: Convention | None = None,
-      on_nonfinite: str = "keep",
+    self,
+    input_size: int,
+    axis_name: Hashable | Sequence[Hashable],
+    eps: float = 1e-5,
+    channelwise_affine: bool = True,
+    momentum: float = 0.99,
+    inference: bool = False,
+    dtype: Any = None,
+    mode: Literal["ema", "batch", "legacy"] = "legacy",
+    *,
+    variance: str = "auto",
+    backward: str = "closed_form",
+    debias_initial_var: float = 1.0,
+    convention: Convention | None = None,
+    on_nonfinite: str = "keep",
   ):
     """Args:
-      input_size: the number of channels, the size of each example's axis 0.
-      axis_name: the name (or a sequence of names) of the mapped axes whose examples share
-        statistics, as given to ``jax.vmap`` / ``jax.pmap`` / ``jax.shard_map``.
-      eps: added to the variance before the square root.
-      channelwise_affine: learn a per-channel ``weight`` (1) and ``bias`` (0).
-      momentum: weight on the old running value, in [0, 1).
-      inference: True: normalize with the running statistics; ``eqx.nn.inference_mode``
-        sets it, a call's ``inference`` overrides it.
-      dtype: of ``weight``, ``bias`` and the running statistics; default float32 (float64
-        with ``jax_enable_x64``).
-      mode: ``'batch'`` or ``'ema'`` (above). Left out, it is ``'ema'`` with a warning, as in
-        Equinox.
-      variance: the batch-variance algorithm of ``bnjax.batch_norm``: ``'auto'``,
-        ``'two_pass'``, ``'shifted'`` or ``'fast'``.
-      backward: ``'closed_form'`` or ``'autodiff'`` (``mode='batch'``; see
-        ``bnjax.batch_norm``). ``mode='ema'`` is differentiated by JAX.
-      debias_initial_var: the initial variance ``mode='batch'`` inference removes: 1.0 (the
-        state's start) or 0.0 (Equinox's formula).
-      convention: a ``bnjax.conventions.Convention`` whose arithmetic replaces ``eps``,
-        ``momentum`` and ``variance``; ``mode='batch'`` only.
-      on_nonfinite: ``'keep'`` (default: a channel whose batch statistics are NaN or inf
-        keeps its state), ``'propagate'`` (Equinox's behaviour) or ``'raise'``; see
-        ``bnjax.batch_norm``.
+    input_size: the number of channels, the size of each example's axis 0.
+    axis_name: the name (or a sequence of names) of the mapped axes whose examples share
+      statistics, as given to ``jax.vmap`` / ``jax.pmap`` / ``jax.shard_map``.
+    eps: added to the variance before the square root.
+    channelwise_affine: learn a per-channel ``weight`` (1) and ``bias`` (0).
+    momentum: weight on the old running value, in [0, 1).
+    inference: True: normalize with the running statistics; ``eqx.nn.inference_mode``
+      sets it, a call's ``inference`` overrides it.
+    dtype: of ``weight``, ``bias`` and the running statistics; default float32 (float64
+      with ``jax_enable_x64``).
+    mode: ``'batch'`` or ``'ema'`` (above). Left out, it is ``'ema'`` with a warning, as in
+      Equinox.
+    variance: the batch-variance algorithm of ``bnjax.batch_norm``: ``'auto'``,
+      ``'two_pass'``, ``'shifted'`` or ``'fast'``.
+    backward: ``'closed_form'`` or ``'autodiff'`` (``mode='batch'``; see
+      ``bnjax.batch_norm``). ``mode='ema'`` is differentiated by JAX.
+    debias_initial_var: the initial variance ``mode='batch'`` inference removes: 1.0 (the
+      state's start) or 0.0 (Equinox's formula).
+    convention: a ``bnjax.conventions.Convention`` whose arithmetic replaces ``eps``,
+      ``momentum`` and ``variance``; ``mode='batch'`` only.
+    on_nonfinite: ``'keep'`` (default: a channel whose batch statistics are NaN or inf
+      keeps its state), ``'propagate'`` (Equinox's behaviour) or ``'raise'``; see
+      ``bnjax.batch_norm``.
     """
     fn = _FN
     if mode == "legacy":
       if convention is None:
         warnings.warn(
-            "bnjax.equinox.BatchNorm: `mode` was not given and defaults to 'ema', as in"
-            " equinox.nn.BatchNorm (for backward compatibility there). Pass mode='batch' for"
-            " batch statistics in training and debiased averages in inference, or mode='ema'"
-            " to keep this behaviour without the warning.",
-            UserWarning, stacklevel=2,
+          "bnjax.equinox.BatchNorm: `mode` was not given and defaults to 'ema', as in"
+          " equinox.nn.BatchNorm (for backward compatibility there). Pass mode='batch' for"
+          " batch statistics in training and debiased averages in inference, or mode='ema'"
+          " to keep this behaviour without the warning.",
+          UserWarning,
+          stacklevel=2,
         )
       mode = "batch" if convention is not None else "ema"
     _checks.choice(fn, "mode", mode, _MODES)
     # What a convention may set here: the state keeps (mean, var, count), so renorm's extra
     # statistics are refused (with_convention names them).
-    defaults = {"momentum": 0.99, "epsilon": 1e-5, "variance": "auto", "backward": "closed_form",
-                "running_variance": "biased", "update_stats": True, "track_count": True,
-                "zero_debias": None, "adjustment": None, "on_nonfinite": "keep"}
+    defaults = {
+      "momentum": 0.99,
+      "epsilon": 1e-5,
+      "variance": "auto",
+      "backward": "closed_form",
+      "running_variance": "biased",
+      "update_stats": True,
+      "track_count": True,
+      "zero_debias": None,
+      "adjustment": None,
+      "on_nonfinite": "keep",
+    }
     options = _module_options.with_convention(
-        fn, convention,
-        {**defaults, "momentum": momentum, "epsilon": eps, "variance": variance,
-         "backward": backward, "on_nonfinite": on_nonfinite},
-        defaults,
+      fn,
+      convention,
+      {
+        **defaults,
+        "momentum": momentum,
+        "epsilon": eps,
+        "variance": variance,
+        "backward": backward,
+        "on_nonfinite": on_nonfinite,
+      },
+      defaults,
     )
     if convention is not None and mode != "batch":
       _checks.fail(
-          fn, f"`convention` runs {convention.name!r}'s arithmetic, which keeps batch"
-          f" statistics in training: it needs mode='batch', got mode={mode!r}.")
+        fn,
+        f"`convention` runs {convention.name!r}'s arithmetic, which keeps batch"
+        f" statistics in training: it needs mode='batch', got mode={mode!r}.",
+      )
     _checks.momentum(fn, options["momentum"])
     _checks.epsilon(fn, options["epsilon"])
     _checks.choice(fn, "variance", options["variance"], _checks.VARIANCE_ALGORITHMS)
@@ -208,13 +226,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
     if mode == "ema":  # Equinox's state: a first-step flag and the averages (unset until then)
       self.ema_first_time_index = eqx.nn.StateIndex(jnp.array(True))
       self.ema_state_index = eqx.nn.StateIndex(
-          (jnp.zeros((size,), dtype), jnp.zeros((size,), dtype)))
+        (jnp.zeros((size,), dtype), jnp.zeros((size,), dtype))
+      )
       self.batch_counter = None
       self.batch_state_index = None
     else:  # a step count and the averages, started at (0, 1)
       self.batch_counter = eqx.nn.StateIndex(jnp.array(0))
       self.batch_state_index = eqx.nn.StateIndex(
-          (jnp.zeros((size,), dtype), jnp.ones((size,), dtype)))
+        (jnp.zeros((size,), dtype), jnp.ones((size,), dtype))
+      )
       self.ema_first_time_index = None
       self.ema_state_index = None
     self.inference = inference
@@ -230,12 +250,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
     self.on_nonfinite = options["on_nonfinite"]
 
   def __call__(
-      self,
-      x: jax.Array,
-      state: eqx.nn.State,
-      *,
-      key: Any = None,
-      inference: bool | None = None,
+    self,
+    x: jax.Array,
+    state: eqx.nn.State,
+    *,
+    key: Any = None,
+    inference: bool | None = None,
   ) -> tuple[jax.Array, eqx.nn.State]:
     """Normalizes one example; in training also updates ``state``.
 
@@ -258,9 +278,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
     _module_options.check_layout(_FN, self.convention, 1, x.ndim + 1, axis_fixed=True)
     if x.shape[0] != self.input_size:
       _checks.fail(
-          _FN, f"`x` must have `input_size`={self.input_size} channels on axis 0, got shape"
-          f" {tuple(x.shape)}. Hint: the layer sees one example, channels first; vmap over the"
-          " batch.")
+        _FN,
+        f"`x` must have `input_size`={self.input_size} channels on axis 0, got shape"
+        f" {tuple(x.shape)}. Hint: the layer sees one example, channels first; vmap over the"
+        " batch.",
+      )
     params = {} if self.weight is None else {"scale": self.weight, "bias": self.bias}
     with jax.named_scope("bnjax.equinox.BatchNorm"):
       if self.mode == "ema":
@@ -268,8 +290,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
       return self._batch(x, state, params, inference)
 
   def _options(self) -> dict[str, Any]:
-    options = {"momentum": self.momentum, "epsilon": self.eps, "variance": self.variance,
-               "backward": self.backward, "on_nonfinite": self.on_nonfinite}
+    options = {
+      "momentum": self.momentum,
+      "epsilon": self.eps,
+      "variance": self.variance,
+      "backward": self.backward,
+      "on_nonfinite": self.on_nonfinite,
+    }
     if self.convention is not None:
       options = {**self.convention.options(), **options}
       del options["axis"]
@@ -286,26 +313,35 @@ class BatchNorm(eqx.nn.StatefulLayer):
     dtype = self._out_dtype(x, mean)
     if inference:
       if self.convention is None:  # Equinox's debiased averages
-        stats = debias(stats, momentum=self.momentum, initial_mean=0.0,
-                       initial_var=self.debias_initial_var)
+        stats = debias(
+          stats, momentum=self.momentum, initial_mean=0.0, initial_var=self.debias_initial_var
+        )
       y, _ = batch_norm(x, params, stats, training=False, axis=0, dtype=dtype, **self._options())
       return y, state
     # Updated in at least float32 (half-precision averages drift), stored in the state's dtype.
     wide = _stats.stat_dtype(mean.dtype)
     stats = {**stats, "mean": mean.astype(wide), "var": var.astype(wide)}
-    y, new = batch_norm(x, params, stats, training=True, axis=0, axis_name=self.axis_name,
-                        dtype=dtype, **self._options())
+    y, new = batch_norm(
+      x,
+      params,
+      stats,
+      training=True,
+      axis=0,
+      axis_name=self.axis_name,
+      dtype=dtype,
+      **self._options(),
+    )
     state = state.set(self.batch_counter, new["count"])
-    return y, state.set(self.batch_state_index,
-                        (new["mean"].astype(mean.dtype), new["var"].astype(var.dtype)))
+    return y, state.set(
+      self.batch_state_index, (new["mean"].astype(mean.dtype), new["var"].astype(var.dtype))
+    )
 
   def _ema(self, x, state, params, inference):
     running_mean, running_var = state.get(self.ema_state_index)
     dtype = self._out_dtype(x, running_mean)
     if inference:
       stats = {"mean": running_mean, "var": running_var}
-      y, _ = batch_norm(x, params, stats, training=False, axis=0, dtype=dtype,
-                        epsilon=self.eps)
+      y, _ = batch_norm(x, params, stats, training=False, axis=0, dtype=dtype, epsilon=self.eps)
       return y, state
     _checks.axis_name(_FN, self.axis_name, None)
     first = state.get(self.ema_first_time_index)
@@ -313,8 +349,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
       _checks.fail(_FN, "mode='ema' takes real input; complex `x` needs mode='batch'.", TypeError)
     axes = tuple(range(1, x.ndim))
     moments = _stats.batch_moments(
-        x, axes, mask=None, axis_name=self.axis_name, axis_index_groups=None,
-        variance=_stats.resolve_variance(self.variance))
+      x,
+      axes,
+      mask=None,
+      axis_name=self.axis_name,
+      axis_index_groups=None,
+      variance=_stats.resolve_variance(self.variance),
+    )
     shape = moments.shift.shape
     stat_dtype = moments.var.dtype
     mean_r, var_r = (v.astype(stat_dtype).reshape(shape) for v in (running_mean, running_var))
@@ -323,14 +364,18 @@ class BatchNorm(eqx.nn.StatefulLayer):
     centre = jnp.where(first, moments.delta, w * moments.delta + (1 - w) * (mean_r - moments.shift))
     var_e = jnp.where(first, moments.var, var_r + w * (moments.var - var_r))
     scale, offset = (params.get(k) for k in ("scale", "bias"))
-    scale, offset = (None if v is None else v.astype(stat_dtype).reshape(shape)
-                     for v in (scale, offset))
+    scale, offset = (
+      None if v is None else v.astype(stat_dtype).reshape(shape) for v in (scale, offset)
+    )
     m = _normalize.multiplier(var_e, scale, epsilon=self.eps)
     folded = -centre * m
-    y = _normalize.affine(x, moments.shift, m, folded if offset is None else offset + folded,
-                          out_dtype=dtype)
-    new_mean, new_var = (lax.stop_gradient(v).reshape(-1).astype(running_mean.dtype)
-                         for v in (moments.shift + centre, var_e))
+    y = _normalize.affine(
+      x, moments.shift, m, folded if offset is None else offset + folded, out_dtype=dtype
+    )
+    new_mean, new_var = (
+      lax.stop_gradient(v).reshape(-1).astype(running_mean.dtype)
+      for v in (moments.shift + centre, var_e)
+    )
     if self.on_nonfinite != "propagate":  # a channel with NaN or inf statistics keeps its state
       finite = jnp.isfinite(new_mean) & jnp.isfinite(new_var)
       if self.on_nonfinite == "raise":

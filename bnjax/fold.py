@@ -72,23 +72,23 @@ __all__ = ["DEFAULT_EPSILON", "fold", "fold_affine", "fold_nnx"]
 DEFAULT_EPSILON = 1e-5  # bnjax.batch_norm, bnjax.linen.BatchNorm and Flax's BatchNorm
 PAIR_OPTIONS = ("epsilon", "kernel_axis")
 _PATH_HINT = (
-    " Hint: paths are module names as they appear in the variable tree, e.g. 'Conv_0', a nested"
-    " 'block1/Conv_0' or ('block1', 'Conv_0'); `jax.tree.map(jnp.shape, variables)` shows them."
+  " Hint: paths are module names as they appear in the variable tree, e.g. 'Conv_0', a nested"
+  " 'block1/Conv_0' or ('block1', 'Conv_0'); `jax.tree.map(jnp.shape, variables)` shows them."
 )
 _PAIR_HINT = (
-    " Hint: each pair is (layer, bn): the Dense or Conv first, then the batch norm that"
-    " normalizes its output."
+  " Hint: each pair is (layer, bn): the Dense or Conv first, then the batch norm that"
+  " normalizes its output."
 )
 
 
 def fold_affine(
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    bn_params: Mapping[str, jax.Array] | None,
-    bn_stats: Mapping[str, jax.Array],
-    *,
-    epsilon: float = DEFAULT_EPSILON,
-    kernel_axis: int = -1,
+  kernel: jax.Array,
+  bias: jax.Array | None,
+  bn_params: Mapping[str, jax.Array] | None,
+  bn_stats: Mapping[str, jax.Array],
+  *,
+  epsilon: float = DEFAULT_EPSILON,
+  kernel_axis: int = -1,
 ) -> tuple[jax.Array, jax.Array]:
   """Folds a batch norm in evaluation into the kernel and bias of the layer before it.
 
@@ -125,10 +125,10 @@ def fold_affine(
 
 
 def fold(
-    variables: Mapping[str, Any],
-    pairs: Sequence[tuple[Any, ...]],
-    *,
-    epsilon: float = DEFAULT_EPSILON,
+  variables: Mapping[str, Any],
+  pairs: Sequence[tuple[Any, ...]],
+  *,
+  epsilon: float = DEFAULT_EPSILON,
 ) -> dict[str, Any]:
   """Folds Linen batch norms into the Dense or Conv layers before them: new variables.
 
@@ -168,19 +168,19 @@ def fold(
   epsilon = _checks.epsilon(fn, epsilon)
   if not isinstance(variables, Mapping):
     _checks.fail(
-        fn,
-        "`variables` must be a dict {'params': ..., 'batch_stats': ...} as `model.init`"
-        f" returns it, got {type(variables).__name__}. Hint: for a flax.nnx model use"
-        " `bnjax.fold.fold_nnx(model, pairs)`.",
-        TypeError,
+      fn,
+      "`variables` must be a dict {'params': ..., 'batch_stats': ...} as `model.init`"
+      f" returns it, got {type(variables).__name__}. Hint: for a flax.nnx model use"
+      " `bnjax.fold.fold_nnx(model, pairs)`.",
+      TypeError,
     )
   for collection in ("params", "batch_stats"):
     if not isinstance(variables.get(collection), Mapping):
       _checks.fail(
-          fn,
-          f"`variables` must hold a '{collection}' collection, got keys {sorted(variables)}."
-          " Hint: pass the whole `variables = model.init(...)` (or the trained state's"
-          " {'params': ..., 'batch_stats': ...}), not `variables['params']` alone.",
+        fn,
+        f"`variables` must hold a '{collection}' collection, got keys {sorted(variables)}."
+        " Hint: pass the whole `variables = model.init(...)` (or the trained state's"
+        " {'params': ..., 'batch_stats': ...}), not `variables['params']` alone.",
       )
   out = _copy_tree(variables)
   params, batch_stats = out["params"], out["batch_stats"]
@@ -190,23 +190,30 @@ def fold(
     if not isinstance(layer, Mapping) or "kernel" not in layer:
       got = f"keys {sorted(layer)}" if isinstance(layer, Mapping) else type(layer).__name__
       _checks.fail(
-          fn,
-          f"{where}the layer {_show(layer_path)} must be a Dense or Conv with a 'kernel', got"
-          f" {got}.{_PAIR_HINT}",
+        fn,
+        f"{where}the layer {_show(layer_path)} must be a Dense or Conv with a 'kernel', got"
+        f" {got}.{_PAIR_HINT}",
       )
     bn_stats = _lookup(fn, where, batch_stats, bn_path, "variables['batch_stats']")
     bn_params = _lookup(fn, where, params, bn_path, None)  # absent: no scale and no bias
     names = {
-        "kernel": _item("variables['params']", (*layer_path, "kernel")),
-        "bias": _item("variables['params']", (*layer_path, "bias")),
-        "bn_params": _item("variables['params']", bn_path),
-        "bn_stats": _item("variables['batch_stats']", bn_path),
+      "kernel": _item("variables['params']", (*layer_path, "kernel")),
+      "bias": _item("variables['params']", (*layer_path, "bias")),
+      "bn_params": _item("variables['params']", bn_path),
+      "bn_stats": _item("variables['batch_stats']", bn_path),
     }
     pair_epsilon = _checks.epsilon(fn, options.get("epsilon", epsilon))
     kernel_box, bias_box = layer["kernel"], layer.get("bias")
     new_kernel, new_bias = _fold(
-        fn, where, names, _unbox(kernel_box), _unbox(bias_box), _unbox_tree(bn_params),
-        _unbox_tree(bn_stats), pair_epsilon, options.get("kernel_axis", -1),
+      fn,
+      where,
+      names,
+      _unbox(kernel_box),
+      _unbox(bias_box),
+      _unbox_tree(bn_params),
+      _unbox_tree(bn_stats),
+      pair_epsilon,
+      options.get("kernel_axis", -1),
     )
     layer["kernel"] = _rebox(kernel_box, new_kernel)
     layer["bias"] = new_bias if bias_box is None else _rebox(bias_box, new_bias)
@@ -245,10 +252,10 @@ def fold_nnx(model: Any, pairs: Sequence[tuple[Any, ...]]) -> None:
   fn = "fold.fold_nnx"
   if not isinstance(model, nnx.Module):
     _checks.fail(
-        fn,
-        f"`model` must be a flax.nnx Module, got {type(model).__name__}. Hint: for Linen"
-        " variables use `bnjax.fold.fold(variables, pairs)`.",
-        TypeError,
+      fn,
+      f"`model` must be a flax.nnx Module, got {type(model).__name__}. Hint: for Linen"
+      " variables use `bnjax.fold.fold(variables, pairs)`.",
+      TypeError,
     )
   folded = []
   for index, (layer_path, bn_path, _) in enumerate(_pairs(fn, pairs, nnx=True)):
@@ -257,40 +264,47 @@ def fold_nnx(model: Any, pairs: Sequence[tuple[Any, ...]]) -> None:
     bn = _get_attr_path(fn, where, model, bn_path)
     if not isinstance(getattr(layer, "kernel", None), nnx.Variable):
       _checks.fail(
-          fn,
-          f"{where}the layer {_show(layer_path)} must be an nnx.Linear or nnx.Conv with a"
-          f" `kernel`, got {type(layer).__name__}.{_PAIR_HINT}",
+        fn,
+        f"{where}the layer {_show(layer_path)} must be an nnx.Linear or nnx.Conv with a"
+        f" `kernel`, got {type(layer).__name__}.{_PAIR_HINT}",
       )
     if not all(isinstance(getattr(bn, k, None), nnx.Variable) for k in ("mean", "var")):
       _checks.fail(
-          fn,
-          f"{where}{_show(bn_path)} must be a batch norm with running `mean` and `var`, got"
-          f" {type(bn).__name__}.{_PAIR_HINT}",
+        fn,
+        f"{where}{_show(bn_path)} must be a batch norm with running `mean` and `var`, got"
+        f" {type(bn).__name__}.{_PAIR_HINT}",
       )
     axis = getattr(bn, "axis", -1)
     if axis not in (-1, (-1,)):
       _checks.fail(
-          fn,
-          f"{where}the batch norm must normalize the layer's output features, the last axis"
-          f" (axis=-1), got axis={axis!r}: a batch norm over another axis cannot be folded"
-          " into the kernel. Hint: if that axis is the last one, build it with axis=-1.",
+        fn,
+        f"{where}the batch norm must normalize the layer's output features, the last axis"
+        f" (axis=-1), got axis={axis!r}: a batch norm over another axis cannot be folded"
+        " into the kernel. Hint: if that axis is the last one, build it with axis=-1.",
       )
     bn_params = {
-        k: getattr(bn, k)[...] for k in ("scale", "bias") if getattr(bn, k, None) is not None
+      k: getattr(bn, k)[...] for k in ("scale", "bias") if getattr(bn, k, None) is not None
     }
     bn_stats = {k: getattr(bn, k)[...] for k in ("mean", "var")}
     bias = getattr(layer, "bias", None)
     names = {
-        "kernel": _attribute(layer_path) + ".kernel",
-        "bias": _attribute(layer_path) + ".bias",
-        "bn_params": _attribute(bn_path),
-        "bn_stats": _attribute(bn_path),
+      "kernel": _attribute(layer_path) + ".kernel",
+      "bias": _attribute(layer_path) + ".bias",
+      "bn_params": _attribute(bn_path),
+      "bn_stats": _attribute(bn_path),
     }
     epsilon = _checks.epsilon(fn, getattr(bn, "epsilon", DEFAULT_EPSILON))
     kernel_axis = -2 if getattr(layer, "transpose_kernel", False) else -1
     new_kernel, new_bias = _fold(
-        fn, where, names, layer.kernel[...], None if bias is None else bias[...],
-        bn_params, bn_stats, epsilon, kernel_axis,
+      fn,
+      where,
+      names,
+      layer.kernel[...],
+      None if bias is None else bias[...],
+      bn_params,
+      bn_stats,
+      epsilon,
+      kernel_axis,
     )
     folded.append((layer, bias, bn_path, new_kernel, new_bias))
   for layer, bias, bn_path, new_kernel, new_bias in folded:
@@ -309,17 +323,17 @@ def _fold(fn, where, names, kernel, bias, bn_params, bn_stats, epsilon, kernel_a
   kernel = _float_array(fn, where, names["kernel"], kernel)
   if kernel.ndim < 2:
     _checks.fail(
-        fn,
-        f"{where}`{names['kernel']}` must have rank >= 2 (Dense: (in, out); Conv: (*window, in,"
-        f" out)), got shape {tuple(kernel.shape)}.",
+      fn,
+      f"{where}`{names['kernel']}` must have rank >= 2 (Dense: (in, out); Conv: (*window, in,"
+      f" out)), got shape {tuple(kernel.shape)}.",
     )
   if isinstance(kernel_axis, bool) or not isinstance(kernel_axis, numbers.Integral):
     _checks.fail(fn, f"{where}`kernel_axis` must be an int, got {kernel_axis!r}.", TypeError)
   if not -kernel.ndim <= kernel_axis < kernel.ndim:
     _checks.fail(
-        fn,
-        f"{where}`kernel_axis`={kernel_axis} is out of range for `{names['kernel']}` of shape"
-        f" {tuple(kernel.shape)}; expected values in [{-kernel.ndim}, {kernel.ndim - 1}].",
+      fn,
+      f"{where}`kernel_axis`={kernel_axis} is out of range for `{names['kernel']}` of shape"
+      f" {tuple(kernel.shape)}; expected values in [{-kernel.ndim}, {kernel.ndim - 1}].",
     )
   kernel_axis = int(kernel_axis) % kernel.ndim
   features = kernel.shape[kernel_axis]
@@ -327,76 +341,74 @@ def _fold(fn, where, names, kernel, bias, bn_params, bn_stats, epsilon, kernel_a
   if bn_params is None:
     bn_params = {}
   for what, value, keys in (
-      ("bn_params", bn_params, _checks.PARAM_KEYS),
-      ("bn_stats", bn_stats, _checks.REQUIRED_STAT_KEYS),
+    ("bn_params", bn_params, _checks.PARAM_KEYS),
+    ("bn_stats", bn_stats, _checks.REQUIRED_STAT_KEYS),
   ):
     if not isinstance(value, Mapping):
       _checks.fail(
-          fn,
-          f"{where}`{names[what]}` must be a dict with keys {keys}, got {type(value).__name__}.",
-          TypeError,
+        fn,
+        f"{where}`{names[what]}` must be a dict with keys {keys}, got {type(value).__name__}.",
+        TypeError,
       )
   unknown = sorted(set(bn_params) - set(_checks.PARAM_KEYS))
   if unknown:
     _checks.fail(
-        fn,
-        f"{where}`{names['bn_params']}` has keys {unknown}; a batch norm's params are"
-        f" {_checks.PARAM_KEYS}.{_PAIR_HINT}",
+      fn,
+      f"{where}`{names['bn_params']}` has keys {unknown}; a batch norm's params are"
+      f" {_checks.PARAM_KEYS}.{_PAIR_HINT}",
     )
   missing = [k for k in _checks.REQUIRED_STAT_KEYS if k not in bn_stats]
   if missing:
     _checks.fail(
-        fn,
-        f"{where}`{names['bn_stats']}` is missing {missing}; got keys {sorted(bn_stats)}."
-        " Hint: a batch norm's running statistics are 'mean' and 'var' (Flax's names).",
+      fn,
+      f"{where}`{names['bn_stats']}` is missing {missing}; got keys {sorted(bn_stats)}."
+      " Hint: a batch norm's running statistics are 'mean' and 'var' (Flax's names).",
     )
-  bn = {
-      k: _float_array(fn, where, f"{names['bn_params']}['{k}']", v) for k, v in bn_params.items()
-  }
+  bn = {k: _float_array(fn, where, f"{names['bn_params']}['{k}']", v) for k, v in bn_params.items()}
   bn |= {
-      k: _float_array(fn, where, f"{names['bn_stats']}['{k}']", bn_stats[k])
-      for k in _checks.REQUIRED_STAT_KEYS
+    k: _float_array(fn, where, f"{names['bn_stats']}['{k}']", bn_stats[k])
+    for k in _checks.REQUIRED_STAT_KEYS
   }
   for key, value in bn.items():
     what = names["bn_params" if key in _checks.PARAM_KEYS else "bn_stats"] + f"['{key}']"
     if value.ndim != 1:
       _checks.fail(
-          fn,
-          f"{where}`{what}` has shape {tuple(value.shape)}: the batch norm normalizes several"
-          " feature axes, and only one over the layer's output features alone (the last axis,"
-          " axis=-1 in Flax) can be folded into the kernel.",
+        fn,
+        f"{where}`{what}` has shape {tuple(value.shape)}: the batch norm normalizes several"
+        " feature axes, and only one over the layer's output features alone (the last axis,"
+        " axis=-1 in Flax) can be folded into the kernel.",
       )
     if value.shape[0] != features:
       _checks.fail(
-          fn,
-          f"{where}the batch norm normalizes {value.shape[0]} features (`{what}` has shape"
-          f" {tuple(value.shape)}), expected the layer's {features} output features"
-          f" (`{names['kernel']}` has shape {tuple(kernel.shape)}, output features on axis"
-          f" {kernel_axis - kernel.ndim}). Hint: pair each batch norm with the layer whose"
-          " output it normalizes; a batch norm over another axis than the output features"
-          " (axis=-1 in Flax) cannot be folded.",
+        fn,
+        f"{where}the batch norm normalizes {value.shape[0]} features (`{what}` has shape"
+        f" {tuple(value.shape)}), expected the layer's {features} output features"
+        f" (`{names['kernel']}` has shape {tuple(kernel.shape)}, output features on axis"
+        f" {kernel_axis - kernel.ndim}). Hint: pair each batch norm with the layer whose"
+        " output it normalizes; a batch norm over another axis than the output features"
+        " (axis=-1 in Flax) cannot be folded.",
       )
   if bias is not None:
     bias = _float_array(fn, where, names["bias"], bias)
     if tuple(bias.shape) != (features,):
       _checks.fail(
-          fn,
-          f"{where}`{names['bias']}` must have shape ({features},), one value per output"
-          f" feature of `{names['kernel']}` {tuple(kernel.shape)}, got {tuple(bias.shape)}.",
+        fn,
+        f"{where}`{names['bias']}` must have shape ({features},), one value per output"
+        f" feature of `{names['kernel']}` {tuple(kernel.shape)}, got {tuple(bias.shape)}.",
       )
 
   var = bn["var"]
   if not isinstance(var, jax.core.Tracer) and bool(np.any(np.asarray(var) < 0)):
     bad = [int(i) for i in np.flatnonzero(np.asarray(var) < 0)][:10]
     _checks.fail(
-        fn,
-        f"{where}`{names['bn_stats']}['var']` is negative in features {bad}: a variance cannot"
-        " be, so the running statistics are damaged (its square root would make the folded"
-        " kernel NaN). Hint: restore them from a checkpoint, or re-estimate them on data.",
+      fn,
+      f"{where}`{names['bn_stats']}['var']` is negative in features {bad}: a variance cannot"
+      " be, so the running statistics are damaged (its square root would make the folded"
+      " kernel NaN). Hint: restore them from a checkpoint, or re-estimate them on data.",
     )
   dtype = max(
-      (jnp.dtype(jnp.float32), *(a.dtype for a in (kernel, bias, *bn.values()) if a is not None)),
-      key=lambda d: d.itemsize,
+    (jnp.dtype(jnp.float32), *(a.dtype for a in (kernel, bias, *bn.values()) if a is not None)),
+    key=lambda d: d.itemsize,
   )
   inv = lax.rsqrt(bn["var"].astype(dtype) + jnp.asarray(epsilon, dtype))
   if "scale" in bn:
@@ -415,11 +427,11 @@ def _float_array(fn, where, name, value):
   value = _checks.array_like(fn, name, value)
   if not jnp.issubdtype(value.dtype, jnp.floating):
     _checks.fail(
-        fn,
-        f"{where}`{name}` must have a floating dtype (float16, bfloat16, float32, float64), got"
-        f" {value.dtype}. Hint: a quantized or integer layer cannot absorb the batch norm;"
-        " fold before quantizing.",
-        TypeError,
+      fn,
+      f"{where}`{name}` must have a floating dtype (float16, bfloat16, float32, float64), got"
+      f" {value.dtype}. Hint: a quantized or integer layer cannot absorb the batch norm;"
+      " fold before quantizing.",
+      TypeError,
     )
   return value
 
@@ -428,47 +440,47 @@ def _pairs(fn, pairs, *, nnx=False):
   """[(layer_path, bn_path, options)], paths as tuples of keys, checked for repeats."""
   if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
     _checks.fail(
-        fn,
-        f"`pairs` must be a list of (layer, bn) paths, got {pairs!r}. Hint: [('Conv_0',"
-        " 'BatchNorm_0')], even for one pair.",
-        TypeError,
+      fn,
+      f"`pairs` must be a list of (layer, bn) paths, got {pairs!r}. Hint: [('Conv_0',"
+      " 'BatchNorm_0')], even for one pair.",
+      TypeError,
     )
   out, seen = [], {}
   for index, pair in enumerate(pairs):
     if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) not in {2, 3}:
       _checks.fail(
-          fn,
-          f"`pairs[{index}]` must be a (layer, bn) or (layer, bn, options) tuple, got"
-          f" {pair!r}.{_PAIR_HINT}",
-          TypeError,
+        fn,
+        f"`pairs[{index}]` must be a (layer, bn) or (layer, bn, options) tuple, got"
+        f" {pair!r}.{_PAIR_HINT}",
+        TypeError,
       )
     layer_path, bn_path = (_path(fn, f"`pairs[{index}]`", p, nnx=nnx) for p in pair[:2])
     options = pair[2] if len(pair) == 3 else {}
     if nnx and len(pair) == 3:
       _checks.fail(
-          fn,
-          f"`pairs[{index}]` has options {options!r}, but fold_nnx reads epsilon and"
-          " transpose_kernel from the modules. Hint: pass (layer, bn) only.",
-          TypeError,
+        fn,
+        f"`pairs[{index}]` has options {options!r}, but fold_nnx reads epsilon and"
+        " transpose_kernel from the modules. Hint: pass (layer, bn) only.",
+        TypeError,
       )
     if not isinstance(options, Mapping):
       _checks.fail(
-          fn,
-          f"`pairs[{index}]`'s third element must be a dict of options {PAIR_OPTIONS}, got"
-          f" {options!r}.",
-          TypeError,
+        fn,
+        f"`pairs[{index}]`'s third element must be a dict of options {PAIR_OPTIONS}, got"
+        f" {options!r}.",
+        TypeError,
       )
     unknown = sorted(set(options) - set(PAIR_OPTIONS))
     if unknown:
       _checks.fail(
-          fn, f"`pairs[{index}]` has unknown options {unknown}; expected some of {PAIR_OPTIONS}."
+        fn, f"`pairs[{index}]` has unknown options {unknown}; expected some of {PAIR_OPTIONS}."
       )
     for path in (layer_path, bn_path):
       if path in seen:
         _checks.fail(
-            fn,
-            f"`pairs[{index}]` names {_show(path)}, which `pairs[{seen[path]}]` already names."
-            " Hint: each layer absorbs one batch norm, and each batch norm folds once.",
+          fn,
+          f"`pairs[{index}]` names {_show(path)}, which `pairs[{seen[path]}]` already names."
+          " Hint: each layer absorbs one batch norm, and each batch norm folds once.",
         )
       seen[path] = index
     out.append((layer_path, bn_path, options))
@@ -490,10 +502,9 @@ def _path(fn, where, path, *, nnx):
   if not keys or not all(valid):
     kinds = "strings and ints" if nnx else "strings"
     _checks.fail(
-        fn,
-        f"{where} path {path!r} must be a non-empty 'a/b' string or a tuple of {kinds}."
-        + _PATH_HINT,
-        TypeError,
+      fn,
+      f"{where} path {path!r} must be a non-empty 'a/b' string or a tuple of {kinds}." + _PATH_HINT,
+      TypeError,
     )
   return keys
 
@@ -522,9 +533,9 @@ def _lookup(fn, where, tree, path, tree_name):
       under = f"under {_show(path[:depth])}" if depth else "at the top"
       keys = sorted(node) if isinstance(node, Mapping) else f"a {type(node).__name__}"
       _checks.fail(
-          fn,
-          f"{where}{_show(path)} is not in {tree_name}: no {key!r} {under} (found {keys})."
-          + _PATH_HINT,
+        fn,
+        f"{where}{_show(path)} is not in {tree_name}: no {key!r} {under} (found {keys})."
+        + _PATH_HINT,
       )
     node = node[key]
   return node
@@ -577,10 +588,10 @@ def _get_attr_path(fn, where, model, path):
     except (AttributeError, IndexError, KeyError, TypeError):
       under = f"of {_show(path[:depth])}" if depth else "of the model"
       _checks.fail(
-          fn,
-          f"{where}{_show(path)} is not in the model: no {key!r} {under}"
-          f" ({type(node).__name__}). Hint: paths are attribute names from the model, e.g."
-          " 'conv1', 'block/bn' or ('layers', 0) for an nnx.Sequential.",
+        fn,
+        f"{where}{_show(path)} is not in the model: no {key!r} {under}"
+        f" ({type(node).__name__}). Hint: paths are attribute names from the model, e.g."
+        " 'conv1', 'block/bn' or ('layers', 0) for an nnx.Sequential.",
       )
   return node
 
@@ -593,4 +604,3 @@ def _set_attr_path(model, path, value):
     parent[path[-1]] = value
   else:
     setattr(parent, path[-1], value)
-

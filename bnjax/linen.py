@@ -161,11 +161,11 @@ class BatchNorm(module.Module):
 
   @module.compact
   def __call__(
-      self,
-      x: jax.Array,
-      use_running_average: bool | jax.Array | None = None,
-      *,
-      mask: jax.Array | None = None,
+    self,
+    x: jax.Array,
+    use_running_average: bool | jax.Array | None = None,
+    *,
+    mask: jax.Array | None = None,
   ) -> jax.Array:
     """Normalizes ``x``; in training also updates ``batch_stats`` (unless initializing).
 
@@ -180,7 +180,7 @@ class BatchNorm(module.Module):
       The normalized input, of ``x``'s shape.
     """
     use_running_average = module.merge_param(
-        "use_running_average", self.use_running_average, use_running_average
+      "use_running_average", self.use_running_average, use_running_average
     )
     training = _flax_common.training_from_flag(_FN, use_running_average)
     _flax_common.module_dtypes(_FN, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -194,11 +194,15 @@ class BatchNorm(module.Module):
     # The running statistics bnjax.init lays out for these options, as batch_stats variables;
     # a count is also kept up to date where the collection already holds one (stats from
     # `conventions.PYTORCH.init`, a ported num_batches_tracked).
-    counts = (track_count or options["momentum"] is None or options["zero_debias"] is not None
-              or self.has_variable("batch_stats", "count"))
+    counts = (
+      track_count
+      or options["momentum"] is None
+      or options["zero_debias"] is not None
+      or self.has_variable("batch_stats", "count")
+    )
     _, initial = init(feature_shape, track_count=counts, renorm=options["renorm"])
     variables = {
-        key: self.variable("batch_stats", key, lambda v=value: v) for key, value in initial.items()
+      key: self.variable("batch_stats", key, lambda v=value: v) for key, value in initial.items()
     }
     stats = {key: variable.value for key, variable in variables.items()}
 
@@ -210,27 +214,28 @@ class BatchNorm(module.Module):
 
     initializing = self.is_initializing()
     options["update_stats"] = (
-        _checks.flag(_FN, "update_stats", options["update_stats"]) and not initializing)
+      _checks.flag(_FN, "update_stats", options["update_stats"]) and not initializing
+    )
     y, new_stats = batch_norm(
-        x,
-        params,
-        stats,
-        training=training,
-        axis=self.axis,
-        mask=mask,
-        axis_name=None if initializing else self.axis_name,
-        axis_index_groups=None if initializing else self.axis_index_groups,
-        dtype=_flax_common.output_dtype(x, params.get("scale"), params.get("bias"), dtype=self.dtype),
-        **options,
+      x,
+      params,
+      stats,
+      training=training,
+      axis=self.axis,
+      mask=mask,
+      axis_name=None if initializing else self.axis_name,
+      axis_index_groups=None if initializing else self.axis_index_groups,
+      dtype=_flax_common.output_dtype(x, params.get("scale"), params.get("bias"), dtype=self.dtype),
+      **options,
     )
     if training is not False and not initializing:
       if not self.is_mutable_collection("batch_stats"):
         _checks.fail(
-            _FN,
-            "training writes the new running statistics to the 'batch_stats' collection, which"
-            " this apply does not let change (with a traced `use_running_average`, both"
-            " branches write it). Hint: apply with mutable=['batch_stats'] and keep"
-            " updates['batch_stats'].",
+          _FN,
+          "training writes the new running statistics to the 'batch_stats' collection, which"
+          " this apply does not let change (with a traced `use_running_average`, both"
+          " branches write it). Hint: apply with mutable=['batch_stats'] and keep"
+          " updates['batch_stats'].",
         )
       for key, variable in variables.items():
         variable.value = new_stats[key]

@@ -130,48 +130,48 @@ class BatchNorm(nnx.Module):
   """
 
   def __init__(
-      self,
-      num_features: int | tuple[int, ...],
-      *,
-      use_running_average: bool | None = False,
-      axis: int | tuple[int, ...] = -1,
-      momentum: float | None = 0.99,
-      epsilon: float = 1e-5,
-      dtype: Dtype | None = None,
-      param_dtype: Dtype = jnp.float32,
-      use_bias: bool = True,
-      use_scale: bool = True,
-      bias_init: Initializer = initializers.zeros_init(),
-      scale_init: Initializer = initializers.ones_init(),
-      axis_name: str | None = None,
-      axis_index_groups: Any = None,
-      use_fast_variance: bool = False,
-      variance: str = "auto",
-      running_variance: str = "biased",
-      backward: str = "closed_form",
-      update_stats: bool = True,
-      renorm: bool = False,
-      renorm_clipping: dict[str, float] | None = None,
-      renorm_momentum: float = 0.99,
-      virtual_batch_size: int | None = None,
-      adjustment: Callable[[tuple[int, ...]], tuple[jax.Array, jax.Array]] | None = None,
-      zero_debias: str | None = None,
-      track_count: bool = False,
-      convention: Convention | None = None,
-      on_nonfinite: str = "keep",
-      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
-      rngs: nnx.Rngs,
-      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
-      scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+    self,
+    num_features: int | tuple[int, ...],
+    *,
+    use_running_average: bool | None = False,
+    axis: int | tuple[int, ...] = -1,
+    momentum: float | None = 0.99,
+    epsilon: float = 1e-5,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    use_bias: bool = True,
+    use_scale: bool = True,
+    bias_init: Initializer = initializers.zeros_init(),
+    scale_init: Initializer = initializers.ones_init(),
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+    use_fast_variance: bool = False,
+    variance: str = "auto",
+    running_variance: str = "biased",
+    backward: str = "closed_form",
+    update_stats: bool = True,
+    renorm: bool = False,
+    renorm_clipping: dict[str, float] | None = None,
+    renorm_momentum: float = 0.99,
+    virtual_batch_size: int | None = None,
+    adjustment: Callable[[tuple[int, ...]], tuple[jax.Array, jax.Array]] | None = None,
+    zero_debias: str | None = None,
+    track_count: bool = False,
+    convention: Convention | None = None,
+    on_nonfinite: str = "keep",
+    promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+    rngs: nnx.Rngs,
+    bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    scale_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
-    options = {name: value for name, value in locals().items()
-               if name in _module_options.BATCH_NORM_OPTIONS}
+    options = {
+      name: value for name, value in locals().items() if name in _module_options.BATCH_NORM_OPTIONS
+    }
     options["variance"] = _flax_common.variance_algorithm(_FN, use_fast_variance, variance)
     options["track_count"] = track_count
     options = _module_options.with_convention(_FN, convention, options, _DEFAULTS)
     _checks.choice(_FN, "variance", options["variance"], _checks.VARIANCE_ALGORITHMS)
-    _checks.choice(_FN, "running_variance", options["running_variance"],
-                   _checks.RUNNING_VARIANCES)
+    _checks.choice(_FN, "running_variance", options["running_variance"], _checks.RUNNING_VARIANCES)
     _checks.choice(_FN, "backward", options["backward"], _normalize.BACKWARDS)
     _checks.choice(_FN, "on_nonfinite", options["on_nonfinite"], _checks.ON_NONFINITE)
     _checks.momentum(_FN, options["momentum"])
@@ -183,10 +183,11 @@ class BatchNorm(nnx.Module):
 
     # The running statistics bnjax.init lays out for these options, one BatchStat each.
     _, initial = init(
-        feature_shape,
-        track_count=(options["track_count"] or options["momentum"] is None
-                     or options["zero_debias"] is not None),
-        renorm=options["renorm"],
+      feature_shape,
+      track_count=(
+        options["track_count"] or options["momentum"] is None or options["zero_debias"] is not None
+      ),
+      renorm=options["renorm"],
     )
     for key, value in initial.items():
       setattr(self, key, nnx.BatchStat(value))
@@ -195,15 +196,13 @@ class BatchNorm(nnx.Module):
     self.scale: nnx.Param[jax.Array] | None
     if use_scale:
       self.scale = nnx.Param(
-          scale_init(rngs.params(), feature_shape, param_dtype), **scale_metadata
+        scale_init(rngs.params(), feature_shape, param_dtype), **scale_metadata
       )
     else:
       self.scale = nnx.data(None)
     self.bias: nnx.Param[jax.Array] | None
     if use_bias:
-      self.bias = nnx.Param(
-          bias_init(rngs.params(), feature_shape, param_dtype), **bias_metadata
-      )
+      self.bias = nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype), **bias_metadata)
     else:
       self.bias = nnx.data(None)
 
@@ -223,11 +222,11 @@ class BatchNorm(nnx.Module):
       setattr(self, name, value)
 
   def __call__(
-      self,
-      x: jax.Array,
-      use_running_average: bool | jax.Array | None = None,
-      *,
-      mask: jax.Array | None = None,
+    self,
+    x: jax.Array,
+    use_running_average: bool | jax.Array | None = None,
+    *,
+    mask: jax.Array | None = None,
   ) -> jax.Array:
     """Normalizes ``x``; in training also updates the ``nnx.BatchStat`` variables.
 
@@ -242,12 +241,12 @@ class BatchNorm(nnx.Module):
       The normalized input, of ``x``'s shape.
     """
     use_running_average = first_from(
-        use_running_average,
-        self.use_running_average,
-        error_msg=(
-            "No `use_running_average` argument was provided to bnjax.nnx.BatchNorm. Pass it to"
-            " the constructor or the call, or use `model.train()` / `model.eval()`."
-        ),
+      use_running_average,
+      self.use_running_average,
+      error_msg=(
+        "No `use_running_average` argument was provided to bnjax.nnx.BatchNorm. Pass it to"
+        " the constructor or the call, or use `model.train()` / `model.eval()`."
+      ),
     )
     training = _flax_common.training_from_flag(_FN, use_running_average)
     x = _checks.floating_input(_FN, x)
@@ -259,10 +258,13 @@ class BatchNorm(nnx.Module):
     # under JAX's standard promotion rules, as Flax's does, also where the caller is strict.
     with jax.numpy_dtype_promotion("standard"):
       x, mean, var, scale, bias = self.promote_dtype(
-          (x, stats["mean"], stats["var"], _value(self.scale), _value(self.bias)),
-          dtype=self.dtype)
-    params = {key: _real_like(value, stored) for key, value, stored in (
-        ("scale", scale, self.scale), ("bias", bias, self.bias)) if value is not None}
+        (x, stats["mean"], stats["var"], _value(self.scale), _value(self.bias)), dtype=self.dtype
+      )
+    params = {
+      key: _real_like(value, stored)
+      for key, value, stored in (("scale", scale, self.scale), ("bias", bias, self.bias))
+      if value is not None
+    }
     if jnp.iscomplexobj(x):  # the running mean becomes complex, as in Flax
       stats["mean"] = stats["mean"].astype(x.dtype)
     eval_stats = {**stats, "mean": mean, "var": _real_like(var, self.var)}
@@ -270,9 +272,16 @@ class BatchNorm(nnx.Module):
 
     def normalize(train: bool, stats):
       return batch_norm(
-          x, params, stats, training=train, axis=self.axis, mask=mask,
-          axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-          dtype=_flax_common.output_dtype(x, scale, bias, dtype=self.dtype), **options,
+        x,
+        params,
+        stats,
+        training=train,
+        axis=self.axis,
+        mask=mask,
+        axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups,
+        dtype=_flax_common.output_dtype(x, scale, bias, dtype=self.dtype),
+        **options,
       )
 
     if training is True:
@@ -281,8 +290,8 @@ class BatchNorm(nnx.Module):
       return normalize(False, eval_stats)[0]
     else:
       y, new_stats = lax.cond(
-          training, lambda: normalize(True, stats),
-          lambda: (normalize(False, eval_stats)[0], stats))
+        training, lambda: normalize(True, stats), lambda: (normalize(False, eval_stats)[0], stats)
+      )
     for key in self.stat_keys:  # set_value: complex input makes the mean complex
       getattr(self, key).set_value(new_stats[key])
     return y
@@ -310,5 +319,5 @@ def _real_like(value: jax.Array | None, stored: nnx.Variable | None) -> jax.Arra
 
 
 _DEFAULTS = {
-    name: p.default for name, p in inspect.signature(BatchNorm.__init__).parameters.items()
+  name: p.default for name, p in inspect.signature(BatchNorm.__init__).parameters.items()
 }

@@ -36,27 +36,27 @@ from jax import lax
 
 from bnjax import _checkpoint, _checks
 from bnjax._checkpoint import (
-    CheckpointDamagedError,
-    CheckpointError,
-    CheckpointMismatchError,
-    CheckpointNotFoundError,
+  CheckpointDamagedError,
+  CheckpointError,
+  CheckpointMismatchError,
+  CheckpointNotFoundError,
 )
 from bnjax.diagnostics import covered_by
 
 __all__ = [
-    "TrainState",
-    "create_train_state",
-    "linen_apply_fn",
-    "make_train_step",
-    "make_eval_step",
-    "make_predict",
-    "freeze",
-    "save_checkpoint",
-    "restore_checkpoint",
-    "CheckpointError",
-    "CheckpointNotFoundError",
-    "CheckpointDamagedError",
-    "CheckpointMismatchError",
+  "CheckpointDamagedError",
+  "CheckpointError",
+  "CheckpointMismatchError",
+  "CheckpointNotFoundError",
+  "TrainState",
+  "create_train_state",
+  "freeze",
+  "linen_apply_fn",
+  "make_eval_step",
+  "make_predict",
+  "make_train_step",
+  "restore_checkpoint",
+  "save_checkpoint",
 ]
 
 ApplyFn = Callable[..., tuple[Any, Any]]  # (params, batch_stats, inputs, *, training[, key])
@@ -74,7 +74,7 @@ class TrainState(NamedTuple):
 
 
 def create_train_state(
-    params: Any, batch_stats: Any, tx: optax.GradientTransformation
+  params: Any, batch_stats: Any, tx: optax.GradientTransformation
 ) -> TrainState:
   """The state at step 0: ``TrainState(0, params, batch_stats, tx.init(params))``."""
   _gradient_transformation("create_train_state", tx)
@@ -82,7 +82,7 @@ def create_train_state(
 
 
 def linen_apply_fn(
-    model: Any, *, train_arg: str = "train", rng_collection: str = "dropout"
+  model: Any, *, train_arg: str = "train", rng_collection: str = "dropout"
 ) -> ApplyFn:
   """``apply_fn`` for a ``flax.linen`` model whose ``__call__`` takes ``train: bool``.
 
@@ -100,10 +100,10 @@ def linen_apply_fn(
   """
   if isinstance(model, type) or not callable(getattr(model, "apply", None)):
     _checks.fail(
-        "training.linen_apply_fn",
-        f"`model` must be a flax.linen module instance, got {model!r}."
-        " Hint: pass an instance, e.g. `linen_apply_fn(CNN())`, not the class.",
-        TypeError,
+      "training.linen_apply_fn",
+      f"`model` must be a flax.linen module instance, got {model!r}."
+      " Hint: pass an instance, e.g. `linen_apply_fn(CNN())`, not the class.",
+      TypeError,
     )
 
   def apply_fn(params, batch_stats, inputs, *, training, key=None):
@@ -112,7 +112,7 @@ def linen_apply_fn(
     if not training:
       return model.apply(variables, inputs, rngs=rngs, **{train_arg: False}), batch_stats
     outputs, updates = model.apply(
-        variables, inputs, rngs=rngs, mutable=["batch_stats"], **{train_arg: True}
+      variables, inputs, rngs=rngs, mutable=["batch_stats"], **{train_arg: True}
     )
     return outputs, updates["batch_stats"]
 
@@ -120,13 +120,13 @@ def linen_apply_fn(
 
 
 def make_train_step(
-    apply_fn: ApplyFn,
-    tx: optax.GradientTransformation,
-    *,
-    loss_fn: LossFn,
-    metrics_fn: MetricsFn | None = None,
-    axis_name: Any = None,
-    skip_nonfinite: bool = True,
+  apply_fn: ApplyFn,
+  tx: optax.GradientTransformation,
+  *,
+  loss_fn: LossFn,
+  metrics_fn: MetricsFn | None = None,
+  axis_name: Any = None,
+  skip_nonfinite: bool = True,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """A jitted ``train_step(state, inputs, targets, key=None) -> (new_state, metrics)``::
 
@@ -175,8 +175,11 @@ def make_train_step(
   """
   skip_nonfinite = _checks.flag("training.make_train_step", "skip_nonfinite", skip_nonfinite)
   _callables(
-      "training.make_train_step",
-      apply_fn=apply_fn, loss_fn=loss_fn, metrics_fn=metrics_fn, optional={"metrics_fn"},
+    "training.make_train_step",
+    apply_fn=apply_fn,
+    loss_fn=loss_fn,
+    metrics_fn=metrics_fn,
+    optional={"metrics_fn"},
   )
   _gradient_transformation("training.make_train_step", tx)
   fn = "training.train_step"
@@ -192,7 +195,7 @@ def make_train_step(
 
     def objective(params):
       outputs, batch_stats = _apply(
-          fn, apply_fn, params, state.batch_stats, inputs, training=True, **model_kwargs
+        fn, apply_fn, params, state.batch_stats, inputs, training=True, **model_kwargs
       )
       loss = _scalar_loss(fn, loss_fn(outputs, targets))
       if axis_name is not None:
@@ -200,7 +203,7 @@ def make_train_step(
       return loss, (outputs, batch_stats)
 
     (loss, (outputs, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
-        state.params
+      state.params
     )
     if axis_name is not None:
       grads = lax.pmean(grads, axis_name)
@@ -208,8 +211,7 @@ def make_train_step(
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & _all_finite(grads)
     if skip_nonfinite:
-      params, batch_stats = _where(
-          finite, (params, batch_stats), (state.params, state.batch_stats))
+      params, batch_stats = _where(finite, (params, batch_stats), (state.params, state.batch_stats))
       if not _has_apply_if_finite(opt_state):  # apply_if_finite guards and counts by itself
         opt_state = _where(finite, opt_state, state.opt_state)
     new_state = TrainState(state.step + 1, params, batch_stats, opt_state)
@@ -220,11 +222,11 @@ def make_train_step(
 
 
 def make_eval_step(
-    apply_fn: ApplyFn,
-    *,
-    loss_fn: LossFn,
-    metrics_fn: MetricsFn | None = None,
-    axis_name: Any = None,
+  apply_fn: ApplyFn,
+  *,
+  loss_fn: LossFn,
+  metrics_fn: MetricsFn | None = None,
+  axis_name: Any = None,
 ) -> Callable[[TrainState, Any, Any], dict[str, jax.Array]]:
   """A jitted ``eval_step(state, inputs, targets) -> metrics`` with the running statistics::
 
@@ -235,8 +237,11 @@ def make_eval_step(
   Nothing in ``state`` changes and no state is returned. Arguments as for ``make_train_step``.
   """
   _callables(
-      "training.make_eval_step",
-      apply_fn=apply_fn, loss_fn=loss_fn, metrics_fn=metrics_fn, optional={"metrics_fn"},
+    "training.make_eval_step",
+    apply_fn=apply_fn,
+    loss_fn=loss_fn,
+    metrics_fn=metrics_fn,
+    optional={"metrics_fn"},
   )
   fn = "training.eval_step"
 
@@ -266,7 +271,7 @@ def make_predict(apply_fn: ApplyFn) -> Callable[[TrainState, Any], Any]:
 
 
 def freeze(
-    tx: optax.GradientTransformation, *, frozen: Collection[str]
+  tx: optax.GradientTransformation, *, frozen: Collection[str]
 ) -> optax.GradientTransformation:
   """Keras 3's ``layer.trainable = False`` for the layers in ``frozen``, from optax masking.
 
@@ -310,35 +315,35 @@ def freeze(
   _gradient_transformation(fn, tx)
   if isinstance(frozen, str) or not isinstance(frozen, Collection):
     _checks.fail(
-        fn,
-        f"`frozen` must be a collection of layer paths, got {frozen!r}."
-        " Hint: frozen={'bn1'} for one layer.",
-        TypeError,
+      fn,
+      f"`frozen` must be a collection of layer paths, got {frozen!r}."
+      " Hint: frozen={'bn1'} for one layer.",
+      TypeError,
     )
   frozen = frozenset(frozen)
 
   def labels(params):
     paths = [
-        jax.tree_util.keystr(path, simple=True, separator="/")
-        for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+      jax.tree_util.keystr(path, simple=True, separator="/")
+      for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
     ]
     unknown = sorted(f for f in frozen if not any(covered_by(p, {f}) for p in paths))
     if unknown:
       _checks.fail(
-          fn,
-          f"`frozen` names layers without parameters: {unknown}; the parameters are {paths}."
-          " Hint: paths join module names with '/', as in the params tree.",
+        fn,
+        f"`frozen` names layers without parameters: {unknown}; the parameters are {paths}."
+        " Hint: paths join module names with '/', as in the params tree.",
       )
     return jax.tree.unflatten(
-        jax.tree.structure(params),
-        ["frozen" if covered_by(p, frozen) else "trainable" for p in paths],
+      jax.tree.structure(params),
+      ["frozen" if covered_by(p, frozen) else "trainable" for p in paths],
     )
 
   return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def save_checkpoint(
-    path: str | pathlib.Path, state: TrainState, *, overwrite: bool = False
+  path: str | pathlib.Path, state: TrainState, *, overwrite: bool = False
 ) -> pathlib.Path:
   """Writes all of ``state`` (step, params, batch_stats, opt_state) to the directory ``path``.
 
@@ -363,7 +368,7 @@ def save_checkpoint(
 
 
 def restore_checkpoint(
-    path: str | pathlib.Path, *, like: TrainState, cast: bool = False
+  path: str | pathlib.Path, *, like: TrainState, cast: bool = False
 ) -> TrainState:
   """The ``TrainState`` saved at ``path`` by ``save_checkpoint``, verified against its manifest.
 
@@ -393,29 +398,32 @@ def _apply(fn, apply_fn, params, batch_stats, inputs, **kwargs):
   result = apply_fn(params, batch_stats, inputs, **kwargs)
   if not (isinstance(result, tuple) and len(result) == 2):
     _checks.fail(
-        fn,
-        f"`apply_fn` must return (outputs, new_batch_stats), got {_describe(result)}."
-        " Hint: return the running statistics that bnjax.batch_norm (or the Flax update of"
-        " 'batch_stats') gives back; dropping them is how they end up never updating.",
-        TypeError,
+      fn,
+      f"`apply_fn` must return (outputs, new_batch_stats), got {_describe(result)}."
+      " Hint: return the running statistics that bnjax.batch_norm (or the Flax update of"
+      " 'batch_stats') gives back; dropping them is how they end up never updating.",
+      TypeError,
     )
   outputs, new_batch_stats = result
   before, after = (
-      jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), tree)
-      for tree in (batch_stats, new_batch_stats)
+    jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), tree)
+    for tree in (batch_stats, new_batch_stats)
   )
   if before != after:
     _checks.fail(
-        fn,
-        "`apply_fn` must return new_batch_stats with the structure, shapes and dtypes of"
-        f" batch_stats, expected {before}, got {after}.",
+      fn,
+      "`apply_fn` must return new_batch_stats with the structure, shapes and dtypes of"
+      f" batch_stats, expected {before}, got {after}.",
     )
   return outputs, new_batch_stats
 
 
 def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+  leaves = [
+    jnp.all(jnp.isfinite(leaf))
+    for leaf in jax.tree.leaves(tree)
+    if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
@@ -434,10 +442,10 @@ def _has_apply_if_finite(opt_state) -> bool:
 def _scalar_loss(fn, loss):
   if jnp.shape(loss) != () or not jnp.issubdtype(jnp.result_type(loss), jnp.floating):
     _checks.fail(
-        fn,
-        "`loss_fn` must return a float scalar, got"
-        f" {jnp.result_type(loss)}{list(jnp.shape(loss))}. Hint: average over the batch, e.g."
-        " `optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()`.",
+      fn,
+      "`loss_fn` must return a float scalar, got"
+      f" {jnp.result_type(loss)}{list(jnp.shape(loss))}. Hint: average over the batch, e.g."
+      " `optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()`.",
     )
   return loss
 
@@ -447,9 +455,9 @@ def _metrics(fn, loss, metrics_fn, outputs, targets, axis_name):
   if not isinstance(extra, Mapping) or "loss" in extra:
     got = f"keys {sorted(extra)}" if isinstance(extra, Mapping) else _describe(extra)
     _checks.fail(
-        fn,
-        f"`metrics_fn` must return a dict without a 'loss' key (the step adds it), got {got}.",
-        TypeError,
+      fn,
+      f"`metrics_fn` must return a dict without a 'loss' key (the step adds it), got {got}.",
+      TypeError,
     )
   metrics = {"loss": loss, **extra}
   return metrics if axis_name is None else lax.pmean(metrics, axis_name)
@@ -464,20 +472,19 @@ def _callables(fn, *, optional=(), **functions):
 def _gradient_transformation(fn, tx):
   if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
     _checks.fail(
-        fn,
-        f"`tx` must be an optax.GradientTransformation, got {tx!r}."
-        " Hint: e.g. `optax.adam(1e-3)`.",
-        TypeError,
+      fn,
+      f"`tx` must be an optax.GradientTransformation, got {tx!r}. Hint: e.g. `optax.adam(1e-3)`.",
+      TypeError,
     )
 
 
 def _train_state(fn, name, state):
   if not isinstance(state, TrainState):
     _checks.fail(
-        fn,
-        f"`{name}` must be a bnjax.training.TrainState, got {type(state).__name__}."
-        " Hint: build it with create_train_state(params, batch_stats, tx).",
-        TypeError,
+      fn,
+      f"`{name}` must be a bnjax.training.TrainState, got {type(state).__name__}."
+      " Hint: build it with create_train_state(params, batch_stats, tx).",
+      TypeError,
     )
 
 

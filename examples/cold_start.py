@@ -35,7 +35,7 @@ import bnjax
 from bnjax import diagnostics
 
 matplotlib.use("Agg")  # files only, no window
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,7 @@ def simulate(batches: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
 
   def update(stats, x, momentum):
     _, stats = bnjax.batch_norm(
-        x, params, stats, training=True, momentum=momentum, running_variance="unbiased"
+      x, params, stats, training=True, momentum=momentum, running_variance="unbiased"
     )
     return stats
 
@@ -90,25 +90,41 @@ def plot(path: Path, history, config: Config) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   defaults = Config()
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--steps", type=int, default=defaults.steps,
-                      help="batches the layer sees (default: %(default)s)")
-  parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                      help="examples per batch (default: %(default)s)")
-  parser.add_argument("--seed", type=int, default=defaults.seed,
-                      help="seed of the population draws (default: %(default)s)")
-  parser.add_argument("--plot", type=Path, default=defaults.plot,
-                      help="where to write the PNG of the running statistics against the"
-                      " population's (default: examples/out/cold_start.png)")
+  parser.add_argument(
+    "--steps",
+    type=int,
+    default=defaults.steps,
+    help="batches the layer sees (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--batch-size",
+    type=int,
+    default=defaults.batch_size,
+    help="examples per batch (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--seed",
+    type=int,
+    default=defaults.seed,
+    help="seed of the population draws (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--plot",
+    type=Path,
+    default=defaults.plot,
+    help="where to write the PNG of the running statistics against the"
+    " population's (default: examples/out/cold_start.png)",
+  )
   args = parser.parse_args(argv)
   if args.steps < 1 or args.batch_size < 2:
     parser.error(
-        f"expected --steps >= 1 and --batch-size >= 2, got {args.steps}, {args.batch_size}"
+      f"expected --steps >= 1 and --batch-size >= 2, got {args.steps}, {args.batch_size}"
     )
   config = dataclasses.replace(defaults, **vars(args))
 
   rng = np.random.default_rng(config.seed)
   batches = rng.normal(
-      config.population_mean, config.population_std, size=(config.steps, config.batch_size, 1)
+    config.population_mean, config.population_std, size=(config.steps, config.batch_size, 1)
   ).astype(np.float32)
   history = simulate(batches)
 

@@ -96,8 +96,10 @@ class CNN(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     norm = functools.partial(
-        BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-        axis_name=self.axis_name,
+      BatchNorm,
+      use_running_average=not train,
+      momentum=self.bn_momentum,
+      axis_name=self.axis_name,
     )
     x = nn.relu(norm()(nn.Conv(16, (3, 3), use_bias=False)(x)))  # BN's bias replaces the conv's
     x = nn.relu(norm()(nn.Conv(32, (3, 3), use_bias=False)(x)))
@@ -121,7 +123,7 @@ def load_data(config: Config):
   images = (digits.images / 16.0).astype(np.float32)[..., None]
   labels = digits.target.astype(np.int32)
   return train_test_split(
-      images, labels, test_size=config.test_fraction, random_state=config.seed, stratify=labels
+    images, labels, test_size=config.test_fraction, random_state=config.seed, stratify=labels
   )
 
 
@@ -158,12 +160,12 @@ def make_functions(model: CNN, tx: optax.GradientTransformation, mesh: Mesh):
 
   # Per device: its slice of the global batch; the BN layers and the step share axis 'data'.
   per_device_step = training.make_train_step(
-      apply_fn, tx, loss_fn=loss_fn, metrics_fn=accuracy_fn, axis_name=AXIS
+    apply_fn, tx, loss_fn=loss_fn, metrics_fn=accuracy_fn, axis_name=AXIS
   )
   train_step = jax.jit(
-      jax.shard_map(
-          per_device_step, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P())
-      )
+    jax.shard_map(
+      per_device_step, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P())
+    )
   )
 
   # Evaluation is a plain jit over a sharded batch: no mapped axis is bound there, so the
@@ -245,9 +247,9 @@ def initialize_distributed(config: Config, watchdog: Watchdog) -> None:
   if config.coordinator is not None:
     where = config.coordinator
     advice = (
-        f"Start every process with the same --coordinator and --num-processes"
-        f" ({config.num_processes}) and its own --process-id in 0..{config.num_processes - 1};"
-        " process 0 hosts the coordinator and must be reachable at that address."
+      f"Start every process with the same --coordinator and --num-processes"
+      f" ({config.num_processes}) and its own --process-id in 0..{config.num_processes - 1};"
+      " process 0 hosts the coordinator and must be reachable at that address."
     )
   else:
     where = "the address JAX's cluster auto-detection chose"
@@ -255,18 +257,18 @@ def initialize_distributed(config: Config, watchdog: Watchdog) -> None:
 
   def message():
     return (
-        f"data_parallel.py: not all processes connected to the coordinator at {where} within"
-        f" --init-timeout={config.init_timeout} s; stopping (exit code {EXIT_PEER_LOST}). {advice}"
+      f"data_parallel.py: not all processes connected to the coordinator at {where} within"
+      f" --init-timeout={config.init_timeout} s; stopping (exit code {EXIT_PEER_LOST}). {advice}"
     )
 
   with watchdog.guard(config.init_timeout, message):
     jax.distributed.initialize(
-        coordinator_address=config.coordinator,
-        num_processes=config.num_processes,
-        process_id=config.process_id,
-        initialization_timeout=config.init_timeout + INIT_GRACE_SECONDS,
-        heartbeat_timeout_seconds=config.heartbeat_timeout,
-        shutdown_timeout_seconds=max(config.heartbeat_timeout, 10),
+      coordinator_address=config.coordinator,
+      num_processes=config.num_processes,
+      process_id=config.process_id,
+      initialization_timeout=config.init_timeout + INIT_GRACE_SECONDS,
+      heartbeat_timeout_seconds=config.heartbeat_timeout,
+      shutdown_timeout_seconds=max(config.heartbeat_timeout, 10),
     )
 
 
@@ -284,9 +286,9 @@ def latest_checkpoint(directory: pathlib.Path) -> tuple[int, pathlib.Path] | Non
   import orbax.checkpoint as ocp
 
   found = [
-      (int(m.group(1)), p)
-      for p in directory.glob("step_*")
-      if (m := re.fullmatch(r"step_(\d+)", p.name)) and ocp.utils.is_checkpoint_finalized(p)
+    (int(m.group(1)), p)
+    for p in directory.glob("step_*")
+    if (m := re.fullmatch(r"step_(\d+)", p.name)) and ocp.utils.is_checkpoint_finalized(p)
   ]
   return max(found) if found else None
 
@@ -311,14 +313,14 @@ def _train(config: Config, watchdog: Watchdog, on_step, start: float) -> Result:
   devices = jax.devices()  # all processes' devices, ordered by process
   if config.global_batch_size % len(devices):
     raise ValueError(
-        f"--global-batch-size must be a multiple of the {len(devices)} devices"
-        f" ({processes} process(es)), got {config.global_batch_size}."
+      f"--global-batch-size must be a multiple of the {len(devices)} devices"
+      f" ({processes} process(es)), got {config.global_batch_size}."
     )
   x_train, x_test, y_train, y_test = load_data(config)
   if len(x_train) < config.global_batch_size:
     raise ValueError(
-        f"--global-batch-size must be at most {len(x_train)} (the training set),"
-        f" got {config.global_batch_size}."
+      f"--global-batch-size must be at most {len(x_train)} (the training set),"
+      f" got {config.global_batch_size}."
     )
   mesh = Mesh(np.asarray(devices), (AXIS,))
   split = NamedSharding(mesh, P(AXIS))
@@ -334,9 +336,9 @@ def _train(config: Config, watchdog: Watchdog, on_step, start: float) -> Result:
 
   def slow_peer(what: str) -> Callable[[], str]:
     return lambda: (
-        f"data_parallel.py: process {process} of {processes}: {what} did not finish within"
-        f" --init-timeout={config.init_timeout} s; a peer process has probably died or hung."
-        f" Stopping (exit code {EXIT_PEER_LOST})."
+      f"data_parallel.py: process {process} of {processes}: {what} did not finish within"
+      f" --init-timeout={config.init_timeout} s; a peer process has probably died or hung."
+      f" Stopping (exit code {EXIT_PEER_LOST})."
     )
 
   checkpoints = pathlib.Path(config.checkpoint_dir).absolute() if config.checkpoint_dir else None
@@ -351,19 +353,20 @@ def _train(config: Config, watchdog: Watchdog, on_step, start: float) -> Result:
     def message():
       if last_saved is not None:
         resume = (
-            f" The newest checkpoint is step {last_saved[0]} in {checkpoints}: restart all"
-            f" {processes} processes with the same flags to resume from it."
+          f" The newest checkpoint is step {last_saved[0]} in {checkpoints}: restart all"
+          f" {processes} processes with the same flags to resume from it."
         )
       elif checkpoints is not None:
         resume = f" No checkpoint was written yet to {checkpoints}: a restart begins at step 0."
       else:
         resume = " No --checkpoint-dir was given: a restart begins at step 0."
       return (
-          f"data_parallel.py: process {process} of {processes}: {what} did not finish within"
-          f" {flag}={seconds:g} s; a peer process has probably died, hung or"
-          f" lost its connection (every collective waits for all {processes} processes)."
-          f" Stopping (exit code {EXIT_PEER_LOST}).{resume}"
+        f"data_parallel.py: process {process} of {processes}: {what} did not finish within"
+        f" {flag}={seconds:g} s; a peer process has probably died, hung or"
+        f" lost its connection (every collective waits for all {processes} processes)."
+        f" Stopping (exit code {EXIT_PEER_LOST}).{resume}"
       )
+
     return message
 
   # Evaluation: the test set padded to a multiple of the device count, the padding weighted 0.
@@ -385,8 +388,10 @@ def _train(config: Config, watchdog: Watchdog, on_step, start: float) -> Result:
 
   def save(step):
     nonlocal last_saved
-    with watchdog.guard(config.init_timeout, peer_lost(f"saving the checkpoint of step {step}",
-                                                       "--init-timeout", config.init_timeout)):
+    with watchdog.guard(
+      config.init_timeout,
+      peer_lost(f"saving the checkpoint of step {step}", "--init-timeout", config.init_timeout),
+    ):
       last_saved = (step, training.save_checkpoint(checkpoints / f"step_{step:06d}", state))
 
   if on_step is not None:
@@ -394,8 +399,10 @@ def _train(config: Config, watchdog: Watchdog, on_step, start: float) -> Result:
   if process == 0:
     if resumed_from:
       print(f"resumed from the checkpoint of step {resumed_from} in {checkpoints}")
-    print(f"{processes} process(es), {len(devices)} devices, global batch"
-          f" {config.global_batch_size} ({config.global_batch_size // len(devices)} per device)")
+    print(
+      f"{processes} process(es), {len(devices)} devices, global batch"
+      f" {config.global_batch_size} ({config.global_batch_size // len(devices)} per device)"
+    )
     print(HEADER)
   history, losses, accuracies = [], [], []
   show_bar = config.progress and process == 0 and sys.stderr.isatty()
@@ -416,10 +423,10 @@ def _train(config: Config, watchdog: Watchdog, on_step, start: float) -> Result:
       with watchdog.guard(config.step_timeout, peer_lost(f"evaluation after step {done}")):
         eval_acc = float(_host(eval_accuracy(state, test_images, test_labels, test_weights)))
       row = {
-          "step": done,
-          "train_loss": float(np.mean([_host(v) for v in losses])),
-          "train_accuracy": float(np.mean([_host(v) for v in accuracies])),
-          "eval_accuracy": eval_acc,
+        "step": done,
+        "train_loss": float(np.mean([_host(v) for v in losses])),
+        "train_accuracy": float(np.mean([_host(v) for v in accuracies])),
+        "eval_accuracy": eval_acc,
       }
       history.append(row)
       losses, accuracies = [], []
@@ -430,15 +437,21 @@ def _train(config: Config, watchdog: Watchdog, on_step, start: float) -> Result:
   if not history:  # resumed at the last step: nothing left to train
     with watchdog.guard(config.step_timeout, peer_lost("evaluation")):
       eval_acc = float(_host(eval_accuracy(state, test_images, test_labels, test_weights)))
-    history.append({"step": resumed_from, "train_loss": float("nan"),
-                    "train_accuracy": float("nan"), "eval_accuracy": eval_acc})
+    history.append(
+      {
+        "step": resumed_from,
+        "train_loss": float("nan"),
+        "train_accuracy": float("nan"),
+        "eval_accuracy": eval_acc,
+      }
+    )
   metrics = {
-      **history[-1],
-      "history": history,
-      "resumed_from": resumed_from,
-      "processes": processes,
-      "devices": len(devices),
-      "seconds": time.perf_counter() - start,
+    **history[-1],
+    "history": history,
+    "resumed_from": resumed_from,
+    "processes": processes,
+    "devices": len(devices),
+    "seconds": time.perf_counter() - start,
   }
   return Result(metrics, state)
 
@@ -451,56 +464,124 @@ def main(argv: list[str] | None = None, *, on_step=None) -> Result:
   """
   defaults = Config()
   parser = argparse.ArgumentParser(
-      description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog=__doc__.split("\n\n", 1)[1],
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=__doc__.split("\n\n", 1)[1],
   )
   add = parser.add_argument
-  add("--steps", type=int, default=defaults.steps,
-      help="training steps, one global batch each (default: %(default)s)")
-  add("--global-batch-size", type=int, default=defaults.global_batch_size,
-      help="examples per step over all devices of all processes; a multiple of the device"
-      " count. BatchNorm's statistics are taken over all of them (default: %(default)s)")
-  add("--learning-rate", type=float, default=defaults.learning_rate,
-      help="Adam's step size (default: %(default)s)")
-  add("--bn-momentum", type=float, default=defaults.bn_momentum,
-      help="BatchNorm's weight on the old running value (default: %(default)s)")
-  add("--seed", type=int, default=defaults.seed,
-      help="seed of the data split, batch order and initialization; every process must use the"
-      " same (default: %(default)s)")
-  add("--log-every", type=int, default=defaults.log_every,
-      help="steps between table rows with eval accuracy; the last step always logs"
-      " (default: %(default)s)")
-  add("--checkpoint-dir", default=None,
-      help="directory, shared by all processes, for orbax checkpoints step_NNNNNN; a run"
-      " resumes from the newest one there (default: no checkpoints)")
-  add("--checkpoint-every", type=int, default=defaults.checkpoint_every,
-      help="steps between checkpoints; one is also written after the last step"
-      " (default: %(default)s)")
-  add("--coordinator", default=None,
-      help="host:port of process 0, which hosts jax.distributed's coordinator (multi-process)")
-  add("--num-processes", type=int, default=None,
-      help="number of processes in the run (with --coordinator)")
-  add("--process-id", type=int, default=None,
-      help="this process's index in 0..num_processes-1 (with --coordinator)")
-  add("--distributed", action="store_true",
-      help="call jax.distributed.initialize() and let JAX detect the cluster (SLURM, Open MPI,"
-      " Cloud TPU, Kubernetes, or JAX_COORDINATOR_ADDRESS); not needed with --coordinator")
-  add("--init-timeout", type=int, default=defaults.init_timeout,
-      help="seconds for the slow collective phases of a multi-process run: all processes"
-      " connecting, waiting for each other to compile, restoring and saving a checkpoint;"
-      f" past it this process stops with exit code {EXIT_PEER_LOST} (default: %(default)s)")
-  add("--heartbeat-timeout", type=int, default=defaults.heartbeat_timeout,
-      help="seconds without heartbeats after which JAX declares a process dead and aborts the"
-      " others; a backstop behind --step-timeout (default: %(default)s)")
-  add("--step-timeout", type=float, default=defaults.step_timeout,
-      help="seconds a train step or evaluation may take in a multi-process run before"
-      " this process concludes a peer is lost and stops with exit code"
-      f" {EXIT_PEER_LOST} (default: %(default)s)")
-  add("--no-progress", dest="progress", action="store_false",
-      help="hide the progress bar (it is also hidden when stderr is not a terminal)")
+  add(
+    "--steps",
+    type=int,
+    default=defaults.steps,
+    help="training steps, one global batch each (default: %(default)s)",
+  )
+  add(
+    "--global-batch-size",
+    type=int,
+    default=defaults.global_batch_size,
+    help="examples per step over all devices of all processes; a multiple of the device"
+    " count. BatchNorm's statistics are taken over all of them (default: %(default)s)",
+  )
+  add(
+    "--learning-rate",
+    type=float,
+    default=defaults.learning_rate,
+    help="Adam's step size (default: %(default)s)",
+  )
+  add(
+    "--bn-momentum",
+    type=float,
+    default=defaults.bn_momentum,
+    help="BatchNorm's weight on the old running value (default: %(default)s)",
+  )
+  add(
+    "--seed",
+    type=int,
+    default=defaults.seed,
+    help="seed of the data split, batch order and initialization; every process must use the"
+    " same (default: %(default)s)",
+  )
+  add(
+    "--log-every",
+    type=int,
+    default=defaults.log_every,
+    help="steps between table rows with eval accuracy; the last step always logs"
+    " (default: %(default)s)",
+  )
+  add(
+    "--checkpoint-dir",
+    default=None,
+    help="directory, shared by all processes, for orbax checkpoints step_NNNNNN; a run"
+    " resumes from the newest one there (default: no checkpoints)",
+  )
+  add(
+    "--checkpoint-every",
+    type=int,
+    default=defaults.checkpoint_every,
+    help="steps between checkpoints; one is also written after the last step"
+    " (default: %(default)s)",
+  )
+  add(
+    "--coordinator",
+    default=None,
+    help="host:port of process 0, which hosts jax.distributed's coordinator (multi-process)",
+  )
+  add(
+    "--num-processes",
+    type=int,
+    default=None,
+    help="number of processes in the run (with --coordinator)",
+  )
+  add(
+    "--process-id",
+    type=int,
+    default=None,
+    help="this process's index in 0..num_processes-1 (with --coordinator)",
+  )
+  add(
+    "--distributed",
+    action="store_true",
+    help="call jax.distributed.initialize() and let JAX detect the cluster (SLURM, Open MPI,"
+    " Cloud TPU, Kubernetes, or JAX_COORDINATOR_ADDRESS); not needed with --coordinator",
+  )
+  add(
+    "--init-timeout",
+    type=int,
+    default=defaults.init_timeout,
+    help="seconds for the slow collective phases of a multi-process run: all processes"
+    " connecting, waiting for each other to compile, restoring and saving a checkpoint;"
+    f" past it this process stops with exit code {EXIT_PEER_LOST} (default: %(default)s)",
+  )
+  add(
+    "--heartbeat-timeout",
+    type=int,
+    default=defaults.heartbeat_timeout,
+    help="seconds without heartbeats after which JAX declares a process dead and aborts the"
+    " others; a backstop behind --step-timeout (default: %(default)s)",
+  )
+  add(
+    "--step-timeout",
+    type=float,
+    default=defaults.step_timeout,
+    help="seconds a train step or evaluation may take in a multi-process run before"
+    " this process concludes a peer is lost and stops with exit code"
+    f" {EXIT_PEER_LOST} (default: %(default)s)",
+  )
+  add(
+    "--no-progress",
+    dest="progress",
+    action="store_false",
+    help="hide the progress bar (it is also hidden when stderr is not a terminal)",
+  )
   args = parser.parse_args(argv)
-  for name in ("steps", "global_batch_size", "log_every", "checkpoint_every", "init_timeout",
-               "heartbeat_timeout"):
+  for name in (
+    "steps",
+    "global_batch_size",
+    "log_every",
+    "checkpoint_every",
+    "init_timeout",
+    "heartbeat_timeout",
+  ):
     if getattr(args, name) < 1:
       parser.error(f"expected --{name.replace('_', '-')} >= 1, got {getattr(args, name)}")
   if args.step_timeout <= 0:
@@ -508,16 +589,18 @@ def main(argv: list[str] | None = None, *, on_step=None) -> Result:
   explicit = [args.coordinator, args.num_processes, args.process_id]
   if any(v is not None for v in explicit) and any(v is None for v in explicit):
     parser.error(
-        "expected --coordinator, --num-processes and --process-id together (or --distributed"
-        f" for JAX's cluster auto-detection), got {args.coordinator!r}, {args.num_processes!r},"
-        f" {args.process_id!r}"
+      "expected --coordinator, --num-processes and --process-id together (or --distributed"
+      f" for JAX's cluster auto-detection), got {args.coordinator!r}, {args.num_processes!r},"
+      f" {args.process_id!r}"
     )
   config = dataclasses.replace(defaults, **vars(args))
   result = train(config, on_step=on_step)
   if jax.process_index() == 0:
     m = result.metrics
-    print(f"final eval accuracy {m['eval_accuracy']:.2%} after {m['step']} steps on"
-          f" {m['devices']} devices in {m['processes']} process(es) ({m['seconds']:.1f} s)")
+    print(
+      f"final eval accuracy {m['eval_accuracy']:.2%} after {m['step']} steps on"
+      f" {m['devices']} devices in {m['processes']} process(es) ({m['seconds']:.1f} s)"
+    )
   return result
 
 

@@ -63,8 +63,9 @@ class MLP(nn.Module):
     for i in (1, 2):
       x = nn.Dense(64, use_bias=False, name=f"dense{i}")(x)
       x = BatchNorm(
-          use_running_average=not train or f"bn{i}" in self.frozen,  # Keras 3: frozen = inference
-          momentum=self.bn_momentum, name=f"bn{i}",
+        use_running_average=not train or f"bn{i}" in self.frozen,  # Keras 3: frozen = inference
+        momentum=self.bn_momentum,
+        name=f"bn{i}",
       )(x)
       x = nn.relu(x)
     return nn.Dense(10, name="head")(x)
@@ -85,15 +86,29 @@ def load_tasks(config: Config):
   tasks = {}
   for name, classes in (("pretrain", labels < 5), ("finetune", labels >= 5)):
     x_train, x_test, y_train, y_test = train_test_split(
-        images[classes], labels[classes], test_size=0.25, random_state=config.seed,
-        stratify=labels[classes],
+      images[classes],
+      labels[classes],
+      test_size=0.25,
+      random_state=config.seed,
+      stratify=labels[classes],
     )
     tasks[name] = ((x_train, y_train), (x_test, y_test))
   return tasks
 
 
-def fit(model, tx, state, data, epochs, config: Config, *, eval_step, desc, frozen=frozenset(),
-        reference=None):
+def fit(
+  model,
+  tx,
+  state,
+  data,
+  epochs,
+  config: Config,
+  *,
+  eval_step,
+  desc,
+  frozen=frozenset(),
+  reference=None,
+):
   """``epochs`` passes over ``data``, with ``bnjax.diagnostics.check_epoch`` after each.
 
   Returns the state, the eval accuracy and the last epoch's diagnostics.
@@ -110,7 +125,7 @@ def fit(model, tx, state, data, epochs, config: Config, *, eval_step, desc, froz
       batch = order[step * config.batch_size : (step + 1) * config.batch_size]
       state, _ = train_step(state, x_train[batch], y_train[batch])
     problems = diagnostics.check_epoch(
-        state, momentum=config.bn_momentum, frozen=frozen, reference=reference
+      state, momentum=config.bn_momentum, frozen=frozen, reference=reference
     )
   return state, float(eval_step(state, x_test, y_test)["accuracy"]), problems
 
@@ -118,31 +133,53 @@ def fit(model, tx, state, data, epochs, config: Config, *, eval_step, desc, froz
 def largest_change(after, before) -> dict[str, float]:
   """``{'layer/name': max |after - before|}`` over a params or batch_stats tree."""
   changes = jax.tree.map(
-      lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), after, before
+    lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), after, before
   )
   return {
-      jax.tree_util.keystr(path, simple=True, separator="/"): change
-      for path, change in jax.tree_util.tree_leaves_with_path(changes)
+    jax.tree_util.keystr(path, simple=True, separator="/"): change
+    for path, change in jax.tree_util.tree_leaves_with_path(changes)
   }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   defaults = Config()
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--pretrain-epochs", type=int, default=defaults.pretrain_epochs,
-                      help="passes over the digits 0-4 before fine-tuning (default: %(default)s)")
-  parser.add_argument("--finetune-epochs", type=int, default=defaults.finetune_epochs,
-                      help="passes over the digits 5-9 with the BN layers frozen"
-                      " (default: %(default)s)")
-  parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                      help="examples per training step (default: %(default)s)")
-  parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
-                      help="Adam's step size, in both phases (default: %(default)s)")
-  parser.add_argument("--seed", type=int, default=defaults.seed,
-                      help="seed for the splits, shuffling and initialization"
-                      " (default: %(default)s)")
-  parser.add_argument("--no-progress", dest="progress", action="store_false",
-                      help="hide the progress bars (also hidden when stderr is not a terminal)")
+  parser.add_argument(
+    "--pretrain-epochs",
+    type=int,
+    default=defaults.pretrain_epochs,
+    help="passes over the digits 0-4 before fine-tuning (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--finetune-epochs",
+    type=int,
+    default=defaults.finetune_epochs,
+    help="passes over the digits 5-9 with the BN layers frozen (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--batch-size",
+    type=int,
+    default=defaults.batch_size,
+    help="examples per training step (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--learning-rate",
+    type=float,
+    default=defaults.learning_rate,
+    help="Adam's step size, in both phases (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--seed",
+    type=int,
+    default=defaults.seed,
+    help="seed for the splits, shuffling and initialization (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--no-progress",
+    dest="progress",
+    action="store_false",
+    help="hide the progress bars (also hidden when stderr is not a terminal)",
+  )
   args = parser.parse_args(argv)
   if min(args.pretrain_epochs, args.finetune_epochs, args.batch_size) < 1:
     parser.error("expected --pretrain-epochs, --finetune-epochs and --batch-size >= 1")
@@ -152,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   model = MLP(bn_momentum=config.bn_momentum)
   # Evaluation runs every layer in inference mode, frozen or not: one eval step serves all runs.
   eval_step = training.make_eval_step(
-      training.linen_apply_fn(model), loss_fn=cross_entropy, metrics_fn=accuracy
+    training.linen_apply_fn(model), loss_fn=cross_entropy, metrics_fn=accuracy
   )
   tx = optax.adam(config.learning_rate)
   # 'rbg' keys (XLA's RngBitGenerator) compile much faster on CPU than the default threefry.
@@ -160,8 +197,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   variables = jax.jit(lambda k: model.init(k, tasks["pretrain"][0][0][:1], train=False))(key)
   state = training.create_train_state(variables["params"], variables["batch_stats"], tx)
   pretrained, pretrain_accuracy, _ = fit(
-      model, tx, state, tasks["pretrain"], config.pretrain_epochs, config, eval_step=eval_step,
-      desc="pretrain",
+    model,
+    tx,
+    state,
+    tasks["pretrain"],
+    config.pretrain_epochs,
+    config,
+    eval_step=eval_step,
+    desc="pretrain",
   )
   print(f"pretrained on digits 0-4: eval accuracy {pretrain_accuracy:.2%}")
 
@@ -170,13 +213,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tx = training.freeze(optax.adam(config.learning_rate), frozen=FROZEN)
     start = training.create_train_state(pretrained.params, pretrained.batch_stats, tx)
     finetuned, finetune_accuracy, problems = fit(
-        MLP(bn_momentum=config.bn_momentum, frozen=model_frozen), tx, start, tasks["finetune"],
-        config.finetune_epochs, config, eval_step=eval_step, desc=f"fine-tune, {style} style",
-        frozen=FROZEN, reference=pretrained.batch_stats,
+      MLP(bn_momentum=config.bn_momentum, frozen=model_frozen),
+      tx,
+      start,
+      tasks["finetune"],
+      config.finetune_epochs,
+      config,
+      eval_step=eval_step,
+      desc=f"fine-tune, {style} style",
+      frozen=FROZEN,
+      reference=pretrained.batch_stats,
     )
     changes = {
-        **largest_change(finetuned.params, start.params),
-        **largest_change(finetuned.batch_stats, start.batch_stats),
+      **largest_change(finetuned.params, start.params),
+      **largest_change(finetuned.batch_stats, start.batch_stats),
     }
     runs[style] = {"accuracy": finetune_accuracy, "changes": changes, "problems": problems}
 

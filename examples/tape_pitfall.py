@@ -48,7 +48,7 @@ class Config:
 def bn_model(params, batch_stats, x, *, training, momentum):
   """The layer, threading its statistics: ``(y, new_batch_stats)``."""
   y, stats = bnjax.batch_norm(
-      x, params["bn"], batch_stats["bn"], training=training, momentum=momentum
+    x, params["bn"], batch_stats["bn"], training=training, momentum=momentum
   )
   return y, {"bn": stats}
 
@@ -61,6 +61,7 @@ def bn_model_dropping_stats(params, batch_stats, x, *, training, momentum):
 
 def run(model, config: Config, inputs: np.ndarray, eval_inputs: np.ndarray) -> dict[str, Any]:
   """Trains ``model`` for ``config.steps`` steps, then evaluates it and runs the diagnostics."""
+
   def apply_fn(params, batch_stats, x, *, training):
     return model(params, batch_stats, x, training=training, momentum=config.momentum)
 
@@ -77,35 +78,48 @@ def run(model, config: Config, inputs: np.ndarray, eval_inputs: np.ndarray) -> d
     state, _ = train_step(state, x, target)
   outputs = np.asarray(predict(state, eval_inputs))
   return {
-      "mean": float(state.batch_stats["bn"]["mean"][0]),
-      "var": float(state.batch_stats["bn"]["var"][0]),
-      "eval_mean": float(outputs.mean()),
-      "eval_std": float(outputs.std()),
-      "problems": diagnostics.check_epoch(
-          state, momentum=config.momentum, predict=predict, inputs=eval_inputs
-      ),
+    "mean": float(state.batch_stats["bn"]["mean"][0]),
+    "var": float(state.batch_stats["bn"]["var"][0]),
+    "eval_mean": float(outputs.mean()),
+    "eval_std": float(outputs.std()),
+    "problems": diagnostics.check_epoch(
+      state, momentum=config.momentum, predict=predict, inputs=eval_inputs
+    ),
   }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   defaults = Config()
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--steps", type=int, default=defaults.steps,
-                      help="training steps (default: %(default)s)")
-  parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                      help="inputs per step, each drawn uniformly from 100..109"
-                      " (default: %(default)s)")
-  parser.add_argument("--momentum", type=float, default=defaults.momentum,
-                      help="weight on the old running value; needs ~3/(1 - momentum) steps to"
-                      " forget the initial 0 and 1 (default: %(default)s)")
-  parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
-                      help="SGD step size for the layer's bias (default: %(default)s)")
-  parser.add_argument("--seed", type=int, default=defaults.seed,
-                      help="seed of the input draws (default: %(default)s)")
+  parser.add_argument(
+    "--steps", type=int, default=defaults.steps, help="training steps (default: %(default)s)"
+  )
+  parser.add_argument(
+    "--batch-size",
+    type=int,
+    default=defaults.batch_size,
+    help="inputs per step, each drawn uniformly from 100..109 (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--momentum",
+    type=float,
+    default=defaults.momentum,
+    help="weight on the old running value; needs ~3/(1 - momentum) steps to"
+    " forget the initial 0 and 1 (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--learning-rate",
+    type=float,
+    default=defaults.learning_rate,
+    help="SGD step size for the layer's bias (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--seed", type=int, default=defaults.seed, help="seed of the input draws (default: %(default)s)"
+  )
   args = parser.parse_args(argv)
   if args.steps < 1 or args.batch_size < 2:
     parser.error(
-        f"expected --steps >= 1 and --batch-size >= 2, got {args.steps}, {args.batch_size}"
+      f"expected --steps >= 1 and --batch-size >= 2, got {args.steps}, {args.batch_size}"
     )
   config = dataclasses.replace(defaults, **vars(args))
 
@@ -113,12 +127,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   draws = rng.integers(100, 110, size=(config.steps + 1, config.batch_size, 1))
   inputs, eval_inputs = draws[:-1].astype(np.float32), draws[-1].astype(np.float32)
   results = {
-      "threaded": run(bn_model, config, inputs, eval_inputs),
-      "dropped": run(bn_model_dropping_stats, config, inputs, eval_inputs),
+    "threaded": run(bn_model, config, inputs, eval_inputs),
+    "dropped": run(bn_model_dropping_stats, config, inputs, eval_inputs),
   }
 
-  print(f"after {config.steps} steps, momentum {config.momentum}, inputs from 100..109"
-        f" (mean 104.5, variance 8.25), target {config.target:g}:")
+  print(
+    f"after {config.steps} steps, momentum {config.momentum}, inputs from 100..109"
+    f" (mean 104.5, variance 8.25), target {config.target:g}:"
+  )
   print(f"{'':<28}{'threaded':>16}{'dropped':>16}")
   for label, key in (("running mean", "mean"), ("running variance", "var")):
     print(f"{label:<28}" + "".join(f"{results[r][key]:>16.3f}" for r in results))

@@ -36,7 +36,7 @@ from bnjax import diagnostics, training
 from bnjax.linen import BatchNorm
 
 matplotlib.use("Agg")  # files only, no window
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,12 +52,10 @@ class Config:
   plot: Path = Path(__file__).resolve().parent / "out" / "train_digits.png"
 
 
-HEADER = (
-    f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'eval loss':>9}  {'eval acc':>8}"
-)
+HEADER = f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'eval loss':>9}  {'eval acc':>8}"
 ROW = (
-    "{epoch:>5}  {train_loss:>10.4f}  {train_accuracy:>9.2%}  {eval_loss:>9.4f}"
-    "  {eval_accuracy:>8.2%}"
+  "{epoch:>5}  {train_loss:>10.4f}  {train_accuracy:>9.2%}  {eval_loss:>9.4f}"
+  "  {eval_accuracy:>8.2%}"
 )
 TRACKED_LAYER, TRACKED_INPUT, TRACKED_CHANNELS = "bn1", "conv1", 4  # the plot's BN layer
 
@@ -96,7 +94,7 @@ def load_data(config: Config):
   images = (digits.images / 16.0).astype(np.float32)[..., None]
   labels = digits.target.astype(np.int32)
   return train_test_split(
-      images, labels, test_size=config.test_fraction, random_state=config.seed, stratify=labels
+    images, labels, test_size=config.test_fraction, random_state=config.seed, stratify=labels
   )
 
 
@@ -107,13 +105,15 @@ def population_statistics(model: CNN, state: training.TrainState, images) -> tup
   @jax.jit
   def tracked_input(variables):
     _, captured = model.apply(
-        variables, images, train=False,
-        capture_intermediates=lambda module, _: module.name == TRACKED_INPUT,
+      variables,
+      images,
+      train=False,
+      capture_intermediates=lambda module, _: module.name == TRACKED_INPUT,
     )
     return captured["intermediates"][TRACKED_INPUT]["__call__"][0]
 
   features = np.asarray(
-      tracked_input({"params": state.params, "batch_stats": state.batch_stats}), np.float64
+    tracked_input({"params": state.params, "batch_stats": state.batch_stats}), np.float64
   )
   return features.mean((0, 1, 2)), features.var((0, 1, 2))
 
@@ -124,8 +124,9 @@ def plot(path: Path, history: list[dict], step_losses, running, population, step
   epochs = [row["epoch"] for row in history]
   epoch_ends = [e * steps_per_epoch for e in epochs]
   fig, ((loss_ax, acc_ax), (mean_ax, var_ax)) = plt.subplots(2, 2, figsize=(11, 7.5))
-  loss_ax.plot(np.arange(1, len(step_losses) + 1), step_losses, lw=0.6, alpha=0.5,
-               label="train (per step)")
+  loss_ax.plot(
+    np.arange(1, len(step_losses) + 1), step_losses, lw=0.6, alpha=0.5, label="train (per step)"
+  )
   loss_ax.plot(epoch_ends, [row["eval_loss"] for row in history], "o-", label="eval")
   loss_ax.set(title="cross-entropy loss", xlabel="step", yscale="log")
   acc_ax.plot(epochs, [row["train_accuracy"] for row in history], "o-", label="train")
@@ -136,8 +137,10 @@ def plot(path: Path, history: list[dict], step_losses, running, population, step
     for c in range(TRACKED_CHANNELS):
       (line,) = ax.plot(steps, running[key][:, c], lw=1.2, label=f"channel {c}")
       ax.axhline(population[key][c], color=line.get_color(), ls="--", lw=0.8)
-    ax.set(title=f"{TRACKED_LAYER} running {key} (dashed: over the training set, final params)",
-           xlabel="step")
+    ax.set(
+      title=f"{TRACKED_LAYER} running {key} (dashed: over the training set, final params)",
+      xlabel="step",
+    )
   for ax in (loss_ax, acc_ax, var_ax):
     ax.legend(fontsize=8, loc="upper right" if ax is var_ax else "best")
   fig.tight_layout()
@@ -152,7 +155,7 @@ def train(config: Config) -> dict[str, Any]:
   steps_per_epoch = len(x_train) // config.batch_size  # the last partial batch is dropped
   if steps_per_epoch == 0:
     raise ValueError(
-        f"batch_size must be at most {len(x_train)} (the training set), got {config.batch_size}."
+      f"batch_size must be at most {len(x_train)} (the training set), got {config.batch_size}."
     )
   model = CNN(bn_momentum=config.bn_momentum, dropout=config.dropout)
   apply_fn = training.linen_apply_fn(model)
@@ -173,8 +176,9 @@ def train(config: Config) -> dict[str, Any]:
   for epoch in range(1, config.epochs + 1):
     order = rng.permutation(len(x_train))
     epoch_metrics = []
-    for step in tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", leave=False,
-                     disable=not show_bar):
+    for step in tqdm(
+      range(steps_per_epoch), desc=f"epoch {epoch}", leave=False, disable=not show_bar
+    ):
       batch = order[step * config.batch_size : (step + 1) * config.batch_size]
       state, metrics = train_step(state, x_train[batch], y_train[batch], dropout_key)
       epoch_metrics.append(metrics)  # device arrays: no wait for the step to finish
@@ -183,16 +187,16 @@ def train(config: Config) -> dict[str, Any]:
     step_metrics += epoch_metrics
     evaluation = jax.device_get(eval_step(state, x_test, y_test))
     row = {
-        "epoch": epoch,
-        "train_loss": float(np.mean([m["loss"] for m in epoch_metrics])),
-        "train_accuracy": float(np.mean([m["accuracy"] for m in epoch_metrics])),
-        "eval_loss": float(evaluation["loss"]),
-        "eval_accuracy": float(evaluation["accuracy"]),
+      "epoch": epoch,
+      "train_loss": float(np.mean([m["loss"] for m in epoch_metrics])),
+      "train_accuracy": float(np.mean([m["accuracy"] for m in epoch_metrics])),
+      "eval_loss": float(evaluation["loss"]),
+      "eval_accuracy": float(evaluation["accuracy"]),
     }
     history.append(row)
     print(ROW.format(**row))
     found = diagnostics.check_epoch(
-        state, momentum=config.bn_momentum, predict=predict, inputs=x_test[: config.batch_size]
+      state, momentum=config.bn_momentum, predict=predict, inputs=x_test[: config.batch_size]
     )
     for problem in found:
       print(f"  diagnostics [{problem.check}]: {problem.message}")
@@ -200,41 +204,81 @@ def train(config: Config) -> dict[str, Any]:
 
   running = {k: np.stack([np.asarray(r[k]) for r in running]) for k in ("mean", "var")}
   mean, var = population_statistics(model, state, x_train)
-  plot(config.plot, history, [float(m["loss"]) for m in step_metrics], running,
-       {"mean": mean, "var": var}, steps_per_epoch)
+  plot(
+    config.plot,
+    history,
+    [float(m["loss"]) for m in step_metrics],
+    running,
+    {"mean": mean, "var": var},
+    steps_per_epoch,
+  )
   return {
-      **history[-1], "seconds": time.perf_counter() - start, "history": history,
-      "problems": problems, "plot": config.plot,
-      "running": {k: v[-1] for k, v in running.items()}, "population": {"mean": mean, "var": var},
+    **history[-1],
+    "seconds": time.perf_counter() - start,
+    "history": history,
+    "problems": problems,
+    "plot": config.plot,
+    "running": {k: v[-1] for k, v in running.items()},
+    "population": {"mean": mean, "var": var},
   }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   defaults = Config()
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--epochs", type=int, default=defaults.epochs,
-                      help="passes over the training set (default: %(default)s)")
-  parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                      help="examples per training step; BatchNorm's batch statistics are taken"
-                      " over them (default: %(default)s)")
-  parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
-                      help="Adam's step size (default: %(default)s)")
-  parser.add_argument("--dropout", type=float, default=defaults.dropout,
-                      help="dropout rate before the last dense layer; 0 disables it"
-                      " (default: %(default)s)")
-  parser.add_argument("--bn-momentum", type=float, default=defaults.bn_momentum,
-                      help="BatchNorm momentum, the weight on the old running value; values"
-                      " close to 1 need ~3/(1 - momentum) steps to warm up and the diagnostics"
-                      " say so (default: %(default)s)")
-  parser.add_argument("--seed", type=int, default=defaults.seed,
-                      help="seed for the train/test split, shuffling, initialization and dropout"
-                      " (default: %(default)s)")
-  parser.add_argument("--plot", type=Path, default=defaults.plot,
-                      help="where to write the PNG of the loss/accuracy curves and the running"
-                      " statistics (default: examples/out/train_digits.png)")
-  parser.add_argument("--no-progress", dest="progress", action="store_false",
-                      help="hide the progress bar (it is also hidden when stderr is not a"
-                      " terminal)")
+  parser.add_argument(
+    "--epochs",
+    type=int,
+    default=defaults.epochs,
+    help="passes over the training set (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--batch-size",
+    type=int,
+    default=defaults.batch_size,
+    help="examples per training step; BatchNorm's batch statistics are taken"
+    " over them (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--learning-rate",
+    type=float,
+    default=defaults.learning_rate,
+    help="Adam's step size (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--dropout",
+    type=float,
+    default=defaults.dropout,
+    help="dropout rate before the last dense layer; 0 disables it (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--bn-momentum",
+    type=float,
+    default=defaults.bn_momentum,
+    help="BatchNorm momentum, the weight on the old running value; values"
+    " close to 1 need ~3/(1 - momentum) steps to warm up and the diagnostics"
+    " say so (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--seed",
+    type=int,
+    default=defaults.seed,
+    help="seed for the train/test split, shuffling, initialization and dropout"
+    " (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--plot",
+    type=Path,
+    default=defaults.plot,
+    help="where to write the PNG of the loss/accuracy curves and the running"
+    " statistics (default: examples/out/train_digits.png)",
+  )
+  parser.add_argument(
+    "--no-progress",
+    dest="progress",
+    action="store_false",
+    help="hide the progress bar (it is also hidden when stderr is not a terminal)",
+  )
   args = parser.parse_args(argv)
   if args.epochs < 1 or args.batch_size < 1:
     parser.error(f"expected --epochs, --batch-size >= 1, got {args.epochs}, {args.batch_size}")

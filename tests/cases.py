@@ -23,13 +23,13 @@ class Layout(NamedTuple):
 
 
 LAYOUTS = {
-    "dense": Layout((32, 5), -1),
-    "seq": Layout((4, 9, 3), -1),
-    "nhwc": Layout((4, 5, 6, 3), -1),
-    "nchw": Layout((4, 3, 5, 6), 1),
-    "ndhwc": Layout((2, 3, 4, 5, 6), -1),
-    "ncdhw": Layout((2, 6, 3, 4, 5), 1),
-    "two-feature-axes": Layout((4, 3, 5, 2), (1, 3)),
+  "dense": Layout((32, 5), -1),
+  "seq": Layout((4, 9, 3), -1),
+  "nhwc": Layout((4, 5, 6, 3), -1),
+  "nchw": Layout((4, 3, 5, 6), 1),
+  "ndhwc": Layout((2, 3, 4, 5, 6), -1),
+  "ncdhw": Layout((2, 6, 3, 4, 5), 1),
+  "two-feature-axes": Layout((4, 3, 5, 2), (1, 3)),
 }
 
 

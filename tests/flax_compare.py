@@ -44,8 +44,8 @@ def assert_close(actual, expected, what=""):
   diff = np.abs(a - e)
   seen = MAX_DIFF.get(name, (0.0, 0.0))
   MAX_DIFF[name] = (
-      max(seen[0], float(diff.max(initial=0.0))),
-      max(seen[1], float((diff / np.maximum(np.abs(e), 1e-30)).max(initial=0.0))),
+    max(seen[0], float(diff.max(initial=0.0))),
+    max(seen[1], float((diff / np.maximum(np.abs(e), 1e-30)).max(initial=0.0))),
   )
   np.testing.assert_allclose(a, e, err_msg=what, **SAME_FORMULA[name])
 
@@ -65,8 +65,9 @@ def assert_trees_close(actual, expected, what=""):
     assert_close(actual[k], expected[k], f"{what}{k}")
 
 
-def assert_centred_close(actual, expected, reduction_size, what="", *,
-                         offset_over_std=DATA_OFFSET / DATA_STD):
+def assert_centred_close(
+  actual, expected, reduction_size, what="", *, offset_over_std=DATA_OFFSET / DATA_STD
+):
   """Training outputs and gradients of bnjax vs Flax: values computed from ``x - mean_B``.
 
   Flax forms ``x - mean_B`` with a float32 mean that carries ~1 ulp of |mean| and its sum's
@@ -80,10 +81,19 @@ def assert_centred_close(actual, expected, reduction_size, what="", *,
   diff = np.abs(a - e)
   seen = MAX_DIFF.get(f"{name} centred", (0.0, 0.0))
   MAX_DIFF[f"{name} centred"] = (
-      max(seen[0], float(diff.max(initial=0.0))),
-      max(seen[1], float((diff / np.maximum(np.abs(e), 1e-30)).max(initial=0.0))),
+    max(seen[0], float(diff.max(initial=0.0))),
+    max(seen[1], float((diff / np.maximum(np.abs(e), 1e-30)).max(initial=0.0))),
   )
-  atol = offset_atol(actual.dtype, reduction_size, max_abs_output=float(np.abs(e).max()),
-                     offset_over_std=offset_over_std)
-  np.testing.assert_allclose(a, e, err_msg=what, rtol=0, atol=max(atol, SAME_FORMULA.get(
-      name, SAME_FORMULA["float32"])["atol"]))
+  atol = offset_atol(
+    actual.dtype,
+    reduction_size,
+    max_abs_output=float(np.abs(e).max()),
+    offset_over_std=offset_over_std,
+  )
+  np.testing.assert_allclose(
+    a,
+    e,
+    err_msg=what,
+    rtol=0,
+    atol=max(atol, SAME_FORMULA.get(name, SAME_FORMULA["float32"])["atol"]),
+  )

@@ -27,8 +27,15 @@ import keras
 
 POLICIES = {"float32": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
 # Keras weight names -> bnjax names, as in live_frameworks.KERAS_NAMES
-NAMES = {"gamma": "scale", "beta": "bias", "moving_mean": "mean", "moving_variance": "var",
-         "moving_stddev": "stddev", "renorm_mean": "renorm_mean", "renorm_stddev": "renorm_stddev"}
+NAMES = {
+  "gamma": "scale",
+  "beta": "bias",
+  "moving_mean": "mean",
+  "moving_variance": "var",
+  "moving_stddev": "stddev",
+  "renorm_mean": "renorm_mean",
+  "renorm_stddev": "renorm_stddev",
+}
 STATS = ("mean", "var", "stddev", "renorm_mean", "renorm_stddev")
 
 
@@ -48,8 +55,9 @@ def run_keras_jax(spec, data):
       getattr(layer, name).assign(data[key])
   # Variable values by bnjax name; stateless_call takes them as (trainable, non-trainable) lists
   # in the layer's order, which `trainable=False` changes (gamma and beta become non-trainable).
-  variables = {k: getattr(layer, n) for n, k in NAMES.items()
-               if getattr(layer, n, None) is not None}
+  variables = {
+    k: getattr(layer, n) for n, k in NAMES.items() if getattr(layer, n, None) is not None
+  }
   names = {id(v): k for k, v in variables.items()}
   trainable_names = [names[id(v)] for v in layer.trainable_variables]
   frozen_names = [names[id(v)] for v in layer.non_trainable_variables]
@@ -59,9 +67,13 @@ def run_keras_jax(spec, data):
   @functools.partial(jax.jit, static_argnames="training")
   def step(x, dy, values, mask, *, training):
     def call(x, values):
-      y, new_frozen = layer.stateless_call([values[k] for k in trainable_names],
-                                           [values[k] for k in frozen_names], x,
-                                           training=training, mask=mask)
+      y, new_frozen = layer.stateless_call(
+        [values[k] for k in trainable_names],
+        [values[k] for k in frozen_names],
+        x,
+        training=training,
+        mask=mask,
+      )
       return y, dict(zip(frozen_names, new_frozen, strict=True))
 
     y, vjp, new_frozen = jax.vjp(call, x, values, has_aux=True)
@@ -90,8 +102,10 @@ def run_keras_jax(spec, data):
 
 def main(directory):
   if not keras.__version__.startswith("3.") or keras.backend.backend() != "jax":
-    raise RuntimeError(f"need Keras 3 on the JAX backend, got Keras {keras.__version__} on"
-                       f" {keras.backend.backend()!r}")
+    raise RuntimeError(
+      f"need Keras 3 on the JAX backend, got Keras {keras.__version__} on"
+      f" {keras.backend.backend()!r}"
+    )
   directory = pathlib.Path(directory)
   specs = json.loads((directory / "cases.json").read_text())
   inputs = np.load(directory / "inputs.npz")
@@ -100,7 +114,7 @@ def main(directory):
     if spec["reference"] != "keras_jax":
       raise ValueError(f"unknown reference {spec['reference']!r}")
     prefix = spec["id"] + "|"
-    data = {k[len(prefix):]: inputs[k] for k in inputs.files if k.startswith(prefix)}
+    data = {k[len(prefix) :]: inputs[k] for k in inputs.files if k.startswith(prefix)}
     trace = run_keras_jax(spec, data)
     traces.update({prefix + k: v for k, v in trace.items()})
   np.savez(directory / "traces.npz", **traces)

@@ -79,7 +79,7 @@ class Case:
 
 
 RENORM_STATS = ("stddev", "renorm_mean", "renorm_stddev")  # bnjax names; Keras: moving_stddev
-STAT_KEYS = ("mean", "var") + RENORM_STATS
+STAT_KEYS = ("mean", "var", *RENORM_STATS)
 
 
 def _round(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -97,17 +97,17 @@ def make_data(case: Case) -> dict[str, np.ndarray]:
   mean = rng.uniform(-1, 1, channels).reshape(along) + case.offset
   std = rng.uniform(1, 2, channels).reshape(along)
   data = {
-      "x": np.stack([_round(mean + std * rng.standard_normal(case.shape), case.dtype)
-                     for _ in range(STEPS + 1)]),
-      "dy": np.stack([_round(rng.standard_normal(case.shape), case.dtype)
-                      for _ in range(STEPS + 1)]),
-      "scale": rng.uniform(0.5, 1.5, channels).astype(np.float32),
-      "bias": rng.standard_normal(channels).astype(np.float32),
-      "mean": rng.standard_normal(channels).astype(np.float32),
-      "var": rng.uniform(0.5, 2.0, channels).astype(np.float32),
+    "x": np.stack(
+      [_round(mean + std * rng.standard_normal(case.shape), case.dtype) for _ in range(STEPS + 1)]
+    ),
+    "dy": np.stack([_round(rng.standard_normal(case.shape), case.dtype) for _ in range(STEPS + 1)]),
+    "scale": rng.uniform(0.5, 1.5, channels).astype(np.float32),
+    "bias": rng.standard_normal(channels).astype(np.float32),
+    "mean": rng.standard_normal(channels).astype(np.float32),
+    "var": rng.uniform(0.5, 2.0, channels).astype(np.float32),
   }
   if case.mask:
-    mask = rng.random((STEPS + 1,) + case.shape[:-1]) < 0.7
+    mask = rng.random((STEPS + 1, *case.shape[:-1])) < 0.7
     mask[:, 0] = True  # every channel sees an element
     data["mask"] = mask
   if case.renorm:  # drawn last: the other cases' data stay as they were
@@ -123,13 +123,16 @@ def make_data(case: Case) -> dict[str, np.ndarray]:
 
 def _freeze(options: dict) -> tuple:
   """Options as a hashable static argument (``renorm_clipping`` is a dict); ``_thaw`` undoes it."""
-  return tuple(sorted((k, ("dict", tuple(sorted(v.items()))) if isinstance(v, dict) else v)
-                      for k, v in options.items()))
+  return tuple(
+    sorted(
+      (k, ("dict", tuple(sorted(v.items()))) if isinstance(v, dict) else v)
+      for k, v in options.items()
+    )
+  )
 
 
 def _thaw(options: tuple) -> dict:
-  return {k: dict(v[1]) if isinstance(v, tuple) and v[:1] == ("dict",) else v
-          for k, v in options}
+  return {k: dict(v[1]) if isinstance(v, tuple) and v[:1] == ("dict",) else v for k, v in options}
 
 
 @functools.partial(jax.jit, static_argnames=("training", "options"))
@@ -150,10 +153,13 @@ def _sharded_step(replicas: int, options):
   def step(x, dy, params, stats, mask, training):
     def f(x, params):
       def local(x, params, mask):
-        return bnjax.batch_norm(x, params, stats, training=training, mask=mask,
-                                axis_name="replica", **_thaw(options))
-      return jax.shard_map(local, mesh=mesh, in_specs=(P("replica"), P(), P("replica")),
-                           out_specs=(P("replica"), P()))(x, params, mask)
+        return bnjax.batch_norm(
+          x, params, stats, training=training, mask=mask, axis_name="replica", **_thaw(options)
+        )
+
+      return jax.shard_map(
+        local, mesh=mesh, in_specs=(P("replica"), P(), P("replica")), out_specs=(P("replica"), P())
+      )(x, params, mask)
 
     y, vjp, new_stats = jax.vjp(f, x, params, has_aux=True)
     dx, dparams = vjp(dy.astype(y.dtype))
@@ -184,8 +190,9 @@ def run_bnjax(case: Case, data: dict[str, np.ndarray]) -> Trace:
         mask = jnp.ones(case.shape[:1] + (1,) * (len(case.shape) - 1), bool)
       y, new_stats, dx, dparams = step(x, dy, params, stats, mask, training)
     else:
-      y, new_stats, dx, dparams = _bnjax_step(x, dy, params, stats, mask,
-                                              training=training, options=options)
+      y, new_stats, dx, dparams = _bnjax_step(
+        x, dy, params, stats, mask, training=training, options=options
+      )
     prefix = f"step{i}" if i < STEPS else "eval"
     trace.update(_record(prefix, y, dx, dparams.get("scale"), dparams.get("bias")))
     if i < STEPS:
@@ -206,8 +213,11 @@ def _as64(a) -> np.ndarray:
 def _record(prefix, y, dx, dscale, dbias) -> Trace:
   """The step's entries; a missing parameter (None: center/scale off) has no gradient entry."""
   values = {"y": y, "dx": dx, "dscale": dscale, "dbias": dbias}
-  return {f"{prefix}/{k}": _as64(v).reshape(-1) if k in ("dscale", "dbias") else _as64(v)
-          for k, v in values.items() if v is not None}
+  return {
+    f"{prefix}/{k}": _as64(v).reshape(-1) if k in ("dscale", "dbias") else _as64(v)
+    for k, v in values.items()
+    if v is not None
+  }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,8 +270,9 @@ def run_tf_nn(case: Case, data) -> Trace:
         mean, var = t.nn.moments(x, _reduced_axes(case), keepdims=True)
       else:
         mean, var = _broadcast(case, moving_mean), _broadcast(case, moving_var)
-      y = t.nn.batch_normalization(x, mean, var, _broadcast(case, beta),
-                                   _broadcast(case, gamma), eps)
+      y = t.nn.batch_normalization(
+        x, mean, var, _broadcast(case, beta), _broadcast(case, gamma), eps
+      )
     dx, dscale, dbias = tape.gradient(y, [x, gamma, beta], output_gradients=dy)
     prefix = f"step{i}" if training else "eval"
     trace.update(_record(prefix, y, dx, dscale, dbias))
@@ -286,8 +297,8 @@ def run_tf_fused(case: Case, data) -> Trace:
     with t.GradientTape() as tape:
       tape.watch(x)
       y, new_mean, new_var = t.compat.v1.nn.fused_batch_norm(
-          x, gamma, beta, mean=running_mean, variance=running_var, is_training=training,
-          **case.layer)
+        x, gamma, beta, mean=running_mean, variance=running_var, is_training=training, **case.layer
+      )
     dx, dscale, dbias = tape.gradient(y, [x, gamma, beta], output_gradients=dy)
     prefix = f"step{i}" if training else "eval"
     trace.update(_record(prefix, y, dx, dscale, dbias))
@@ -300,15 +311,24 @@ def run_tf_fused(case: Case, data) -> Trace:
 
 
 # Keras weight names -> bnjax names (interop.keras converts the same way)
-KERAS_NAMES = {"gamma": "scale", "beta": "bias", "moving_mean": "mean",
-               "moving_variance": "var", "moving_stddev": "stddev", "renorm_mean": "renorm_mean",
-               "renorm_stddev": "renorm_stddev"}
+KERAS_NAMES = {
+  "gamma": "scale",
+  "beta": "bias",
+  "moving_mean": "mean",
+  "moving_variance": "var",
+  "moving_stddev": "stddev",
+  "renorm_mean": "renorm_mean",
+  "renorm_stddev": "renorm_stddev",
+}
 
 
 def _keras_variables(layer, unwrap) -> dict:
   """The layer's weights by bnjax name (``unwrap``: Keras 3 variable -> its tf.Variable)."""
-  return {ours: unwrap(getattr(layer, theirs)) for theirs, ours in KERAS_NAMES.items()
-          if getattr(layer, theirs, None) is not None}
+  return {
+    ours: unwrap(getattr(layer, theirs))
+    for theirs, ours in KERAS_NAMES.items()
+    if getattr(layer, theirs, None) is not None
+  }
 
 
 def _keras_layer_trace(case, data, layer, variables) -> Trace:
@@ -332,9 +352,9 @@ def _keras_layer_trace(case, data, layer, variables) -> Trace:
     if training and "mask" in data:
       kwargs["mask"] = t.constant(data["mask"][i])
     with t.GradientTape(watch_accessed_variables=False) as tape:
-      tape.watch([x] + params)
+      tape.watch([x, *params])
       y = layer(x, training=training, **kwargs)
-    dx, *dparams = tape.gradient(y, [x] + params, output_gradients=t.cast(dy, y.dtype))
+    dx, *dparams = tape.gradient(y, [x, *params], output_gradients=t.cast(dy, y.dtype))
     dscale = dparams.pop(0) if gamma is not None else None
     dbias = dparams.pop(0) if beta is not None else None
     prefix = f"step{i}" if training else "eval"
@@ -354,8 +374,9 @@ def run_keras(case: Case, data) -> Trace:
   under the mixed_float16 / mixed_bfloat16 policies; ``trainable`` from ``case.layer``."""
   keras = tf().keras
   if not keras.__version__.startswith("3."):
-    raise RuntimeError(f"tf.keras is Keras {keras.__version__}, not Keras 3:"
-                       " unset TF_USE_LEGACY_KERAS")
+    raise RuntimeError(
+      f"tf.keras is Keras {keras.__version__}, not Keras 3: unset TF_USE_LEGACY_KERAS"
+    )
   layer_kwargs = dict(case.layer)
   trainable = layer_kwargs.pop("trainable", True)
   layer = keras.layers.BatchNormalization(dtype=_POLICIES[case.dtype], **layer_kwargs)
@@ -381,8 +402,10 @@ def run_tf_keras(case: Case, data) -> Trace:
   layer.trainable = trainable
   expected_fused = case.convention.running_variance == "unbiased"  # fused stores unbiased
   if layer.fused != expected_fused:
-    raise AssertionError(f"{case.id}: tf_keras resolved fused={layer.fused}, the case's"
-                         f" convention assumes fused={expected_fused}")
+    raise AssertionError(
+      f"{case.id}: tf_keras resolved fused={layer.fused}, the case's"
+      f" convention assumes fused={expected_fused}"
+    )
   return _keras_layer_trace(case, data, layer, _keras_variables(layer, lambda w: w))
 
 
@@ -405,8 +428,12 @@ def run_torch(case: Case, data) -> Trace:
   cls = {2: t.nn.BatchNorm1d, 3: t.nn.BatchNorm1d, 4: t.nn.BatchNorm2d, 5: t.nn.BatchNorm3d}
   bn = cls[len(case.shape)](case.shape[1], **layer_kwargs)
   with t.no_grad():
-    for name, key in (("weight", "scale"), ("bias", "bias"), ("running_mean", "mean"),
-                      ("running_var", "var")):
+    for name, key in (
+      ("weight", "scale"),
+      ("bias", "bias"),
+      ("running_mean", "mean"),
+      ("running_var", "var"),
+    ):
       getattr(bn, name).copy_(t.from_numpy(data[key]))
   dtype = getattr(t, case.dtype)
   trace: Trace = {}
@@ -421,8 +448,12 @@ def run_torch(case: Case, data) -> Trace:
     y = bn(x)
     y.backward(t.from_numpy(data["dy"][i]).to(dtype))
     prefix = f"step{i}" if training else "eval"
-    trace.update(_record(prefix, *(v.detach().to(t.float32).numpy()
-                                   for v in (y, x.grad, bn.weight.grad, bn.bias.grad))))
+    trace.update(
+      _record(
+        prefix,
+        *(v.detach().to(t.float32).numpy() for v in (y, x.grad, bn.weight.grad, bn.bias.grad)),
+      )
+    )
     if training:
       trace[f"{prefix}/mean"] = _as64(bn.running_mean.numpy())
       trace[f"{prefix}/var"] = _as64(bn.running_var.numpy())
@@ -447,8 +478,12 @@ def run_flax(case: Case, data) -> Trace:
     stats = {"mean": data["mean"], "var": data["var"]}
 
     def call(x, params, stats, training):
-      y, updates = bn.apply({"params": params, "batch_stats": stats}, x,
-                            use_running_average=not training, mutable=["batch_stats"])
+      y, updates = bn.apply(
+        {"params": params, "batch_stats": stats},
+        x,
+        use_running_average=not training,
+        mutable=["batch_stats"],
+      )
       return y, updates["batch_stats"]
   else:
     model = nnx.BatchNorm(case.shape[-1], rngs=nnx.Rngs(0), **layer_kwargs)
@@ -462,7 +497,6 @@ def run_flax(case: Case, data) -> Trace:
       y = model(x)
       return y, nnx.state(model, nnx.BatchStat)
 
-
   def value(tree, key):
     return np.asarray(tree[key][...], np.float64)
 
@@ -474,8 +508,9 @@ def run_flax(case: Case, data) -> Trace:
       dy = jnp.asarray(data["dy"][i], case.dtype)
       # stats are an argument (NNX mutates them only at their own trace level); their
       # cotangent is dropped
-      y, vjp, new_stats = jax.vjp(functools.partial(call, training=training), x, params, stats,
-                                  has_aux=True)
+      y, vjp, new_stats = jax.vjp(
+        functools.partial(call, training=training), x, params, stats, has_aux=True
+      )
       dx, dparams, _ = vjp(dy)
       prefix = f"step{i}" if training else "eval"
       trace.update(_record(prefix, y, dx, value(dparams, "scale"), value(dparams, "bias")))
@@ -487,25 +522,25 @@ def run_flax(case: Case, data) -> Trace:
 
 
 RUNNERS = {
-    "tf_nn": run_tf_nn,
-    "tf_fused": run_tf_fused,
-    "keras": run_keras,
-    "tf_keras": run_tf_keras,
-    "torch": run_torch,
-    "flax": run_flax,
+  "tf_nn": run_tf_nn,
+  "tf_fused": run_tf_fused,
+  "keras": run_keras,
+  "tf_keras": run_tf_keras,
+  "torch": run_torch,
+  "flax": run_flax,
 }
 # reference -> the script that runs it, all of a script's cases in one process
 SUBPROCESS_SCRIPTS = {
-    "tf_v1_layers": "tf_subprocess.py",
-    "keras_sync": "tf_subprocess.py",
-    "tf_keras_sync": "tf_subprocess.py",
-    "keras_jax": "keras_jax_subprocess.py",
+  "tf_v1_layers": "tf_subprocess.py",
+  "keras_sync": "tf_subprocess.py",
+  "tf_keras_sync": "tf_subprocess.py",
+  "keras_jax": "keras_jax_subprocess.py",
 }
 SUBPROCESS_REFERENCES = tuple(SUBPROCESS_SCRIPTS)
 # What each script's process needs set before it imports anything.
 _SUBPROCESS_ENV = {
-    "tf_subprocess.py": {"TF_USE_LEGACY_KERAS": "1"},
-    "keras_jax_subprocess.py": {"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"},
+  "tf_subprocess.py": {"TF_USE_LEGACY_KERAS": "1"},
+  "keras_jax_subprocess.py": {"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"},
 }
 SUBPROCESS_TIMEOUT_S = 600
 
@@ -525,24 +560,39 @@ def _run_script(script: str, cases: list[Case]) -> dict[str, Trace]:
     for case in cases:
       for key, value in make_data(case).items():
         arrays[f"{case.id}|{key}"] = value
-      specs.append({"id": case.id, "reference": case.reference, "shape": list(case.shape),
-                    "axis": case.feature_axis, "layer": case.layer, "dtype": case.dtype,
-                    "replicas": case.replicas, "steps": STEPS})
+      specs.append(
+        {
+          "id": case.id,
+          "reference": case.reference,
+          "shape": list(case.shape),
+          "axis": case.feature_axis,
+          "layer": case.layer,
+          "dtype": case.dtype,
+          "replicas": case.replicas,
+          "steps": STEPS,
+        }
+      )
     np.savez(tmp / "inputs.npz", **arrays)
     (tmp / "cases.json").write_text(json.dumps(specs))
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env.update(TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore", **_SUBPROCESS_ENV[script])
     try:
-      done = subprocess.run([sys.executable, str(HERE / script), str(tmp)], env=env, check=False,
-                            capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+      done = subprocess.run(
+        [sys.executable, str(HERE / script), str(tmp)],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+      )
     except subprocess.TimeoutExpired as e:
       stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
-      raise RuntimeError(f"tests/{script} did not finish in {SUBPROCESS_TIMEOUT_S} s"
-                         f" ({len(cases)} cases); its stderr ends:\n{(stderr or '')[-4000:]}"
-                         ) from None
+      raise RuntimeError(
+        f"tests/{script} did not finish in {SUBPROCESS_TIMEOUT_S} s"
+        f" ({len(cases)} cases); its stderr ends:\n{(stderr or '')[-4000:]}"
+      ) from None
     if done.returncode != 0:
-      raise RuntimeError(f"tests/{script} failed ({done.returncode}):\n"
-                         f"{done.stderr[-4000:]}")
+      raise RuntimeError(f"tests/{script} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     with np.load(tmp / "traces.npz") as f:
       out: dict[str, Trace] = {}
       for key in f.files:
@@ -559,7 +609,7 @@ def kind(name: str) -> str:
   """'outputs' (y), 'gradients' (dx, dscale, dbias) or 'statistics' (mean, var, count and
   renorm's stddev, renorm_mean, renorm_stddev)."""
   leaf = name.split("/")[1]
-  if leaf in STAT_KEYS + ("count",):
+  if leaf in (*STAT_KEYS, "count"):
     return "statistics"
   return "outputs" if leaf == "y" else "gradients"
 
@@ -610,12 +660,19 @@ def term_magnitudes(case: Case, data: dict[str, np.ndarray], expected: Trace) ->
     r, d = ones, 0 * ones
     if case.renorm and i < STEPS and case.training:
       before = data if i == 0 else {k: expected[f"step{i - 1}/{k}"] for k in RENORM_STATS}
-      r, d = _renorm_correction(m, v, col(before["renorm_mean"]), col(before["renorm_stddev"]),
-                                eps, options.get("renorm_clipping") or {})
+      r, d = _renorm_correction(
+        m,
+        v,
+        col(before["renorm_mean"]),
+        col(before["renorm_stddev"]),
+        eps,
+        options.get("renorm_clipping") or {},
+      )
     a = scale * r / np.sqrt(v + eps)
     xhat = (x - m) / np.sqrt(v + eps)
-    out[f"{prefix}/y"] = float(max(np.abs(x * a).max(), np.abs(m * a).max(),
-                                   np.abs(d * scale).max(), np.abs(bias).max()))
+    out[f"{prefix}/y"] = float(
+      max(np.abs(x * a).max(), np.abs(m * a).max(), np.abs(d * scale).max(), np.abs(bias).max())
+    )
     out[f"{prefix}/dx"] = float(np.abs(a * dy).max())
     out[f"{prefix}/dscale"] = float((np.abs(dy) * (np.abs(xhat) * r + np.abs(d))).sum(axes).max())
     out[f"{prefix}/dbias"] = float(np.abs(dy).sum(axes).max())
@@ -668,8 +725,13 @@ def compare(case: Case, got: Trace, expected: Trace, data=None) -> dict[str, Err
     assert have.shape == want.shape, (case.id, name, have.shape, want.shape)
     tol = tolerance_for(case, name)
     magnitude = magnitudes.get(name, max(1.0, float(np.abs(want).max(initial=0.0))))
-    np.testing.assert_allclose(have, want, rtol=tol["rtol"], atol=tol["atol"] * magnitude,
-                               err_msg=f"{case.id}: {name} (terms' magnitude {magnitude:.3g})")
+    np.testing.assert_allclose(
+      have,
+      want,
+      rtol=tol["rtol"],
+      atol=tol["atol"] * magnitude,
+      err_msg=f"{case.id}: {name} (terms' magnitude {magnitude:.3g})",
+    )
     a, r = errors(have, want)
     bound = tol["rtol"] * np.abs(want) + tol["atol"] * magnitude
     ratio = float((np.abs(have - want) / bound).max(initial=0.0))
@@ -686,8 +748,9 @@ def compare(case: Case, got: Trace, expected: Trace, data=None) -> dict[str, Err
 _KERAS_NCHW = cv.KERAS.replace(axis=1)
 # Renorm: clipping bounds that bind at some step for these inputs (the renorm statistics start
 # away from the batch's), and a renorm momentum low enough for them to move.
-_RENORM = dict(renorm=True, renorm_clipping={"rmin": 0.8, "rmax": 1.4, "dmax": 0.6},
-               renorm_momentum=0.7)
+_RENORM = dict(
+  renorm=True, renorm_clipping={"rmin": 0.8, "rmax": 1.4, "dmax": 0.6}, renorm_momentum=0.7
+)
 
 
 def _labelled(convention: cv.Convention, label: str) -> cv.Convention:
@@ -702,122 +765,299 @@ def _keras_jax(**options) -> cv.Convention:
 
 
 CASES: list[Case] = [
-    # tf.nn.moments + tf.nn.batch_normalization, user-owned moving averages (decay form)
-    Case("tf_nn-nhwc", "tf_nn", (4, 3, 2, 3), cv.TF_NN,
-         dict(decay=0.99, variance_epsilon=1e-3)),
-    Case("tf_nn-nchw-decay0.9", "tf_nn", (2, 3, 2, 2),
-         cv.tf_nn(decay=0.9, variance_epsilon=1e-5, axis=1),
-         dict(decay=0.9, variance_epsilon=1e-5)),
-    Case("tf_nn-2d-n3-mask", "tf_nn", (6, 4), cv.tf_nn(decay=0.5, variance_epsilon=1e-3),
-         dict(decay=0.5, variance_epsilon=1e-3), mask=True),
-    Case("tf_nn-nhwc-offset30", "tf_nn", (4, 3, 2, 3), cv.TF_NN,
-         dict(decay=0.99, variance_epsilon=1e-3), offset=30.0),
-    # TF's fused kernel
-    Case("tf_fused-nhwc-defaults", "tf_fused", (2, 2, 1, 3), cv.TF_FUSED_NHWC),
-    Case("tf_fused-nhwc-factor0.1", "tf_fused", (4, 3, 2, 3),
-         cv.tf_fused(exponential_avg_factor=0.1, epsilon=1e-5),
-         dict(exponential_avg_factor=0.1, epsilon=1e-5)),
-    Case("tf_fused-nchw-factor0.3", "tf_fused", (2, 3, 2, 2),
-         cv.tf_fused(exponential_avg_factor=0.3, data_format="NCHW"),
-         dict(exponential_avg_factor=0.3, data_format="NCHW")),
-    Case("tf_fused-ndhwc", "tf_fused", (2, 2, 2, 1, 3),
-         cv.tf_fused(exponential_avg_factor=0.5, data_format="NDHWC"),
-         dict(exponential_avg_factor=0.5, data_format="NDHWC")),
-    Case("tf_fused-ncdhw-f16", "tf_fused", (2, 3, 2, 1, 2),
-         cv.tf_fused(exponential_avg_factor=0.5, data_format="NCDHW"),
-         dict(exponential_avg_factor=0.5, data_format="NCDHW"), dtype="float16"),
-    Case("tf_fused-nhwc-bf16", "tf_fused", (4, 3, 2, 3), cv.tf_fused(exponential_avg_factor=0.1),
-         dict(exponential_avg_factor=0.1), dtype="bfloat16"),
-    Case("tf_fused-nhwc-epsilon0", "tf_fused", (2, 2, 1, 3),
-         cv.tf_fused(exponential_avg_factor=0.1, epsilon=0.0),
-         dict(exponential_avg_factor=0.1, epsilon=0.0)),
-    # Keras 3 (tf.keras in TF 2.21)
-    Case("keras-nhwc-defaults", "keras", (4, 3, 2, 3), cv.KERAS),
-    Case("keras-nchw", "keras", (2, 3, 2, 2), _KERAS_NCHW, dict(axis=1)),
-    Case("keras-2d-n2", "keras", (2, 5), cv.keras(momentum=0.5), dict(momentum=0.5)),
-    Case("keras-5d-momentum0.9", "keras", (2, 2, 2, 1, 3), cv.keras(momentum=0.9, epsilon=1e-5),
-         dict(momentum=0.9, epsilon=1e-5)),
-    Case("keras-3d-mask", "keras", (4, 3, 3), cv.keras(momentum=0.8), dict(momentum=0.8),
-         mask=True),
-    Case("keras-nhwc-mixed_float16", "keras", (4, 3, 2, 3), cv.keras(momentum=0.9),
-         dict(momentum=0.9), dtype="float16"),
-    Case("keras-nchw-mixed_bfloat16", "keras", (4, 3, 2, 2), cv.keras(axis=1, momentum=0.9),
-         dict(axis=1, momentum=0.9), dtype="bfloat16"),
-    Case("keras-trainable-false", "keras", (4, 3, 2, 3), cv.KERAS, dict(trainable=False),
-         training=False),
-    # tf_keras (Keras 2): fused (its default for 4-D/5-D) and not
-    Case("tf_keras-fused-nhwc-defaults", "tf_keras", (2, 2, 1, 3), cv.TF_KERAS_FUSED),
-    Case("tf_keras-fused-nchw", "tf_keras", (2, 3, 2, 2),
-         cv.tf_keras(fused=True, axis=1, momentum=0.5),
-         dict(axis=1, momentum=0.5)),
-    Case("tf_keras-fused-ncdhw", "tf_keras", (2, 3, 2, 1, 2),
-         cv.tf_keras(fused=True, axis=1, momentum=0.9), dict(axis=1, momentum=0.9)),
-    Case("tf_keras-fused-nhwc-mixed_float16", "tf_keras", (4, 3, 2, 3),
-         cv.tf_keras(fused=True, momentum=0.9), dict(momentum=0.9), dtype="float16"),
-    Case("tf_keras-unfused-2d-defaults", "tf_keras", (3, 4), cv.TF_KERAS_UNFUSED),
-    Case("tf_keras-unfused-nhwc", "tf_keras", (2, 2, 1, 3), cv.tf_keras(fused=False, momentum=0.5),
-         dict(fused=False, momentum=0.5)),
-    Case("tf_keras-unfused-3d-mask", "tf_keras", (4, 3, 3), cv.tf_keras(fused=False, momentum=0.8),
-         dict(momentum=0.8), mask=True),
-    Case("tf_keras-unfused-mixed_bfloat16", "tf_keras", (6, 4),
-         cv.tf_keras(fused=False, momentum=0.9),
-         dict(momentum=0.9), dtype="bfloat16"),
-    Case("tf_keras-fused-trainable-false", "tf_keras", (2, 2, 2, 3), cv.TF_KERAS_FUSED,
-         dict(trainable=False), training=False),
-    # TF1 tf.compat.v1.layers.batch_normalization (subprocess, graph mode)
-    Case("tf_v1_layers-fused-nhwc", "tf_v1_layers", (2, 2, 1, 3), cv.TF_V1_LAYERS_FUSED),
-    Case("tf_v1_layers-unfused-2d", "tf_v1_layers", (3, 4), cv.TF_V1_LAYERS_UNFUSED),
-    Case("tf_v1_layers-fused-nchw", "tf_v1_layers", (2, 3, 2, 2),
-         cv.tf_v1_layers(fused=True, axis=1, momentum=0.5), dict(axis=1, momentum=0.5)),
-    Case("tf_v1_layers-trainable-false", "tf_v1_layers", (2, 2, 1, 3),
-         cv.tf_v1_layers(fused=True, momentum=0.5, trainable=False),
-         dict(momentum=0.5, trainable=False)),
-    # PyTorch
-    Case("torch-1d-n2-defaults", "torch", (2, 4), cv.PYTORCH),
-    Case("torch-1d-ncl", "torch", (2, 3, 3), cv.PYTORCH),
-    Case("torch-2d-momentum0.3", "torch", (2, 3, 2, 2), cv.pytorch(momentum=0.3, eps=1e-3),
-         dict(momentum=0.3, eps=1e-3)),
-    Case("torch-2d-channels_last", "torch", (2, 3, 2, 2), cv.PYTORCH,
-         dict(memory_format="channels_last")),
-    Case("torch-3d", "torch", (2, 3, 2, 1, 2), cv.PYTORCH),
-    Case("torch-2d-cumulative", "torch", (2, 3, 2, 2), cv.PYTORCH_CUMULATIVE, dict(momentum=None)),
-    Case("torch-2d-float16", "torch", (4, 3, 2, 2), cv.PYTORCH, dtype="float16"),
-    Case("torch-2d-bfloat16", "torch", (4, 3, 2, 2), cv.PYTORCH, dtype="bfloat16"),
-    Case("torch-2d-offset30", "torch", (4, 3, 2, 2), cv.PYTORCH, offset=30.0),
-    # Flax (defaults: fast variance)
-    Case("flax-linen-defaults", "flax", (4, 3, 2, 3), cv.FLAX_LINEN, dict(module="linen")),
-    Case("flax-nnx-defaults", "flax", (8, 3), cv.FLAX_NNX, dict(module="nnx")),
-    # Two replicas: MirroredStrategy vs shard_map with axis_name (subprocess)
-    Case("keras-synchronized-2-replicas", "keras_sync", (8, 2, 3),
-         cv.keras(synchronized=True, momentum=0.9),
-         dict(momentum=0.9), replicas=2),
-    Case("tf_keras-synchronized-2-replicas", "tf_keras_sync", (8, 3),
-         cv.tf_keras(fused=False, synchronized=True, momentum=0.9), dict(momentum=0.9), replicas=2),
-    # Batch renormalization with clipping: tf_keras and Keras 3 (TensorFlow backend)
-    Case("tf_keras-renorm-nhwc", "tf_keras", (4, 3, 2, 3),
-         _labelled(cv.tf_keras(fused=False, momentum=0.9, **_RENORM), "[renorm]"),
-         dict(momentum=0.9, **_RENORM)),
-    Case("keras-renorm-2d", "keras", (6, 4),
-         _labelled(cv.keras(momentum=0.8, **_RENORM), "[renorm]"), dict(momentum=0.8, **_RENORM)),
-    # Keras 3 on the JAX backend (subprocess): gradients by jax.vjp of the layer's stateless_call
-    Case("keras_jax-nhwc-defaults", "keras_jax", (4, 3, 2, 3), _keras_jax()),
-    Case("keras_jax-nchw-momentum0.5", "keras_jax", (2, 3, 2, 2), _keras_jax(axis=1, momentum=0.5),
-         dict(axis=1, momentum=0.5)),
-    Case("keras_jax-2d-no-center", "keras_jax", (6, 4), _keras_jax(momentum=0.9, epsilon=1e-5),
-         dict(momentum=0.9, epsilon=1e-5, center=False), params=("scale",)),
-    Case("keras_jax-nhwc-no-scale", "keras_jax", (4, 3, 2, 3), _keras_jax(epsilon=0.1),
-         dict(epsilon=0.1, scale=False), params=("bias",)),
-    Case("keras_jax-3d-mask", "keras_jax", (4, 3, 3), _keras_jax(momentum=0.8), dict(momentum=0.8),
-         mask=True),
-    Case("keras_jax-nhwc-offset30", "keras_jax", (4, 3, 2, 3), _keras_jax(), offset=30.0),
-    Case("keras_jax-nhwc-mixed_float16", "keras_jax", (4, 3, 2, 3), _keras_jax(momentum=0.9),
-         dict(momentum=0.9), dtype="float16"),
-    Case("keras_jax-nchw-mixed_bfloat16", "keras_jax", (4, 3, 2, 2),
-         _keras_jax(axis=1, momentum=0.9), dict(axis=1, momentum=0.9), dtype="bfloat16"),
-    Case("keras_jax-trainable-false", "keras_jax", (4, 3, 2, 3), _keras_jax(),
-         dict(trainable=False), training=False),
-    Case("keras_jax-renorm-nhwc", "keras_jax", (4, 3, 2, 3),
-         _labelled(_keras_jax(momentum=0.9, **_RENORM), "[renorm]"), dict(momentum=0.9, **_RENORM)),
+  # tf.nn.moments + tf.nn.batch_normalization, user-owned moving averages (decay form)
+  Case("tf_nn-nhwc", "tf_nn", (4, 3, 2, 3), cv.TF_NN, dict(decay=0.99, variance_epsilon=1e-3)),
+  Case(
+    "tf_nn-nchw-decay0.9",
+    "tf_nn",
+    (2, 3, 2, 2),
+    cv.tf_nn(decay=0.9, variance_epsilon=1e-5, axis=1),
+    dict(decay=0.9, variance_epsilon=1e-5),
+  ),
+  Case(
+    "tf_nn-2d-n3-mask",
+    "tf_nn",
+    (6, 4),
+    cv.tf_nn(decay=0.5, variance_epsilon=1e-3),
+    dict(decay=0.5, variance_epsilon=1e-3),
+    mask=True,
+  ),
+  Case(
+    "tf_nn-nhwc-offset30",
+    "tf_nn",
+    (4, 3, 2, 3),
+    cv.TF_NN,
+    dict(decay=0.99, variance_epsilon=1e-3),
+    offset=30.0,
+  ),
+  # TF's fused kernel
+  Case("tf_fused-nhwc-defaults", "tf_fused", (2, 2, 1, 3), cv.TF_FUSED_NHWC),
+  Case(
+    "tf_fused-nhwc-factor0.1",
+    "tf_fused",
+    (4, 3, 2, 3),
+    cv.tf_fused(exponential_avg_factor=0.1, epsilon=1e-5),
+    dict(exponential_avg_factor=0.1, epsilon=1e-5),
+  ),
+  Case(
+    "tf_fused-nchw-factor0.3",
+    "tf_fused",
+    (2, 3, 2, 2),
+    cv.tf_fused(exponential_avg_factor=0.3, data_format="NCHW"),
+    dict(exponential_avg_factor=0.3, data_format="NCHW"),
+  ),
+  Case(
+    "tf_fused-ndhwc",
+    "tf_fused",
+    (2, 2, 2, 1, 3),
+    cv.tf_fused(exponential_avg_factor=0.5, data_format="NDHWC"),
+    dict(exponential_avg_factor=0.5, data_format="NDHWC"),
+  ),
+  Case(
+    "tf_fused-ncdhw-f16",
+    "tf_fused",
+    (2, 3, 2, 1, 2),
+    cv.tf_fused(exponential_avg_factor=0.5, data_format="NCDHW"),
+    dict(exponential_avg_factor=0.5, data_format="NCDHW"),
+    dtype="float16",
+  ),
+  Case(
+    "tf_fused-nhwc-bf16",
+    "tf_fused",
+    (4, 3, 2, 3),
+    cv.tf_fused(exponential_avg_factor=0.1),
+    dict(exponential_avg_factor=0.1),
+    dtype="bfloat16",
+  ),
+  Case(
+    "tf_fused-nhwc-epsilon0",
+    "tf_fused",
+    (2, 2, 1, 3),
+    cv.tf_fused(exponential_avg_factor=0.1, epsilon=0.0),
+    dict(exponential_avg_factor=0.1, epsilon=0.0),
+  ),
+  # Keras 3 (tf.keras in TF 2.21)
+  Case("keras-nhwc-defaults", "keras", (4, 3, 2, 3), cv.KERAS),
+  Case("keras-nchw", "keras", (2, 3, 2, 2), _KERAS_NCHW, dict(axis=1)),
+  Case("keras-2d-n2", "keras", (2, 5), cv.keras(momentum=0.5), dict(momentum=0.5)),
+  Case(
+    "keras-5d-momentum0.9",
+    "keras",
+    (2, 2, 2, 1, 3),
+    cv.keras(momentum=0.9, epsilon=1e-5),
+    dict(momentum=0.9, epsilon=1e-5),
+  ),
+  Case("keras-3d-mask", "keras", (4, 3, 3), cv.keras(momentum=0.8), dict(momentum=0.8), mask=True),
+  Case(
+    "keras-nhwc-mixed_float16",
+    "keras",
+    (4, 3, 2, 3),
+    cv.keras(momentum=0.9),
+    dict(momentum=0.9),
+    dtype="float16",
+  ),
+  Case(
+    "keras-nchw-mixed_bfloat16",
+    "keras",
+    (4, 3, 2, 2),
+    cv.keras(axis=1, momentum=0.9),
+    dict(axis=1, momentum=0.9),
+    dtype="bfloat16",
+  ),
+  Case(
+    "keras-trainable-false", "keras", (4, 3, 2, 3), cv.KERAS, dict(trainable=False), training=False
+  ),
+  # tf_keras (Keras 2): fused (its default for 4-D/5-D) and not
+  Case("tf_keras-fused-nhwc-defaults", "tf_keras", (2, 2, 1, 3), cv.TF_KERAS_FUSED),
+  Case(
+    "tf_keras-fused-nchw",
+    "tf_keras",
+    (2, 3, 2, 2),
+    cv.tf_keras(fused=True, axis=1, momentum=0.5),
+    dict(axis=1, momentum=0.5),
+  ),
+  Case(
+    "tf_keras-fused-ncdhw",
+    "tf_keras",
+    (2, 3, 2, 1, 2),
+    cv.tf_keras(fused=True, axis=1, momentum=0.9),
+    dict(axis=1, momentum=0.9),
+  ),
+  Case(
+    "tf_keras-fused-nhwc-mixed_float16",
+    "tf_keras",
+    (4, 3, 2, 3),
+    cv.tf_keras(fused=True, momentum=0.9),
+    dict(momentum=0.9),
+    dtype="float16",
+  ),
+  Case("tf_keras-unfused-2d-defaults", "tf_keras", (3, 4), cv.TF_KERAS_UNFUSED),
+  Case(
+    "tf_keras-unfused-nhwc",
+    "tf_keras",
+    (2, 2, 1, 3),
+    cv.tf_keras(fused=False, momentum=0.5),
+    dict(fused=False, momentum=0.5),
+  ),
+  Case(
+    "tf_keras-unfused-3d-mask",
+    "tf_keras",
+    (4, 3, 3),
+    cv.tf_keras(fused=False, momentum=0.8),
+    dict(momentum=0.8),
+    mask=True,
+  ),
+  Case(
+    "tf_keras-unfused-mixed_bfloat16",
+    "tf_keras",
+    (6, 4),
+    cv.tf_keras(fused=False, momentum=0.9),
+    dict(momentum=0.9),
+    dtype="bfloat16",
+  ),
+  Case(
+    "tf_keras-fused-trainable-false",
+    "tf_keras",
+    (2, 2, 2, 3),
+    cv.TF_KERAS_FUSED,
+    dict(trainable=False),
+    training=False,
+  ),
+  # TF1 tf.compat.v1.layers.batch_normalization (subprocess, graph mode)
+  Case("tf_v1_layers-fused-nhwc", "tf_v1_layers", (2, 2, 1, 3), cv.TF_V1_LAYERS_FUSED),
+  Case("tf_v1_layers-unfused-2d", "tf_v1_layers", (3, 4), cv.TF_V1_LAYERS_UNFUSED),
+  Case(
+    "tf_v1_layers-fused-nchw",
+    "tf_v1_layers",
+    (2, 3, 2, 2),
+    cv.tf_v1_layers(fused=True, axis=1, momentum=0.5),
+    dict(axis=1, momentum=0.5),
+  ),
+  Case(
+    "tf_v1_layers-trainable-false",
+    "tf_v1_layers",
+    (2, 2, 1, 3),
+    cv.tf_v1_layers(fused=True, momentum=0.5, trainable=False),
+    dict(momentum=0.5, trainable=False),
+  ),
+  # PyTorch
+  Case("torch-1d-n2-defaults", "torch", (2, 4), cv.PYTORCH),
+  Case("torch-1d-ncl", "torch", (2, 3, 3), cv.PYTORCH),
+  Case(
+    "torch-2d-momentum0.3",
+    "torch",
+    (2, 3, 2, 2),
+    cv.pytorch(momentum=0.3, eps=1e-3),
+    dict(momentum=0.3, eps=1e-3),
+  ),
+  Case(
+    "torch-2d-channels_last", "torch", (2, 3, 2, 2), cv.PYTORCH, dict(memory_format="channels_last")
+  ),
+  Case("torch-3d", "torch", (2, 3, 2, 1, 2), cv.PYTORCH),
+  Case("torch-2d-cumulative", "torch", (2, 3, 2, 2), cv.PYTORCH_CUMULATIVE, dict(momentum=None)),
+  Case("torch-2d-float16", "torch", (4, 3, 2, 2), cv.PYTORCH, dtype="float16"),
+  Case("torch-2d-bfloat16", "torch", (4, 3, 2, 2), cv.PYTORCH, dtype="bfloat16"),
+  Case("torch-2d-offset30", "torch", (4, 3, 2, 2), cv.PYTORCH, offset=30.0),
+  # Flax (defaults: fast variance)
+  Case("flax-linen-defaults", "flax", (4, 3, 2, 3), cv.FLAX_LINEN, dict(module="linen")),
+  Case("flax-nnx-defaults", "flax", (8, 3), cv.FLAX_NNX, dict(module="nnx")),
+  # Two replicas: MirroredStrategy vs shard_map with axis_name (subprocess)
+  Case(
+    "keras-synchronized-2-replicas",
+    "keras_sync",
+    (8, 2, 3),
+    cv.keras(synchronized=True, momentum=0.9),
+    dict(momentum=0.9),
+    replicas=2,
+  ),
+  Case(
+    "tf_keras-synchronized-2-replicas",
+    "tf_keras_sync",
+    (8, 3),
+    cv.tf_keras(fused=False, synchronized=True, momentum=0.9),
+    dict(momentum=0.9),
+    replicas=2,
+  ),
+  # Batch renormalization with clipping: tf_keras and Keras 3 (TensorFlow backend)
+  Case(
+    "tf_keras-renorm-nhwc",
+    "tf_keras",
+    (4, 3, 2, 3),
+    _labelled(cv.tf_keras(fused=False, momentum=0.9, **_RENORM), "[renorm]"),
+    dict(momentum=0.9, **_RENORM),
+  ),
+  Case(
+    "keras-renorm-2d",
+    "keras",
+    (6, 4),
+    _labelled(cv.keras(momentum=0.8, **_RENORM), "[renorm]"),
+    dict(momentum=0.8, **_RENORM),
+  ),
+  # Keras 3 on the JAX backend (subprocess): gradients by jax.vjp of the layer's stateless_call
+  Case("keras_jax-nhwc-defaults", "keras_jax", (4, 3, 2, 3), _keras_jax()),
+  Case(
+    "keras_jax-nchw-momentum0.5",
+    "keras_jax",
+    (2, 3, 2, 2),
+    _keras_jax(axis=1, momentum=0.5),
+    dict(axis=1, momentum=0.5),
+  ),
+  Case(
+    "keras_jax-2d-no-center",
+    "keras_jax",
+    (6, 4),
+    _keras_jax(momentum=0.9, epsilon=1e-5),
+    dict(momentum=0.9, epsilon=1e-5, center=False),
+    params=("scale",),
+  ),
+  Case(
+    "keras_jax-nhwc-no-scale",
+    "keras_jax",
+    (4, 3, 2, 3),
+    _keras_jax(epsilon=0.1),
+    dict(epsilon=0.1, scale=False),
+    params=("bias",),
+  ),
+  Case(
+    "keras_jax-3d-mask",
+    "keras_jax",
+    (4, 3, 3),
+    _keras_jax(momentum=0.8),
+    dict(momentum=0.8),
+    mask=True,
+  ),
+  Case("keras_jax-nhwc-offset30", "keras_jax", (4, 3, 2, 3), _keras_jax(), offset=30.0),
+  Case(
+    "keras_jax-nhwc-mixed_float16",
+    "keras_jax",
+    (4, 3, 2, 3),
+    _keras_jax(momentum=0.9),
+    dict(momentum=0.9),
+    dtype="float16",
+  ),
+  Case(
+    "keras_jax-nchw-mixed_bfloat16",
+    "keras_jax",
+    (4, 3, 2, 2),
+    _keras_jax(axis=1, momentum=0.9),
+    dict(axis=1, momentum=0.9),
+    dtype="bfloat16",
+  ),
+  Case(
+    "keras_jax-trainable-false",
+    "keras_jax",
+    (4, 3, 2, 3),
+    _keras_jax(),
+    dict(trainable=False),
+    training=False,
+  ),
+  Case(
+    "keras_jax-renorm-nhwc",
+    "keras_jax",
+    (4, 3, 2, 3),
+    _labelled(_keras_jax(momentum=0.9, **_RENORM), "[renorm]"),
+    dict(momentum=0.9, **_RENORM),
+  ),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 assert len(CASES_BY_ID) == len(CASES), "case ids must be unique"

@@ -99,21 +99,27 @@ def flat_state(state) -> dict[str, np.ndarray]:
 
   tree = {"params": state.params, "batch_stats": state.batch_stats, "step": state.step}
   return {
-      jax.tree_util.keystr(path): np.asarray(
-          leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf
-      )
-      for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    jax.tree_util.keystr(path): np.asarray(
+      leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf
+    )
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
   }
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--result", type=Path, required=True,
-                      help="where process 0 writes the final state and metrics (.npz)")
-  parser.add_argument("--die-after-step", type=int, default=None,
-                      help="SIGKILL this process after this step")
-  parser.add_argument("example_flags", nargs=argparse.REMAINDER,
-                      help="flags for examples/data_parallel.py, after --")
+  parser.add_argument(
+    "--result",
+    type=Path,
+    required=True,
+    help="where process 0 writes the final state and metrics (.npz)",
+  )
+  parser.add_argument(
+    "--die-after-step", type=int, default=None, help="SIGKILL this process after this step"
+  )
+  parser.add_argument(
+    "example_flags", nargs=argparse.REMAINDER, help="flags for examples/data_parallel.py, after --"
+  )
   args = parser.parse_args()
   flags = args.example_flags[1:] if args.example_flags[:1] == ["--"] else args.example_flags
 

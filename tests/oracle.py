@@ -43,10 +43,26 @@ def inverse_stddev(var, epsilon, n=None):
   return np.where(defined, 1 / np.sqrt(np.where(defined, total, 1)), 0.0)
 
 
-def batch_norm(x, params, stats, *, training, axis=-1, momentum=0.99, epsilon=1e-5,
-               update_stats=True, running_variance="biased", mask=None, variance=None,
-               renorm=False, renorm_clipping=None, renorm_momentum=0.99,
-               virtual_batch_size=None, adjustment=None, zero_debias=None):
+def batch_norm(
+  x,
+  params,
+  stats,
+  *,
+  training,
+  axis=-1,
+  momentum=0.99,
+  epsilon=1e-5,
+  update_stats=True,
+  running_variance="biased",
+  mask=None,
+  variance=None,
+  renorm=False,
+  renorm_clipping=None,
+  renorm_momentum=0.99,
+  virtual_batch_size=None,
+  adjustment=None,
+  zero_debias=None,
+):
   """Returns (y, new_stats) in float64, from the textbook definitions.
 
   ``variance`` names bnjax's algorithm; every algorithm estimates the same exact value, so the
@@ -69,10 +85,10 @@ def batch_norm(x, params, stats, *, training, axis=-1, momentum=0.99, epsilon=1e
   xs, ms, group_axis = x, mask, None
   if virtual_batch_size:  # example i -> row i // groups, column (group) i % groups
     groups = x.shape[0] // virtual_batch_size
-    xs = x.reshape((virtual_batch_size, groups) + x.shape[1:])
+    xs = x.reshape((virtual_batch_size, groups, *x.shape[1:]))
     if mask is not None:
       ms = np.broadcast_to(mask, x.shape).reshape(xs.shape)
-    reduced, group_axis = (0,) + tuple(a + 1 for a in reduced if a != 0), 1
+    reduced, group_axis = (0, *tuple(a + 1 for a in reduced if a != 0)), 1
     scale, bias = scale[None], bias[None]
   mean, var, n = moments(xs, reduced, ms)
   xhat = (xs - mean) * inverse_stddev(var, epsilon, n)
@@ -86,7 +102,9 @@ def batch_norm(x, params, stats, *, training, axis=-1, momentum=0.99, epsilon=1e
     var = var * n / np.maximum(n - 1, 1)
   running_var = per_feature(var)
   seen = per_feature(n) > 0
-  a, b = (1.0, 0.0) if adjustment is None else (np.asarray(v, np.float64) for v in adjustment(xs.shape))
+  a, b = (
+    (1.0, 0.0) if adjustment is None else (np.asarray(v, np.float64) for v in adjustment(xs.shape))
+  )
   r, d = 1.0, 0.0
   if renorm:
     sigma = np.maximum(np.asarray(stats["renorm_stddev"], np.float64), np.sqrt(epsilon))
@@ -96,7 +114,9 @@ def batch_norm(x, params, stats, *, training, axis=-1, momentum=0.99, epsilon=1e
     r = np.clip(r, clip.get("rmin", -np.inf), clip.get("rmax", np.inf))
     d = np.clip(d, -clip.get("dmax", np.inf), clip.get("dmax", np.inf))
     shape = [1] * xs.ndim
-    for f, size in zip(features if group_axis is None else [f + 1 for f in features], feature_shape):
+    for f, size in zip(
+      features if group_axis is None else [f + 1 for f in features], feature_shape
+    ):
       shape[f] = size
     r, d = r.reshape(shape), d.reshape(shape)
   y = (((xhat * r + d) * a + b) * scale + bias).reshape(x.shape)

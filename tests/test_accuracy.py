@@ -26,10 +26,10 @@ import bnjax
 
 OFFSETS = [1e2, 1e3, 1e4, 1e5, 1e6]
 LAYOUTS = {  # shape, feature axis
-    "nhwc": ((16, 8, 8, 4), -1),
-    "nchw": ((16, 4, 8, 8), 1),
-    "dense": ((2048, 4), -1),
-    "tuple-axes": ((16, 3, 8, 2), (1, 3)),
+  "nhwc": ((16, 8, 8, 4), -1),
+  "nchw": ((16, 4, 8, 8), 1),
+  "dense": ((2048, 4), -1),
+  "tuple-axes": ((16, 3, 8, 2), (1, 3)),
 }
 
 
@@ -43,8 +43,10 @@ def _case(shape, axis, offset, seed=0):
   rng = np.random.default_rng(seed)
   f = _features(shape, axis)
   x = (rng.standard_normal(shape) + offset).astype(np.float32)
-  params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, f), jnp.float32),
-            "bias": jnp.asarray(rng.normal(size=f), jnp.float32)}
+  params = {
+    "scale": jnp.asarray(rng.uniform(0.5, 1.5, f), jnp.float32),
+    "bias": jnp.asarray(rng.normal(size=f), jnp.float32),
+  }
   _, stats = bnjax.init(f, track_count=True)
   return x, params, stats
 
@@ -65,8 +67,9 @@ def _reduced(shape, axis):
 def test_y_variance_and_mean_at_the_floor(layout, variance, offset):
   shape, axis = LAYOUTS[layout]
   x, params, stats = _case(shape, axis, offset)
-  y, _ = jax.jit(lambda x: bnjax.batch_norm(
-      x, params, stats, training=True, axis=axis, variance=variance))(x)
+  y, _ = jax.jit(
+    lambda x: bnjax.batch_norm(x, params, stats, training=True, axis=axis, variance=variance)
+  )(x)
   y_ref, _ = oracle_batch_norm(x, params, stats, training=True, axis=axis)
   assert _relative(y, y_ref) <= FLOOR["y"]
   reduced = _reduced(shape, axis)
@@ -87,8 +90,9 @@ def test_masked_at_the_floor(variance, offset):
   x, params, stats = _case(shape, axis, offset, seed=1)
   mask = np.random.default_rng(5).uniform(size=shape) < 0.6
   mask[:2] = False  # the lead part of the batch is padding
-  y, _ = jax.jit(lambda x, m: bnjax.batch_norm(
-      x, params, stats, training=True, mask=m, variance=variance))(x, mask)
+  y, _ = jax.jit(
+    lambda x, m: bnjax.batch_norm(x, params, stats, training=True, mask=m, variance=variance)
+  )(x, mask)
   y_ref, _ = oracle_batch_norm(x, params, stats, training=True, mask=mask)
   assert _relative(y, y_ref) <= FLOOR["y"]
   _, var = bnjax.moments(x, (0, 1, 2), mask=mask, variance=variance)
@@ -126,13 +130,14 @@ def _synced(transform, x, mask, params, stats, **options):
     return bnjax.batch_norm(x, params, stats, training=True, mask=mask, axis_name="d", **options)
 
   if transform == "shard_map":
-    fn = jax.jit(jax.shard_map(step, mesh=MESH, in_specs=(P("d"), P("d")),
-                               out_specs=(P("d"), P())))
-    put = lambda a: jax.device_put(a, NamedSharding(MESH, P("d")))  # noqa: E731
+    fn = jax.jit(jax.shard_map(step, mesh=MESH, in_specs=(P("d"), P("d")), out_specs=(P("d"), P())))
+    put = lambda a: jax.device_put(a, NamedSharding(MESH, P("d")))
     return fn(put(x), put(mask))
-  split = lambda a: a.reshape((DEVICES, -1) + a.shape[1:])  # noqa: E731
-  mapped = {"pmap": functools.partial(jax.pmap, axis_name="d"),
-            "vmap": functools.partial(jax.vmap, axis_name="d")}[transform]
+  split = lambda a: a.reshape((DEVICES, -1, *a.shape[1:]))
+  mapped = {
+    "pmap": functools.partial(jax.pmap, axis_name="d"),
+    "vmap": functools.partial(jax.vmap, axis_name="d"),
+  }[transform]
   y, new_stats = mapped(step)(split(x), split(mask))
   return y.reshape(x.shape), jax.tree.map(lambda v: v[0], new_stats)
 
@@ -144,7 +149,7 @@ def test_eight_devices_with_uneven_masks_at_the_floor(transform, offset):
   # devices hold 8, 5, 0, 8, 3, 8, 1, 6 valid examples of 8
   valid = np.zeros(64, bool)
   for device, n in enumerate([8, 5, 0, 8, 3, 8, 1, 6]):
-    valid[device * 8: device * 8 + n] = True
+    valid[device * 8 : device * 8 + n] = True
   mask = np.broadcast_to(valid[:, None, None], x.shape).copy()
   y, new_stats = _synced(transform, x, mask, params, stats, momentum=0.9)
   y_ref, stats_ref = oracle_batch_norm(x, params, stats, training=True, mask=mask, momentum=0.9)
@@ -161,13 +166,17 @@ def test_tensorflow_features_at_the_floor(feature, offset):
   shape, axis = (32, 4, 4, 3), -1
   x, params, stats = _case(shape, axis, offset, seed=4)
   options = {
-      "virtual-batches": dict(virtual_batch_size=8),
-      "renorm": dict(renorm=True, renorm_clipping={"rmax": 3.0, "dmax": 5.0}),
-      "adjustment": dict(adjustment=lambda s: (jnp.full((3,), 1.5), jnp.full((3,), -0.25))),
+    "virtual-batches": dict(virtual_batch_size=8),
+    "renorm": dict(renorm=True, renorm_clipping={"rmax": 3.0, "dmax": 5.0}),
+    "adjustment": dict(adjustment=lambda s: (jnp.full((3,), 1.5), jnp.full((3,), -0.25))),
   }[feature]
   if feature == "renorm":
-    stats = {**stats, **{k: v for k, v in bnjax.init(3, renorm=True)[1].items()
-                         if k.startswith(("renorm", "stddev"))}}
+    stats = {
+      **stats,
+      **{
+        k: v for k, v in bnjax.init(3, renorm=True)[1].items() if k.startswith(("renorm", "stddev"))
+      },
+    }
   y, _ = jax.jit(lambda x: bnjax.batch_norm(x, params, stats, training=True, **options))(x)
   y_ref, _ = oracle_batch_norm(x, params, stats, training=True, **options)
   assert _relative(y, y_ref) <= FLOOR["y"]
@@ -180,8 +189,11 @@ def test_gradients_at_the_floor(backward, offset):
   x, params, stats = _case(shape, -1, offset, seed=6)
   dy = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
   _, pullback, _ = jax.vjp(
-      lambda x, p: bnjax.batch_norm(x, p, stats, training=True, backward=backward),
-      x, params, has_aux=True)
+    lambda x, p: bnjax.batch_norm(x, p, stats, training=True, backward=backward),
+    x,
+    params,
+    has_aux=True,
+  )
   dx, dparams = pullback(jnp.asarray(dy))
   dx_ref, dscale_ref, dbias_ref = training_grads(x, dy, scale=params["scale"])
   assert _relative(dx, dx_ref) <= FLOOR["y"]
@@ -202,8 +214,11 @@ def test_constant_channel_is_exact(value, variance, epsilon):
   mean, var = bnjax.moments(x, (0,), variance=variance)
   assert var[1] == 0 and mean[1] == np.float32(value)
   assert bool(jnp.all(jnp.isfinite(y)))
-  grads = jax.grad(lambda x: jnp.sum(bnjax.batch_norm(
-      x, params, stats, training=True, variance=variance, epsilon=epsilon)[0] ** 2))(x)
+  grads = jax.grad(
+    lambda x: jnp.sum(
+      bnjax.batch_norm(x, params, stats, training=True, variance=variance, epsilon=epsilon)[0] ** 2
+    )
+  )(x)
   assert bool(jnp.all(jnp.isfinite(grads)))
 
 
@@ -221,9 +236,11 @@ def test_constant_channel_is_exact_across_devices(transform):
 @pytest.mark.parametrize("rule", ["ema", "zero_debias", "cumulative"])
 def test_running_updates_within_two_ulps(rule, momentum):
   x, params, stats = _case((256, 4), -1, 1e4, seed=8)
-  options = {"ema": dict(momentum=momentum),
-             "zero_debias": dict(momentum=momentum, zero_debias="mean_and_var"),
-             "cumulative": dict(momentum=None)}[rule]
+  options = {
+    "ema": dict(momentum=momentum),
+    "zero_debias": dict(momentum=momentum, zero_debias="mean_and_var"),
+    "cumulative": dict(momentum=None),
+  }[rule]
   for step in range(2):  # the first update, and the next one from bnjax's first
     batch = x + np.float32(step)
     _, stats64 = oracle_batch_norm(batch, params, jax.device_get(stats), training=True, **options)
@@ -231,8 +248,12 @@ def test_running_updates_within_two_ulps(rule, momentum):
     for key in ("mean", "var"):
       # the variance also carries the batch variance's own error (FLOOR['var']), weighted by
       # 1 - w <= 1; the mean's (one ulp) is inside the two
-      np.testing.assert_allclose(stats[key], stats64[key], rtol=FLOOR["running"] + (
-          FLOOR["var"] if key == "var" else 0), err_msg=f"{key} after {step + 1} updates")
+      np.testing.assert_allclose(
+        stats[key],
+        stats64[key],
+        rtol=FLOOR["running"] + (FLOOR["var"] if key == "var" else 0),
+        err_msg=f"{key} after {step + 1} updates",
+      )
 
 
 def test_float16_empty_channel_stays_finite():
@@ -261,6 +282,7 @@ def test_nonfinite_padding_changes_nothing(padding):
     def loss(x, params):
       y, new_stats = bnjax.batch_norm(x, params, stats, training=True, mask=mask)
       return jnp.sum(jnp.where(mask, (y - target) ** 2, 0)), new_stats
+
     return jax.grad(loss, argnums=(0, 1), has_aux=True)(x, params)
 
   (dx, dparams), new_stats = loss_and_grads(dirty, params)
@@ -276,7 +298,8 @@ def test_nonfinite_padding_changes_nothing(padding):
 
 def _accuracy_report():
   spec = importlib.util.spec_from_file_location(
-      "accuracy_report", pathlib.Path(__file__).parent.parent / "tools" / "accuracy_report.py")
+    "accuracy_report", pathlib.Path(__file__).parent.parent / "tools" / "accuracy_report.py"
+  )
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module  # dataclasses look their module up there
   spec.loader.exec_module(module)

@@ -22,7 +22,7 @@ def _check(layout, *, training, options, mask=None, jit=False, steps=3):
     stats["renorm_mean"], stats["renorm_stddev"] = stats["mean"] * 0.5, stats["var"] + 0.5
     stats["stddev"] = jnp.sqrt(stats["var"] + 0.3)
   run = lambda x, stats: bnjax.batch_norm(
-      x, params, stats, training=training, axis=layout.axis, mask=mask, **options
+    x, params, stats, training=training, axis=layout.axis, mask=mask, **options
   )
   run = jax.jit(run) if jit else run
   expected_stats = {k: np.asarray(v) for k, v in stats.items()}
@@ -31,8 +31,13 @@ def _check(layout, *, training, options, mask=None, jit=False, steps=3):
     x_step = x + step  # the statistics change from step to step
     y, stats = run(x_step, stats)
     y_ref, expected_stats = oracle_batch_norm(
-        np.asarray(x_step), params, expected_stats, training=training, axis=layout.axis,
-        mask=mask, **options,
+      np.asarray(x_step),
+      params,
+      expected_stats,
+      training=training,
+      axis=layout.axis,
+      mask=mask,
+      **options,
     )
     assert y.shape == x.shape and y.dtype == x.dtype
     assert_close(y, y_ref, jnp.float32, n, f"y at step {step}")
@@ -50,24 +55,35 @@ def test_layouts(layout, training, jit):
 
 
 OPTIONS = {
-    "unbiased": {"running_variance": "unbiased", "momentum": 0.8},
-    "cumulative": {"momentum": None},
-    "cumulative-unbiased": {"momentum": None, "running_variance": "unbiased"},
-    "momentum-0": {"momentum": 0.0},
-    "no-update": {"update_stats": False},
-    "epsilon-0.1": {"epsilon": 0.1},
-    "shifted": {"variance": "shifted"},
-    "fast": {"variance": "fast"},
-    "renorm": {"renorm": True, "renorm_clipping": {"rmin": 0.9, "rmax": 1.1, "dmax": 0.2},
-               "renorm_momentum": 0.5, "momentum": 0.7},
-    "renorm-unclipped-unbiased": {"renorm": True, "running_variance": "unbiased"},
-    "virtual-batches": {"virtual_batch_size": 2, "momentum": 0.8},
-    "virtual-batches-renorm-unbiased": {"virtual_batch_size": 2, "renorm": True,
-                                        "running_variance": "unbiased"},
-    "adjustment": {"adjustment": lambda shape: (np.linspace(0.5, 2.0, shape[0]).reshape(
-        (-1,) + (1,) * (len(shape) - 1)), np.float32(0.25))},
-    "zero-debias-mean": {"zero_debias": "mean", "momentum": 0.9},
-    "zero-debias-mean-and-var": {"zero_debias": "mean_and_var", "momentum": 0.999},
+  "unbiased": {"running_variance": "unbiased", "momentum": 0.8},
+  "cumulative": {"momentum": None},
+  "cumulative-unbiased": {"momentum": None, "running_variance": "unbiased"},
+  "momentum-0": {"momentum": 0.0},
+  "no-update": {"update_stats": False},
+  "epsilon-0.1": {"epsilon": 0.1},
+  "shifted": {"variance": "shifted"},
+  "fast": {"variance": "fast"},
+  "renorm": {
+    "renorm": True,
+    "renorm_clipping": {"rmin": 0.9, "rmax": 1.1, "dmax": 0.2},
+    "renorm_momentum": 0.5,
+    "momentum": 0.7,
+  },
+  "renorm-unclipped-unbiased": {"renorm": True, "running_variance": "unbiased"},
+  "virtual-batches": {"virtual_batch_size": 2, "momentum": 0.8},
+  "virtual-batches-renorm-unbiased": {
+    "virtual_batch_size": 2,
+    "renorm": True,
+    "running_variance": "unbiased",
+  },
+  "adjustment": {
+    "adjustment": lambda shape: (
+      np.linspace(0.5, 2.0, shape[0]).reshape((-1,) + (1,) * (len(shape) - 1)),
+      np.float32(0.25),
+    )
+  },
+  "zero-debias-mean": {"zero_debias": "mean", "momentum": 0.9},
+  "zero-debias-mean-and-var": {"zero_debias": "mean_and_var", "momentum": 0.999},
 }
 
 
@@ -78,9 +94,11 @@ def test_options(layout, options):
 
 
 MASKS = {
-    "per-example": lambda shape: np.arange(shape[0]).reshape((-1,) + (1,) * (len(shape) - 1)) % 3 != 1,
-    "elementwise": lambda shape: np.random.default_rng(1).uniform(size=shape) < 0.6,
-    "one-channel-empty": lambda shape: np.broadcast_to(np.arange(shape[-1]) != 0, shape),
+  "per-example": lambda shape: (
+    np.arange(shape[0]).reshape((-1,) + (1,) * (len(shape) - 1)) % 3 != 1
+  ),
+  "elementwise": lambda shape: np.random.default_rng(1).uniform(size=shape) < 0.6,
+  "one-channel-empty": lambda shape: np.broadcast_to(np.arange(shape[-1]) != 0, shape),
 }
 
 
@@ -89,7 +107,9 @@ MASKS = {
 def test_masks(make_mask, variance):
   layout = LAYOUTS["nhwc"]
   mask = make_mask(layout.shape)
-  _check(layout, training=True, options={"momentum": 0.9, "variance": variance}, mask=jnp.asarray(mask))
+  _check(
+    layout, training=True, options={"momentum": 0.9, "variance": variance}, mask=jnp.asarray(mask)
+  )
 
 
 def test_training_false_returns_stats_unchanged():
@@ -123,8 +143,8 @@ def test_missing_params_mean_one_and_zero(drop):
 def test_init_layout_matches_flax_names():
   params, stats = bnjax.init(7)
   assert jax.tree.map(lambda v: (v.shape, v.dtype.name), (params, stats)) == (
-      {"scale": ((7,), "float32"), "bias": ((7,), "float32")},
-      {"mean": ((7,), "float32"), "var": ((7,), "float32")},
+    {"scale": ((7,), "float32"), "bias": ((7,), "float32")},
+    {"mean": ((7,), "float32"), "var": ((7,), "float32")},
   )
   np.testing.assert_array_equal(params["scale"], 1)
   np.testing.assert_array_equal(params["bias"], 0)
@@ -154,19 +174,21 @@ def test_moments_all_axes_and_mask():
   x = jnp.asarray(np.arange(12.0).reshape(3, 4), jnp.float32)
   mean, var = bnjax.moments(x, (0, 1), mask=x < 6)
   assert mean.shape == ()
-  np.testing.assert_allclose([mean, var], [2.5, np.var(np.arange(6.0))], **tolerance(jnp.float32, 12))
+  np.testing.assert_allclose(
+    [mean, var], [2.5, np.var(np.arange(6.0))], **tolerance(jnp.float32, 12)
+  )
 
 
 @pytest.mark.parametrize(
-    "shape, axes, collapsed, collapsed_axes",
-    [
-        ((8, 6, 6, 16), (0, 1, 2), (288, 16), (0,)),  # NHWC
-        ((8, 16, 6, 6), (0, 2, 3), (8, 16, 36), (0, 2)),  # NCHW
-        ((32, 64), (0,), (32, 64), (0,)),  # dense: unchanged
-        ((4, 2, 8, 6, 6, 16), (0, 2, 3, 4), (4, 2, 288, 16), (0, 2)),  # virtual batches
-        ((5, 7, 3), (1,), (5, 7, 3), (1,)),  # features on both sides
-        ((5, 7, 3), (0, 2), (5, 7, 3), (0, 2)),
-    ],
+  "shape, axes, collapsed, collapsed_axes",
+  [
+    ((8, 6, 6, 16), (0, 1, 2), (288, 16), (0,)),  # NHWC
+    ((8, 16, 6, 6), (0, 2, 3), (8, 16, 36), (0, 2)),  # NCHW
+    ((32, 64), (0,), (32, 64), (0,)),  # dense: unchanged
+    ((4, 2, 8, 6, 6, 16), (0, 2, 3, 4), (4, 2, 288, 16), (0, 2)),  # virtual batches
+    ((5, 7, 3), (1,), (5, 7, 3), (1,)),  # features on both sides
+    ((5, 7, 3), (0, 2), (5, 7, 3), (0, 2)),
+  ],
 )
 def test_collapsed_view_merges_adjacent_axes_of_one_kind(shape, axes, collapsed, collapsed_axes):
   view = _normalize._CollapsedView.of(shape, axes)

@@ -33,7 +33,8 @@ def test_bnjax_at_the_benchmark_shapes_matches_the_oracle(shape):
   x64 = np.asarray(x.astype(jnp.float32), np.float64)  # what bnjax saw (bf16 rounded)
   y_ref, stats_ref = oracle_batch_norm(x64, params, stats, training=True, axis=shape.axis)
   dx_ref, dscale_ref, dbias_ref = training_grads(
-      x64, np.asarray(dy.astype(jnp.float32)), axis=shape.axis)
+    x64, np.asarray(dy.astype(jnp.float32)), axis=shape.axis
+  )
   n = x.size // BENCH.channels(shape)
   assert_close(y.astype(jnp.float32), y_ref, x.dtype, n, "y")
   assert_close(new_stats["var"], stats_ref["var"], jnp.float32, n, "var")
@@ -44,20 +45,27 @@ def test_bnjax_at_the_benchmark_shapes_matches_the_oracle(shape):
 
 def test_quick_run_times_every_installed_peer_and_renders(tmp_path):
   output, record = tmp_path / "results.md", tmp_path / "quick.json"
-  assert BENCH.main(["--quick", "--no-malloc-env", "--output", str(output),
-                     "--json", str(record)]) == 0
+  assert (
+    BENCH.main(["--quick", "--no-malloc-env", "--output", str(output), "--json", str(record)]) == 0
+  )
   text = output.read_text()
   rows = {line.split(" |")[0].lstrip("| ") for line in text.splitlines() if line.startswith("| ")}
   expected = {"copy", "bnjax", "bnjax-autodiff", "flax", "flax-exact"}
   expected.add("bnjax-shifted" if jax.default_backend() == "cpu" else "bnjax-two_pass")
-  optional = {"torch": "torch", "tensorflow": "keras-tf (own process)",
-              "keras": "keras-jax (own process)"}
+  optional = {
+    "torch": "torch",
+    "tensorflow": "keras-tf (own process)",
+    "keras": "keras-jax (own process)",
+  }
   expected |= {row for module, row in optional.items() if BENCH._has(module)}
   assert expected <= rows, rows
   assert "## Environment" in text and "| peers |" in text
   # Every peer computed the same normalization (bf16 peers within bf16 rounding).
-  diffs = [float(line.rsplit("|", 2)[1]) for line in text.splitlines()
-           if line.startswith("| ") and line.rstrip().endswith("|") and "e-" in line.rsplit("|", 2)[1]]
+  diffs = [
+    float(line.rsplit("|", 2)[1])
+    for line in text.splitlines()
+    if line.startswith("| ") and line.rstrip().endswith("|") and "e-" in line.rsplit("|", 2)[1]
+  ]
   assert diffs and max(diffs) < 0.05, diffs
   # RESULTS.md is rendered from the JSON records alone.
   results_dir = tmp_path / "results"
@@ -69,16 +77,20 @@ def test_quick_run_times_every_installed_peer_and_renders(tmp_path):
 
 def _record(device: str, ms: dict) -> dict:
   """A results record with one shape whose peers took ``ms[peer][mode]`` in every sample."""
-  peers = {peer: {"times": {m: np.full((3, 2), t / 1e3).tolist() for m, t in modes.items()}}
-           for peer, modes in ms.items()}
+  peers = {
+    peer: {"times": {m: np.full((3, 2), t / 1e3).tolist() for m, t in modes.items()}}
+    for peer, modes in ms.items()
+  }
   return {"environment": {"device": device}, "groups": {"jax": {"s": peers}}}
 
 
 @pytest.mark.parametrize("step_ms, met", [(5.0, "yes"), (5.1, "no")])
 def test_goals_table_from_the_records(step_ms, met):
-  ms = {"copy": {"train_forward": 1.0},
-        "bnjax": {"train_forward": 1.5, "forward_backward": step_ms, "inference": 1.0},
-        "flax": {"train_forward": 1.5, "forward_backward": 2 * step_ms}}
+  ms = {
+    "copy": {"train_forward": 1.0},
+    "bnjax": {"train_forward": 1.5, "forward_backward": step_ms, "inference": 1.0},
+    "flax": {"train_forward": 1.5, "forward_backward": 2 * step_ms},
+  }
   cpu = BENCH.goals([_record("cpu (cpu), 1 device(s)", ms)])
   gpu = BENCH.goals([_record("H100 (gpu), 1 device(s)", ms)])
   assert "| cpu | train forward <= 1.0x flax default | s | 1.00x | yes |" in cpu
@@ -86,11 +98,15 @@ def test_goals_table_from_the_records(step_ms, met):
   assert "| cpu | inference within 10% of a copy | s | 1.00x | yes |" in cpu
   assert not any("bandwidth" in line for line in cpu)  # a GPU goal
   # 3|x| in 1.5 ms against 2|x| in 1.0 ms: the copy's bandwidth; 8|x| in 5.0 ms: 80% of it.
-  assert ("| H100 | train forward at >= 80% of a copy's bandwidth, moving its floor of 3"
-          " x-sized transfers | s | 100% | yes |") in gpu
+  assert (
+    "| H100 | train forward at >= 80% of a copy's bandwidth, moving its floor of 3"
+    " x-sized transfers | s | 100% | yes |"
+  ) in gpu
   bandwidth = f"{8 / 2 / step_ms:.0%}"
-  assert ("| H100 | forward+backward at >= 80% of a copy's bandwidth, moving its floor of 8"
-          f" x-sized transfers | s | {bandwidth} | {met} |") in gpu
+  assert (
+    "| H100 | forward+backward at >= 80% of a copy's bandwidth, moving its floor of 8"
+    f" x-sized transfers | s | {bandwidth} | {met} |"
+  ) in gpu
 
 
 def test_readme_quotes_the_results_summary():
@@ -115,9 +131,16 @@ def test_benchmarks_readme_lists_the_flags_the_scripts_take():
   assert listed, "the flags sentence of benchmarks/README.md"
   shared = re.search(r"`_common.timing_parser`\) take (.*?)\. `--help`", readme, re.DOTALL)
   assert shared, "the shared flags sentence"
-  for script, text in (("bench_batch_norm.py", listed.group(1)),
-                       ("bench_traced_flag.py", shared.group(1))):
-    usage = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--help"],
-                           capture_output=True, text=True, timeout=120, check=True).stdout
+  for script, text in (
+    ("bench_batch_norm.py", listed.group(1)),
+    ("bench_traced_flag.py", shared.group(1)),
+  ):
+    usage = subprocess.run(
+      [sys.executable, str(root / "benchmarks" / script), "--help"],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=True,
+    ).stdout
     for flag in re.findall(r"`(--[a-z-]+)`", text):
       assert flag in usage, (script, flag)

@@ -12,16 +12,22 @@ import dataclasses
 import importlib.util
 
 import jax.numpy as jnp
+import live_frameworks as lf
 import numpy as np
 import pytest
 
 import bnjax
 import bnjax.diagnostics
-import live_frameworks as lf
 from bnjax import conventions as cv
 
-REQUIRES = {"tf_nn": "tensorflow", "tf_fused": "tensorflow", "keras": "tensorflow",
-            "tf_keras": "tf_keras", "torch": "torch", "flax": "flax"}
+REQUIRES = {
+  "tf_nn": "tensorflow",
+  "tf_fused": "tensorflow",
+  "keras": "tensorflow",
+  "tf_keras": "tf_keras",
+  "torch": "torch",
+  "flax": "flax",
+}
 IN_PROCESS = [c for c in lf.CASES if c.reference in lf.RUNNERS]
 SUBPROCESS = [c for c in lf.CASES if lf.SUBPROCESS_SCRIPTS.get(c.reference) == "tf_subprocess.py"]
 KERAS_JAX = [c for c in lf.CASES if c.reference == "keras_jax"]
@@ -71,19 +77,30 @@ def test_keras_on_the_jax_backend_in_a_subprocess():
 # The comparison is sharp enough to tell the conventions apart: swapping in a neighbouring
 # convention (what a user porting a model gets wrong) fails.
 WRONG = {
-    # id: (case, wrong convention, the first entry that must fail)
-    "tf_keras-fused-as-unfused": ("tf_keras-fused-nhwc-defaults", cv.TF_KERAS_UNFUSED, "step0/var"),
-    "tf_keras-unfused-as-fused": ("tf_keras-unfused-2d-defaults", cv.TF_KERAS_FUSED, "step0/var"),
-    "torch-momentum-unconverted": ("torch-1d-n2-defaults", cv.PYTORCH.replace(momentum=0.1),
-                                   "step0/mean"),
-    "torch-biased": ("torch-1d-n2-defaults", cv.PYTORCH.replace(running_variance="biased"),
-                     "step0/var"),
-    "keras-with-torch-epsilon": ("keras-nhwc-defaults", cv.KERAS.replace(epsilon=1e-5), "step0/"),
-    "tf_fused-factor-as-momentum": ("tf_fused-nhwc-defaults",
-                                    cv.TF_FUSED_NHWC.replace(momentum=0.99), "step0/mean"),
-    "tf_keras-renorm-unclipped": ("tf_keras-renorm-nhwc",
-                                  cv.tf_keras(fused=False, momentum=0.9, renorm=True,
-                                              renorm_momentum=0.7), "step0/"),
+  # id: (case, wrong convention, the first entry that must fail)
+  "tf_keras-fused-as-unfused": ("tf_keras-fused-nhwc-defaults", cv.TF_KERAS_UNFUSED, "step0/var"),
+  "tf_keras-unfused-as-fused": ("tf_keras-unfused-2d-defaults", cv.TF_KERAS_FUSED, "step0/var"),
+  "torch-momentum-unconverted": (
+    "torch-1d-n2-defaults",
+    cv.PYTORCH.replace(momentum=0.1),
+    "step0/mean",
+  ),
+  "torch-biased": (
+    "torch-1d-n2-defaults",
+    cv.PYTORCH.replace(running_variance="biased"),
+    "step0/var",
+  ),
+  "keras-with-torch-epsilon": ("keras-nhwc-defaults", cv.KERAS.replace(epsilon=1e-5), "step0/"),
+  "tf_fused-factor-as-momentum": (
+    "tf_fused-nhwc-defaults",
+    cv.TF_FUSED_NHWC.replace(momentum=0.99),
+    "step0/mean",
+  ),
+  "tf_keras-renorm-unclipped": (
+    "tf_keras-renorm-nhwc",
+    cv.tf_keras(fused=False, momentum=0.9, renorm=True, renorm_momentum=0.7),
+    "step0/",
+  ),
 }
 
 
@@ -132,8 +149,7 @@ def test_torch_refuses_one_element_per_channel_bnjax_follows_tf():
   with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
     torch.nn.BatchNorm1d(3)(torch.ones(1, 3))
   params, stats = cv.PYTORCH.init(3)
-  y, new = bnjax.batch_norm(jnp.ones((1, 3)), params, stats, training=True,
-                            **cv.PYTORCH.options())
+  y, new = bnjax.batch_norm(jnp.ones((1, 3)), params, stats, training=True, **cv.PYTORCH.options())
   assert bnjax.diagnostics.check_batch((1, 3), axis=1)
   np.testing.assert_array_equal(y, 0.0)
   np.testing.assert_allclose(new["var"], 0.9)  # 0.9 * 1 + 0.1 * 0

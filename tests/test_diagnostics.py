@@ -34,7 +34,7 @@ def update(momentum):
   """One jitted training call of bnjax.batch_norm that returns the new running statistics."""
   params, _ = bnjax.init(C)
   return jax.jit(
-      lambda stats, x: bnjax.batch_norm(x, params, stats, training=True, momentum=momentum)[1]
+    lambda stats, x: bnjax.batch_norm(x, params, stats, training=True, momentum=momentum)[1]
   )
 
 
@@ -62,7 +62,7 @@ def test_debias_recovers_the_weighted_average_of_the_batches(momentum, steps, in
   stats = trained_stats(momentum, steps, initial)
   init_mean, init_var = initial or (0.0, 1.0)
   debiased = diagnostics.debias(
-      stats, momentum=momentum, initial_mean=init_mean, initial_var=init_var
+    stats, momentum=momentum, initial_mean=init_mean, initial_var=init_var
   )
 
   # float64: avg_t = sum_i (1 - m) m^(t-i) b_i / (1 - m^t), with m rounded as the update rounds it
@@ -73,8 +73,11 @@ def test_debias_recovers_the_weighted_average_of_the_batches(momentum, steps, in
     expected = weights @ batch_stat
     magnitude = max(np.abs(batch_stat).max(), abs(init))
     np.testing.assert_allclose(
-        np.asarray(debiased[key], np.float64), expected, rtol=0,
-        atol=debiased_atol(steps, momentum, magnitude, BATCH), err_msg=key,
+      np.asarray(debiased[key], np.float64),
+      expected,
+      rtol=0,
+      atol=debiased_atol(steps, momentum, magnitude, BATCH),
+      err_msg=key,
     )
   assert int(debiased["count"]) == steps  # the other entries come back as they were
 
@@ -83,17 +86,22 @@ def test_debias_after_the_fact_equals_zero_debias_during_training():
   steps, momentum = 20, 0.999
   plain = trained_stats(momentum, steps)
   params, stats = bnjax.init(C, track_count=True)
-  step = jax.jit(lambda s, x: bnjax.batch_norm(
+  step = jax.jit(
+    lambda s, x: bnjax.batch_norm(
       x, params, s, training=True, momentum=momentum, zero_debias="mean_and_var"
-  )[1])
+    )[1]
+  )
   for x in batches(steps):
     stats = step(stats, x)
   debiased = diagnostics.debias(plain, momentum=momentum)
   magnitude = float(np.abs(MEANS).max() + STDS.max() ** 2)
   for key in ("mean", "var"):
     np.testing.assert_allclose(
-        debiased[key], stats[key], rtol=0,
-        atol=2 * debiased_atol(steps, momentum, magnitude, BATCH), err_msg=key,
+      debiased[key],
+      stats[key],
+      rtol=0,
+      atol=2 * debiased_atol(steps, momentum, magnitude, BATCH),
+      err_msg=key,
     )
 
 
@@ -142,9 +150,14 @@ def test_layers_finds_every_layer_by_path():
 
 
 @pytest.mark.parametrize(
-    "path, frozen, covered",
-    [("block/bn1", {"block"}, True), ("block/bn1", {"block/bn1"}, True),
-     ("blocks/bn1", {"block"}, False), ("bn1", {""}, True), ("bn1", set(), False)],
+  "path, frozen, covered",
+  [
+    ("block/bn1", {"block"}, True),
+    ("block/bn1", {"block/bn1"}, True),
+    ("blocks/bn1", {"block"}, False),
+    ("bn1", {""}, True),
+    ("bn1", set(), False),
+  ],
 )
 def test_covered_by(path, frozen, covered):
   assert diagnostics.covered_by(path, frozen) is covered
@@ -166,17 +179,29 @@ def test_eval_mode_catches_evaluation_with_batch_statistics():
 
 
 @pytest.mark.parametrize(
-    "momentum, steps, message",
-    [
-        (0.9, 29, None),  # 0.9**29 = 0.047
-        (0.9, 28, "still make up 5% of the running statistics (momentum**steps); they fall"
-                  " under 5% after 29 steps"),  # 0.9**28 = 0.052
-        (0.999, 100, "momentum=0.999 after 100 steps: the initial values (mean 0, var 1) still"
-                     " make up 90% of the running statistics"),
-        (0.99, 0, None),  # nothing trained yet
-        (0.0, 1, None),
-        (None, 1, None),  # the cumulative average has no warm-up
-    ],
+  "momentum, steps, message",
+  [
+    (0.9, 29, None),  # 0.9**29 = 0.047
+    (
+      0.9,
+      28,
+      (
+        "still make up 5% of the running statistics (momentum**steps); they fall"
+        " under 5% after 29 steps"
+      ),
+    ),  # 0.9**28 = 0.052
+    (
+      0.999,
+      100,
+      (
+        "momentum=0.999 after 100 steps: the initial values (mean 0, var 1) still"
+        " make up 90% of the running statistics"
+      ),
+    ),
+    (0.99, 0, None),  # nothing trained yet
+    (0.0, 1, None),
+    (None, 1, None),  # the cumulative average has no warm-up
+  ],
 )
 def test_warmup(momentum, steps, message):
   problems = diagnostics.check_warmup(momentum=momentum, steps=steps)
@@ -212,17 +237,22 @@ def test_check_epoch_runs_every_check():
     return predict_with(state.batch_stats["bn"], training=training)(inputs)
 
   broken = diagnostics.check_epoch(
-      State(jnp.asarray(10), {"bn": initial}), momentum=0.99,
-      predict=functools.partial(predict, training=True), inputs=x,
+    State(jnp.asarray(10), {"bn": initial}),
+    momentum=0.99,
+    predict=functools.partial(predict, training=True),
+    inputs=x,
   )
   assert [p.check for p in broken] == ["stats_updated", "warmup", "eval_mode"]
 
   pretrained = {"bn": trained_stats(0.9, 3), "frozen_bn": trained_stats(0.9, 4)}
   trained = {**pretrained, "bn": trained_stats(0.9, 40)}
   healthy = diagnostics.check_epoch(
-      State(jnp.asarray(40), trained), momentum=0.9,
-      predict=functools.partial(predict, training=False), inputs=x,
-      frozen={"frozen_bn"}, reference=pretrained,
+    State(jnp.asarray(40), trained),
+    momentum=0.9,
+    predict=functools.partial(predict, training=False),
+    inputs=x,
+    frozen={"frozen_bn"},
+    reference=pretrained,
   )
   assert healthy == []
 
@@ -235,51 +265,71 @@ def _stats():
 
 
 ERRORS = {
-    "layers-of-params": (
-        lambda: diagnostics.layers({"dense": {"kernel": jnp.ones((2, 2))}}), ValueError,
-        r"bnjax\.diagnostics\.layers: expected batch_stats holding at least one layer's"
-        r" \{'mean', 'var'\}, got \{'dense': \{'kernel': \(2, 2\)\}\}",
+  "layers-of-params": (
+    lambda: diagnostics.layers({"dense": {"kernel": jnp.ones((2, 2))}}),
+    ValueError,
+    (
+      r"bnjax\.diagnostics\.layers: expected batch_stats holding at least one layer's"
+      r" \{'mean', 'var'\}, got \{'dense': \{'kernel': \(2, 2\)\}\}"
     ),
-    "debias-no-count": (
-        lambda: diagnostics.debias(_stats(), momentum=0.9), ValueError,
-        r"debias: expected the number of updates in stats\['count'\] or `count=`, got stats with"
-        r" keys \['mean', 'var'\] and count=None\. Hint: .*count=state\.step",
+  ),
+  "debias-no-count": (
+    lambda: diagnostics.debias(_stats(), momentum=0.9),
+    ValueError,
+    (
+      r"debias: expected the number of updates in stats\['count'\] or `count=`, got stats with"
+      r" keys \['mean', 'var'\] and count=None\. Hint: .*count=state\.step"
     ),
-    "debias-momentum-none": (
-        lambda: diagnostics.debias(_stats(), momentum=None, count=3), TypeError,
-        r"debias: `momentum` must be the float the statistics were updated with, got None",
+  ),
+  "debias-momentum-none": (
+    lambda: diagnostics.debias(_stats(), momentum=None, count=3),
+    TypeError,
+    r"debias: `momentum` must be the float the statistics were updated with, got None",
+  ),
+  "debias-pytorch-momentum": (
+    lambda: diagnostics.debias(_stats(), momentum=1.0, count=3),
+    ValueError,
+    r"bnjax\.diagnostics\.debias: `momentum` must be in \[0, 1\), got 1\.0",
+  ),
+  "eval-one-example": (
+    lambda: diagnostics.check_eval_mode(lambda x: x, jnp.ones((1, C))),
+    ValueError,
+    (
+      r"check_eval_mode: `inputs` must be a batch holding at least two different examples,"
+      r" got shape \(1, 3\)"
     ),
-    "debias-pytorch-momentum": (
-        lambda: diagnostics.debias(_stats(), momentum=1.0, count=3), ValueError,
-        r"bnjax\.diagnostics\.debias: `momentum` must be in \[0, 1\), got 1\.0",
+  ),
+  "eval-scalar": (
+    lambda: diagnostics.check_eval_mode(lambda x: x, jnp.ones(())),
+    ValueError,
+    r"`inputs` must be a batch holding at least two different examples, got shape \(\)",
+  ),
+  "frozen-string": (
+    lambda: diagnostics.check_stats_updated({"bn": _stats()}, steps=1, frozen="bn"),
+    TypeError,
+    r"check_stats_updated: `frozen` must be a collection of layer paths, got 'bn'",
+  ),
+  "frozen-reference-lacks-layer": (
+    lambda: diagnostics.check_frozen({"bn": _stats()}, {"other": _stats()}, frozen={"bn"}),
+    ValueError,
+    (
+      r"check_frozen: expected `reference` to hold the frozen layer 'bn', got"
+      r" layers \['other'\]"
     ),
-    "eval-one-example": (
-        lambda: diagnostics.check_eval_mode(lambda x: x, jnp.ones((1, C))), ValueError,
-        r"check_eval_mode: `inputs` must be a batch holding at least two different examples,"
-        r" got shape \(1, 3\)",
+  ),
+  "epoch-predict-without-inputs": (
+    lambda: diagnostics.check_epoch(State(1, {"bn": _stats()}), momentum=0.9, predict=print),
+    ValueError,
+    r"check_epoch: `predict` and `inputs` go together, got only one of them",
+  ),
+  "epoch-frozen-without-reference": (
+    lambda: diagnostics.check_epoch(State(1, {"bn": _stats()}), momentum=0.9, frozen={"bn"}),
+    ValueError,
+    (
+      r"check_epoch: `frozen`=\['bn'\] needs `reference`, the batch_stats those"
+      r" layers must keep, got None"
     ),
-    "eval-scalar": (
-        lambda: diagnostics.check_eval_mode(lambda x: x, jnp.ones(())), ValueError,
-        r"`inputs` must be a batch holding at least two different examples, got shape \(\)",
-    ),
-    "frozen-string": (
-        lambda: diagnostics.check_stats_updated({"bn": _stats()}, steps=1, frozen="bn"), TypeError,
-        r"check_stats_updated: `frozen` must be a collection of layer paths, got 'bn'",
-    ),
-    "frozen-reference-lacks-layer": (
-        lambda: diagnostics.check_frozen({"bn": _stats()}, {"other": _stats()}, frozen={"bn"}),
-        ValueError, r"check_frozen: expected `reference` to hold the frozen layer 'bn', got"
-        r" layers \['other'\]",
-    ),
-    "epoch-predict-without-inputs": (
-        lambda: diagnostics.check_epoch(State(1, {"bn": _stats()}), momentum=0.9, predict=print),
-        ValueError, r"check_epoch: `predict` and `inputs` go together, got only one of them",
-    ),
-    "epoch-frozen-without-reference": (
-        lambda: diagnostics.check_epoch(State(1, {"bn": _stats()}), momentum=0.9, frozen={"bn"}),
-        ValueError, r"check_epoch: `frozen`=\['bn'\] needs `reference`, the batch_stats those"
-        r" layers must keep, got None",
-    ),
+  ),
 }
 
 

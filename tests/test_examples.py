@@ -63,7 +63,7 @@ def test_train_digits_defaults_reach_95_percent(train_digits, tmp_path, capsys):
   for key in ("mean", "var"):
     population = metrics["population"][key]
     np.testing.assert_allclose(
-        metrics["running"][key], population, rtol=0, atol=0.2 * population.std(), err_msg=key
+      metrics["running"][key], population, rtol=0, atol=0.2 * population.std(), err_msg=key
     )
 
 

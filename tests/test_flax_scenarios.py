@@ -77,8 +77,9 @@ def test_linen_complex_input_matches_flax(masked):
   y_eval = ours.apply(variables, x, use_running_average=True, mask=mask)
   with flax_promotion():
     y_eval_ref = theirs.apply(variables, x, use_running_average=True, mask=mask)
-  np.testing.assert_allclose(np.where(valid, y_eval, 0), np.where(valid, y_eval_ref, 0),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.where(valid, y_eval, 0), np.where(valid, y_eval_ref, 0), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_nnx_complex_input_matches_flax_linen_and_differentiates():
@@ -116,8 +117,9 @@ def test_rank1_input_matches_flax():
   variables = ours.init(jax.random.key(0), x, use_running_average=False)
   y, updates = ours.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
   with flax_promotion():
-    y_ref, updates_ref = theirs.apply(variables, x, use_running_average=False,
-                                      mutable=["batch_stats"])
+    y_ref, _updates_ref = theirs.apply(
+      variables, x, use_running_average=False, mutable=["batch_stats"]
+    )
   np.testing.assert_array_equal(y, np.full(5, 0.5, np.float32))
   assert_close(y, y_ref)
   np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * x, rtol=1e-6)
@@ -142,15 +144,17 @@ def test_nnx_with_identity_promotion_equals_linen(dtype, param_dtype, masked):
   linen = bnjax.linen.BatchNorm(use_running_average=False, **options)
   variables = linen.init(jax.random.key(1), x, mask=mask)
   y_linen, updates = linen.apply(variables, x, mask=mask, mutable=["batch_stats"])
-  model = bnjax.nnx.BatchNorm(5, use_running_average=False, promote_dtype=lambda a, **_: a,
-                              rngs=nnx.Rngs(0), **options)
+  model = bnjax.nnx.BatchNorm(
+    5, use_running_average=False, promote_dtype=lambda a, **_: a, rngs=nnx.Rngs(0), **options
+  )
   y_nnx = model(x, mask=mask)
   np.testing.assert_array_equal(y_nnx, y_linen)
   assert y_nnx.dtype == y_linen.dtype
   np.testing.assert_array_equal(model.mean[...], updates["batch_stats"]["mean"])
   np.testing.assert_array_equal(model.var[...], updates["batch_stats"]["var"])
-  flax_model = nnx.BatchNorm(5, use_running_average=False, promote_dtype=lambda a, **_: a,
-                             rngs=nnx.Rngs(0), **options)
+  flax_model = nnx.BatchNorm(
+    5, use_running_average=False, promote_dtype=lambda a, **_: a, rngs=nnx.Rngs(0), **options
+  )
   with flax_promotion():
     y_flax = flax_model(x, mask=mask)
   assert y_flax.dtype == y_nnx.dtype
@@ -158,16 +162,20 @@ def test_nnx_with_identity_promotion_equals_linen(dtype, param_dtype, masked):
   empty = np.zeros(5, bool) if mask is None else ~mask
   assert np.all(np.isnan(np.asarray(y_flax, np.float32)[:, empty]))
   np.testing.assert_array_equal(np.asarray(y_nnx, np.float32)[:, empty], 0.0)
-  np.testing.assert_allclose(np.asarray(y_nnx, np.float32)[:, ~empty],
-                             np.asarray(y_flax, np.float32)[:, ~empty],
-                             rtol=2e-3 if dtype == jnp.float16 else 1e-5, atol=2e-3)
+  np.testing.assert_allclose(
+    np.asarray(y_nnx, np.float32)[:, ~empty],
+    np.asarray(y_flax, np.float32)[:, ~empty],
+    rtol=2e-3 if dtype == jnp.float16 else 1e-5,
+    atol=2e-3,
+  )
 
 
 def test_nnx_default_promotion_casts_like_flax():
   """By default NNX casts x, the running statistics and the params to ``dtype`` first."""
   x = data((8, 3))
-  ours, theirs = (cls(3, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-                  for cls in (bnjax.nnx.BatchNorm, nnx.BatchNorm))
+  ours, theirs = (
+    cls(3, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)) for cls in (bnjax.nnx.BatchNorm, nnx.BatchNorm)
+  )
   for model in (ours, theirs):
     model.eval()
     model.mean[...] = jnp.asarray([100.01, 99.97, 100.2], jnp.float32)  # not bf16-representable
@@ -196,6 +204,7 @@ def test_nnx_view_and_view_info():
 def test_no_warning_at_one_element_per_channel_under_nnx_transforms():
   """Batch size 1 under nnx.scan, nnx.vmap and nnx.tabulate, and a Linen TrainState step:
   silent, as Flax is (warnings are errors here)."""
+
   class Block(nnx.Module):
     def __init__(self, rngs):
       self.linear = nnx.Linear(3, 3, rngs=rngs)
@@ -234,13 +243,18 @@ def test_no_warning_at_one_element_per_channel_under_nnx_transforms():
 
   net = Net()
   variables = net.init(jax.random.key(0), jnp.ones((1, 2)), False)
-  state = train_state.TrainState.create(apply_fn=net.apply, params=variables["params"],
-                                        tx=optax.sgd(0.1))
+  state = train_state.TrainState.create(
+    apply_fn=net.apply, params=variables["params"], tx=optax.sgd(0.1)
+  )
 
   def loss(params):
-    y, updates = state.apply_fn({"params": params, "batch_stats": variables["batch_stats"]},
-                                jnp.ones((1, 2)), True, mutable=["batch_stats"])
-    return jnp.sum(y ** 2), updates
+    y, updates = state.apply_fn(
+      {"params": params, "batch_stats": variables["batch_stats"]},
+      jnp.ones((1, 2)),
+      True,
+      mutable=["batch_stats"],
+    )
+    return jnp.sum(y**2), updates
 
   (_, updates), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads)
@@ -250,6 +264,7 @@ def test_no_warning_at_one_element_per_channel_under_nnx_transforms():
 
 def test_linen_init_twice_with_an_axis_name():
   """Flax's multi-init scenario: a module called twice, axis_name unbound during init."""
+
   class Twice(fnn.Module):
     @fnn.compact
     def __call__(self, x):
@@ -316,6 +331,7 @@ def test_convention_layout_and_conflicts_are_refused(module):
   """PyTorch's preset is channels-first; on channels-last input whose height equals its channel
   count, normalizing axis 1 would pass unnoticed, so a layout disagreement is refused."""
   x = data((2, 3, 3, 3))  # NHWC with H == W == C
+
   def build(**kwargs):
     if module == "linen":
       bn = bnjax.linen.BatchNorm(**kwargs)
@@ -324,13 +340,17 @@ def test_convention_layout_and_conflicts_are_refused(module):
     return bn
 
   name = f"bnjax.{module}.BatchNorm"
-  with pytest.raises(ValueError, match=rf"{name}: `convention` 'torch.nn.BatchNorm' has its"
-                     r" features on axis 1, this module on `axis`=-1.*replace\(axis=-1\).*"
-                     r"`axis=1`"):
+  with pytest.raises(
+    ValueError,
+    match=rf"{name}: `convention` 'torch.nn.BatchNorm' has its"
+    r" features on axis 1, this module on `axis`=-1.*replace\(axis=-1\).*"
+    r"`axis=1`",
+  ):
     build(convention=conventions.PYTORCH)(x)
   channels_last = build(convention=conventions.PYTORCH.replace(axis=-1))(x)
-  y_ref, _ = bnjax.batch_norm(x, *conventions.PYTORCH.init(3), training=True,
-                              **conventions.PYTORCH.options(axis=-1))
+  y_ref, _ = bnjax.batch_norm(
+    x, *conventions.PYTORCH.init(3), training=True, **conventions.PYTORCH.options(axis=-1)
+  )
   np.testing.assert_array_equal(channels_last, y_ref)
   assert build(convention=conventions.PYTORCH)(data((4, 3))).shape == (4, 3)  # (N, C): one axis
   with pytest.raises(ValueError, match=r"`momentum`=0.5 conflicts with `convention`"):
@@ -346,8 +366,9 @@ def test_tuple_axis_name_over_nested_vmaps_matches_flax():
   a tuple, and bnjax combines the counts with psums instead: the statistics of the whole."""
   x = data((3, 4, 5, 2))  # (a, b, examples, channels)
   ours = bnjax.linen.BatchNorm(use_running_average=False, axis_name=("a", "b"), momentum=0.9)
-  theirs = fnn.BatchNorm(use_running_average=False, axis_name=("a", "b"), momentum=0.9,
-                         use_fast_variance=False)
+  theirs = fnn.BatchNorm(
+    use_running_average=False, axis_name=("a", "b"), momentum=0.9, use_fast_variance=False
+  )
   variables = ours.init(jax.random.key(0), x[0, 0])
 
   def run(module, x):
@@ -359,12 +380,13 @@ def test_tuple_axis_name_over_nested_vmaps_matches_flax():
 
   y, updates = nested(run)(ours, x)
   with flax_promotion():
-    y_ref, updates_ref = nested(run)(theirs, x)
+    y_ref, _updates_ref = nested(run)(theirs, x)
   assert_centred_close(y, y_ref, 60, "y")
   mean, var, _ = oracle_moments(x, (0, 1, 2))
   np.testing.assert_allclose(updates["batch_stats"]["mean"][0, 0], 0.1 * mean.ravel(), rtol=1e-6)
-  np.testing.assert_allclose(updates["batch_stats"]["var"][0, 0], 0.9 + 0.1 * var.ravel(),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    updates["batch_stats"]["var"][0, 0], 0.9 + 0.1 * var.ravel(), rtol=1e-6
+  )
   assert_oracle_close(y, (x - mean) / np.sqrt(var + 1e-5), jnp.float32, 60, "y")
 
 
@@ -376,7 +398,7 @@ def test_keras_shaped_mask(module):
   if module == "linen":
     bn = bnjax.linen.BatchNorm(use_running_average=False)
     variables = bn.init(jax.random.key(0), x)
-    call = lambda m: bn.apply(variables, x, mask=m, mutable=["batch_stats"])  # noqa: E731
+    call = lambda m: bn.apply(variables, x, mask=m, mutable=["batch_stats"])
   else:
-    call = lambda m: bnjax.nnx.BatchNorm(3, rngs=nnx.Rngs(0))(x, mask=m)  # noqa: E731
+    call = lambda m: bnjax.nnx.BatchNorm(3, rngs=nnx.Rngs(0))(x, mask=m)
   jax.tree.map(np.testing.assert_array_equal, call(keras_mask), call(keras_mask[..., None]))

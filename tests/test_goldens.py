@@ -13,19 +13,25 @@ import importlib.util
 import json
 import pathlib
 
+import live_frameworks as lf
 import numpy as np
 import pytest
-
-import live_frameworks as lf
 
 GOLDENS = pathlib.Path(__file__).resolve().parent / "goldens"
 MANIFEST = json.loads((GOLDENS / "conventions.json").read_text())
 ARRAYS = np.load(GOLDENS / "conventions.npz")
-FRAMEWORKS = {"tf_nn": ("tensorflow",), "tf_fused": ("tensorflow",), "keras": ("tensorflow",),
-              "tf_keras": ("tensorflow", "tf_keras"), "tf_v1_layers": ("tensorflow", "tf_keras"),
-              "keras_sync": ("tensorflow", "tf_keras"), "tf_keras_sync": ("tensorflow", "tf_keras"),
-              "keras_jax": ("keras", "jax"),
-              "torch": ("torch",), "flax": ("flax",)}
+FRAMEWORKS = {
+  "tf_nn": ("tensorflow",),
+  "tf_fused": ("tensorflow",),
+  "keras": ("tensorflow",),
+  "tf_keras": ("tensorflow", "tf_keras"),
+  "tf_v1_layers": ("tensorflow", "tf_keras"),
+  "keras_sync": ("tensorflow", "tf_keras"),
+  "tf_keras_sync": ("tensorflow", "tf_keras"),
+  "keras_jax": ("keras", "jax"),
+  "torch": ("torch",),
+  "flax": ("flax",),
+}
 # reference -> its first case, always compared with bnjax (in-process references; the
 # subprocess ones compile a sharded step, and the live test compares them anyway)
 REPRESENTATIVE = {}
@@ -46,7 +52,7 @@ def stored(case_id: str) -> tuple[dict[str, np.ndarray], lf.Trace]:
     if cid != case_id:
       continue
     if rest.startswith("input|"):
-      inputs[rest[len("input|"):]] = ARRAYS[key]
+      inputs[rest[len("input|") :]] = ARRAYS[key]
     else:
       trace[rest] = np.asarray(ARRAYS[key], np.float64)
   return inputs, trace
@@ -54,19 +60,36 @@ def stored(case_id: str) -> tuple[dict[str, np.ndarray], lf.Trace]:
 
 def test_goldens_cover_every_case_as_defined_now():
   assert sorted(MANIFEST["cases"]) == sorted(lf.CASES_BY_ID), (
-      "tests/goldens/ is out of date: run `python tools/make_tf_goldens.py`")
+    "tests/goldens/ is out of date: run `python tools/make_tf_goldens.py`"
+  )
   for case in lf.CASES:
     entry = MANIFEST["cases"][case.id]
-    setup = (entry["reference"], entry["layer"], tuple(entry["shape"]), entry["dtype"],
-             entry["mask"], entry["training"], entry["replicas"], entry["offset"])
-    assert setup == (case.reference, case.layer, case.shape, case.dtype, case.mask,
-                     case.training, case.replicas, case.offset), (
-        f"{case.id} changed since the goldens were written: run `python tools/make_tf_goldens.py`")
+    setup = (
+      entry["reference"],
+      entry["layer"],
+      tuple(entry["shape"]),
+      entry["dtype"],
+      entry["mask"],
+      entry["training"],
+      entry["replicas"],
+      entry["offset"],
+    )
+    assert setup == (
+      case.reference,
+      case.layer,
+      case.shape,
+      case.dtype,
+      case.mask,
+      case.training,
+      case.replicas,
+      case.offset,
+    ), f"{case.id} changed since the goldens were written: run `python tools/make_tf_goldens.py`"
 
 
 def test_goldens_record_library_versions_and_stay_small():
   assert {"tensorflow", "keras", "tf_keras", "torch", "flax", "jax", "numpy"} <= set(
-      MANIFEST["versions"])
+    MANIFEST["versions"]
+  )
   assert sum(p.stat().st_size for p in GOLDENS.iterdir()) < 1024 * 1024
 
 

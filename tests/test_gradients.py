@@ -1,4 +1,4 @@
-"""Gradients: the closed form, jax.test_util.check_grads in float64, and none into the statistics."""
+"""Gradients: the closed form, `check_grads` in float64, and none into the statistics."""
 
 import math
 import re
@@ -19,7 +19,7 @@ def _vjp(layout, x, params, stats, dy, **options):
   def forward(x, params):
     return bnjax.batch_norm(x, params, stats, training=True, axis=layout.axis, **options)
 
-  (y, _), pullback = jax.vjp(forward, x, params)
+  (_y, _), pullback = jax.vjp(forward, x, params)
   return pullback((dy, jax.tree.map(jnp.zeros_like, stats)))
 
 
@@ -60,20 +60,25 @@ def test_masked_gradients_match_closed_form(backward):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("variance", ["two_pass", "shifted"])
 @pytest.mark.parametrize(
-    "layout", [Layout((6, 3), -1), Layout((3, 2, 2, 2), 1)], ids=["dense", "nchw"]
+  "layout", [Layout((6, 3), -1), Layout((3, 2, 2, 2), 1)], ids=["dense", "nchw"]
 )
 @pytest.mark.parametrize("backward", BACKWARDS)
 def test_check_grads_float64_second_order(training, variance, layout, backward):
   # Small shapes: check_grads takes finite differences along random directions, order 2.
   # The closed-form backward is a custom_vjp: reverse mode only (see bnjax._normalize).
   x, params, stats = jax.tree.map(
-      lambda v: jnp.asarray(v, jnp.float64), random_inputs(layout, seed=4)
+    lambda v: jnp.asarray(v, jnp.float64), random_inputs(layout, seed=4)
   )
 
   def f(x, scale, bias):
     y, _ = bnjax.batch_norm(
-        x, {"scale": scale, "bias": bias}, stats,
-        training=training, axis=layout.axis, variance=variance, backward=backward,
+      x,
+      {"scale": scale, "bias": bias},
+      stats,
+      training=training,
+      axis=layout.axis,
+      variance=variance,
+      backward=backward,
     )
     return y
 
@@ -85,7 +90,7 @@ def test_check_grads_float64_second_order(training, variance, layout, backward):
 def test_closed_form_backward_gives_the_autodiff_hessian():
   # Forward-over-reverse (jax.hessian) works through the custom_vjp: its backward is plain JAX.
   x, params, stats = jax.tree.map(
-      lambda v: jnp.asarray(v, jnp.float64), random_inputs(Layout((5, 3), -1), seed=5)
+    lambda v: jnp.asarray(v, jnp.float64), random_inputs(Layout((5, 3), -1), seed=5)
   )
   w = jnp.asarray(np.random.default_rng(3).normal(size=x.shape))
 
@@ -127,9 +132,7 @@ def test_no_gradient_into_running_stats(training):
 
 def test_no_gradient_from_new_stats_to_x():
   x, params, stats = random_inputs(LAYOUTS["nhwc"])
-  dx = jax.grad(
-      lambda x: jnp.sum(bnjax.batch_norm(x, params, stats, training=True)[1]["var"])
-  )(x)
+  dx = jax.grad(lambda x: jnp.sum(bnjax.batch_norm(x, params, stats, training=True)[1]["var"]))(x)
   np.testing.assert_array_equal(dx, 0.0)
 
 
@@ -143,21 +146,23 @@ def _grads(x, params, stats, dy, **options):
 
 def _per_example_adjustment(shape):
   rng = np.random.default_rng(11)
-  return (jnp.asarray(rng.uniform(0.5, 1.5, (shape[0],) + (1,) * (len(shape) - 1)), jnp.float32),
-          jnp.asarray(rng.normal(size=shape[-1]), jnp.float32))
+  return (
+    jnp.asarray(rng.uniform(0.5, 1.5, (shape[0],) + (1,) * (len(shape) - 1)), jnp.float32),
+    jnp.asarray(rng.normal(size=shape[-1]), jnp.float32),
+  )
 
 
 CLOSED_FORM_CASES = {
-    "virtual-batches": {"virtual_batch_size": 2},
-    "virtual-batches-masked": {"virtual_batch_size": 4, "mask": "random"},
-    "adjustment-per-channel": {
-        "adjustment": lambda shape: (jnp.linspace(0.5, 1.5, shape[-1]), jnp.full((), 0.3))
-    },
-    "adjustment-per-example": {"adjustment": _per_example_adjustment},  # takes autodiff
-    "nchw-tuple-axes": {"axis": (1, 3)},
-    "bfloat16-input": {"dtype": jnp.bfloat16},
-    "no-params": {"params": {}},
-    "fast-variance": {"variance": "fast"},
+  "virtual-batches": {"virtual_batch_size": 2},
+  "virtual-batches-masked": {"virtual_batch_size": 4, "mask": "random"},
+  "adjustment-per-channel": {
+    "adjustment": lambda shape: (jnp.linspace(0.5, 1.5, shape[-1]), jnp.full((), 0.3))
+  },
+  "adjustment-per-example": {"adjustment": _per_example_adjustment},  # takes autodiff
+  "nchw-tuple-axes": {"axis": (1, 3)},
+  "bfloat16-input": {"dtype": jnp.bfloat16},
+  "no-params": {"params": {}},
+  "fast-variance": {"variance": "fast"},
 }
 
 
@@ -175,7 +180,9 @@ def test_closed_form_backward_equals_autodiff(name):
   closed = _grads(x, params, stats, dy, backward="closed_form", **options)
   autodiff = _grads(x, params, stats, dy, backward="autodiff", **options)
   n = x.size // x.shape[-1]
-  for got, want, what in zip(jax.tree.leaves(closed), jax.tree.leaves(autodiff), ["dx", "db", "ds"]):
+  for got, want, what in zip(
+    jax.tree.leaves(closed), jax.tree.leaves(autodiff), ["dx", "db", "ds"]
+  ):
     assert got.dtype == want.dtype, what
     assert_close(got, want, got.dtype, n, what)
 
@@ -187,10 +194,11 @@ def test_closed_form_backward_under_vmap_with_an_axis_name():
   def grads(backward):
     def loss(x, params):  # two "devices" of vmap share the statistics of the whole batch
       def per_member(x):
-        return bnjax.batch_norm(x, params, stats, training=True, axis_name="b",
-                                backward=backward)[0]
+        return bnjax.batch_norm(x, params, stats, training=True, axis_name="b", backward=backward)[
+          0
+        ]
 
-      y = jax.vmap(per_member, axis_name="b")(x.reshape((2, -1) + x.shape[1:]))
+      y = jax.vmap(per_member, axis_name="b")(x.reshape((2, -1, *x.shape[1:])))
       return jnp.sum(y.reshape(x.shape) * dy)
 
     return jax.grad(loss, argnums=(0, 1))(x, params)
@@ -213,20 +221,26 @@ def test_closed_form_training_step_writes_only_y_and_dx():
 
   def step(x, params, dy, backward):
     y, pullback, new_stats = jax.vjp(
-        lambda x, p: bnjax.batch_norm(x, p, stats, training=True, backward=backward),
-        x, params, has_aux=True,
+      lambda x, p: bnjax.batch_norm(x, p, stats, training=True, backward=backward),
+      x,
+      params,
+      has_aux=True,
     )
     return y, pullback(dy), new_stats
 
   def full_size_values(backward):
     # x's size in any shape: bnjax reduces over a collapsed view, (288, 16) here.
     hlo = jax.jit(step, static_argnums=3).lower(x, params, x, backward).compile().as_text()
-    entry = hlo[hlo.index("ENTRY"):]
+    entry = hlo[hlo.index("ENTRY") :]
     values = []
     for line in entry.splitlines():
       value = re.match(r"\s*(?:ROOT )?%\S+ = f32\[([\d,]*)\]", line)
-      if (value and math.prod(map(int, filter(None, value.group(1).split(",")))) == x.size
-          and " parameter(" not in line and " bitcast(" not in line):
+      if (
+        value
+        and math.prod(map(int, filter(None, value.group(1).split(",")))) == x.size
+        and " parameter(" not in line
+        and " bitcast(" not in line
+      ):
         values.append(line)
     return values
 

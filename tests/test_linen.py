@@ -11,16 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cases import Layout
 from flax_compare import (
-  assert_centred_close,
-  data,
   MAX_DIFF,
+  assert_centred_close,
   assert_close,
   assert_trees_close,
+  data,
   flat,
   flax_promotion,
 )
-from cases import Layout
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tolerances import offset_atol, tolerance
@@ -42,30 +42,30 @@ def layout(tree):
 
 # id, input shape, kwargs for both modules, input dtype, mask shape (or None)
 CASES = [
-    ("nhwc-axis-1", (4, 5, 5, 3), dict(axis=-1), jnp.float32, None),
-    ("nchw-axis1", (4, 3, 5, 5), dict(axis=1), jnp.float32, None),
-    ("tuple-axis-1-3", (4, 3, 5, 2), dict(axis=(1, 3)), jnp.float32, None),
-    ("2d-momentum0.9-eps1e-3", (16, 6), dict(momentum=0.9, epsilon=1e-3), jnp.float32, None),
-    ("5d-ndhwc", (2, 3, 4, 5, 3), dict(), jnp.float32, None),
-    ("mask-per-example", (8, 4, 3), dict(), jnp.float32, (8, 1, 1)),
-    ("mask-elementwise", (8, 4, 3), dict(), jnp.float32, (8, 4, 3)),
-    ("bf16-input", (4, 5, 5, 3), dict(), jnp.bfloat16, None),
-    ("bf16-input-bf16-params", (4, 5, 5, 3), dict(param_dtype=jnp.bfloat16), jnp.bfloat16, None),
-    ("f32-input-bf16-output", (4, 5, 5, 3), dict(dtype=jnp.bfloat16), jnp.float32, None),
-    ("no-scale", (8, 6), dict(use_scale=False), jnp.float32, None),
-    ("no-bias", (8, 6), dict(use_bias=False), jnp.float32, None),
-    ("no-scale-no-bias", (8, 6), dict(use_scale=False, use_bias=False), jnp.float32, None),
-    (
-        "custom-init",
-        (8, 6),
-        dict(
-            scale_init=jax.nn.initializers.normal(1.0),
-            bias_init=jax.nn.initializers.uniform(2.0),
-        ),
-        jnp.float32,
-        None,
+  ("nhwc-axis-1", (4, 5, 5, 3), dict(axis=-1), jnp.float32, None),
+  ("nchw-axis1", (4, 3, 5, 5), dict(axis=1), jnp.float32, None),
+  ("tuple-axis-1-3", (4, 3, 5, 2), dict(axis=(1, 3)), jnp.float32, None),
+  ("2d-momentum0.9-eps1e-3", (16, 6), dict(momentum=0.9, epsilon=1e-3), jnp.float32, None),
+  ("5d-ndhwc", (2, 3, 4, 5, 3), dict(), jnp.float32, None),
+  ("mask-per-example", (8, 4, 3), dict(), jnp.float32, (8, 1, 1)),
+  ("mask-elementwise", (8, 4, 3), dict(), jnp.float32, (8, 4, 3)),
+  ("bf16-input", (4, 5, 5, 3), dict(), jnp.bfloat16, None),
+  ("bf16-input-bf16-params", (4, 5, 5, 3), dict(param_dtype=jnp.bfloat16), jnp.bfloat16, None),
+  ("f32-input-bf16-output", (4, 5, 5, 3), dict(dtype=jnp.bfloat16), jnp.float32, None),
+  ("no-scale", (8, 6), dict(use_scale=False), jnp.float32, None),
+  ("no-bias", (8, 6), dict(use_bias=False), jnp.float32, None),
+  ("no-scale-no-bias", (8, 6), dict(use_scale=False, use_bias=False), jnp.float32, None),
+  (
+    "custom-init",
+    (8, 6),
+    dict(
+      scale_init=jax.nn.initializers.normal(1.0),
+      bias_init=jax.nn.initializers.uniform(2.0),
     ),
-    ("param-dtype-bf16", (8, 6), dict(param_dtype=jnp.bfloat16), jnp.float32, None),
+    jnp.float32,
+    None,
+  ),
+  ("param-dtype-bf16", (8, 6), dict(param_dtype=jnp.bfloat16), jnp.float32, None),
 ]
 
 
@@ -94,7 +94,7 @@ def run(module, x_shape, x_dtype, mask_shape, *, steps=3, variables=None, offset
     def train_step(variables, x_and_mask):
       x, mask = x_and_mask
       y, updates = module.apply(
-          variables, x, use_running_average=False, mask=mask, mutable=["batch_stats"]
+        variables, x, use_running_average=False, mask=mask, mutable=["batch_stats"]
       )
       variables = {**variables, **updates}
       return variables, (variables, y)
@@ -103,22 +103,22 @@ def run(module, x_shape, x_dtype, mask_shape, *, steps=3, variables=None, offset
     return variables, history, ys, module.apply(final, x_eval, use_running_average=True)
 
   first, history, ys, y_eval = jax.device_get(go(variables, xs, masks, x_eval))
-  unstack = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+  unstack = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
   return (
-      [first] + [unstack(history, i) for i in range(steps)],
-      [ys[i] for i in range(steps)] + [y_eval],
+    [first] + [unstack(history, i) for i in range(steps)],
+    [ys[i] for i in range(steps)] + [y_eval],
   )
 
 
 @pytest.mark.parametrize(
-    "x_shape, kwargs, x_dtype, mask_shape",
-    [pytest.param(*c[1:], id=c[0]) for c in CASES],
+  "x_shape, kwargs, x_dtype, mask_shape",
+  [pytest.param(*c[1:], id=c[0]) for c in CASES],
 )
 def test_same_variables_and_numbers_as_flax(x_shape, kwargs, x_dtype, mask_shape):
   ours_history, ours_ys = run(bnjax.linen.BatchNorm(**kwargs), x_shape, x_dtype, mask_shape)
   with flax_promotion():
     flax_history, flax_ys = run(
-        fnn.BatchNorm(use_fast_variance=False, **kwargs), x_shape, x_dtype, mask_shape
+      fnn.BatchNorm(use_fast_variance=False, **kwargs), x_shape, x_dtype, mask_shape
     )
   assert layout(ours_history[0]) == layout(flax_history[0])
   for stage, (ours, theirs) in enumerate(zip(ours_history, flax_history)):
@@ -133,17 +133,17 @@ def test_same_variables_and_numbers_as_flax(x_shape, kwargs, x_dtype, mask_shape
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [
-        pytest.param(dict(), id="default"),
-        pytest.param(dict(axis=(1, 3)), id="tuple-axis"),
-        pytest.param(dict(axis=(3, 1)), id="tuple-axis-unsorted"),
-        pytest.param(dict(use_scale=False, param_dtype=jnp.bfloat16), id="bf16-params-no-scale"),
-    ],
+  "kwargs",
+  [
+    pytest.param(dict(), id="default"),
+    pytest.param(dict(axis=(1, 3)), id="tuple-axis"),
+    pytest.param(dict(axis=(3, 1)), id="tuple-axis-unsorted"),
+    pytest.param(dict(use_scale=False, param_dtype=jnp.bfloat16), id="bf16-params-no-scale"),
+  ],
 )
 def test_identical_variable_tree(kwargs):
   x = jax.ShapeDtypeStruct((2, 3, 4, 5), jnp.float32)
-  init = lambda bn: jax.eval_shape(bn.init, jax.random.key(0), x)  # noqa: E731
+  init = lambda bn: jax.eval_shape(bn.init, jax.random.key(0), x)
   ours = init(bnjax.linen.BatchNorm(use_running_average=False, **kwargs))
   with flax_promotion():
     theirs = init(fnn.BatchNorm(use_running_average=False, **kwargs))
@@ -153,7 +153,7 @@ def test_identical_variable_tree(kwargs):
 def test_init_does_not_update_statistics():
   # as Flax: the data seen by init does not move the running statistics
   variables = jax.jit(bnjax.linen.BatchNorm(use_running_average=False).init)(
-      jax.random.key(0), data((4, 3))
+    jax.random.key(0), data((4, 3))
   )
   np.testing.assert_array_equal(variables["batch_stats"]["mean"], 0.0)
   np.testing.assert_array_equal(variables["batch_stats"]["var"], 1.0)
@@ -181,9 +181,13 @@ def test_flax_checkpoint_loads_unchanged():
     n = x.size // x_shape[-1]
     for key, value in flat(ours).items():
       np.testing.assert_allclose(
-          value, flat(theirs)[key], rtol=0, err_msg=str(key),
-          atol=offset_atol(jnp.float32, n, max_abs_output=float(np.abs(value).max()),
-                           offset_over_std=100 / 6.5),
+        value,
+        flat(theirs)[key],
+        rtol=0,
+        err_msg=str(key),
+        atol=offset_atol(
+          jnp.float32, n, max_abs_output=float(np.abs(value).max()), offset_over_std=100 / 6.5
+        ),
       )
 
 
@@ -193,7 +197,7 @@ def test_use_fast_variance_true_matches_flax_default():
   with flax_promotion():
     flax_history, flax_ys = run(fnn.BatchNorm(), x_shape, jnp.float32, None, offset=1.0)
   ours_history, ours_ys = run(
-      bnjax.linen.BatchNorm(use_fast_variance=True), x_shape, jnp.float32, None, offset=1.0
+    bnjax.linen.BatchNorm(use_fast_variance=True), x_shape, jnp.float32, None, offset=1.0
   )
   assert_trees_close(ours_history, flax_history)
   assert_trees_close(ours_ys, flax_ys)
@@ -206,7 +210,9 @@ def test_mutable_batch_stats_train_updates_and_eval_leaves_unchanged():
   _, updates = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
   assert set(updates) == {"batch_stats"}
   expected_mean = 0.01 * np.asarray(x, np.float64).mean(0)
-  np.testing.assert_allclose(updates["batch_stats"]["mean"], expected_mean, **tolerance(jnp.float32, 8))
+  np.testing.assert_allclose(
+    updates["batch_stats"]["mean"], expected_mean, **tolerance(jnp.float32, 8)
+  )
   trained = {**variables, **updates}
   _, unchanged = bn.apply(trained, x, use_running_average=True, mutable=["batch_stats"])
   assert_trees_close(unchanged, updates)
@@ -219,8 +225,12 @@ def test_traced_flag_under_jit_matches_static():
   bn = bnjax.linen.BatchNorm(momentum=0.9)
   x = data((8, 4, 3))
   variables = bn.init(jax.random.key(0), x, use_running_average=False)
-  variables = {**variables, **bn.apply(variables, data((8, 4, 3), seed=1),
-                                       use_running_average=False, mutable=["batch_stats"])[1]}
+  variables = {
+    **variables,
+    **bn.apply(
+      variables, data((8, 4, 3), seed=1), use_running_average=False, mutable=["batch_stats"]
+    )[1],
+  }
 
   @jax.jit
   def step(variables, x, use_running_average):
@@ -237,9 +247,12 @@ def test_traced_flag_needs_mutable_batch_stats():
   bn = bnjax.linen.BatchNorm()
   x = data((8, 3))
   variables = bn.init(jax.random.key(0), x, use_running_average=False)
-  with pytest.raises(ValueError, match=r"bnjax.linen.BatchNorm: training writes .*'batch_stats'"
-                     r".*mutable=\['batch_stats'\]"):
-    jax.jit(lambda v, x, f: bn.apply(v, x, f))(variables, x, jnp.asarray(True))
+  with pytest.raises(
+    ValueError,
+    match=r"bnjax.linen.BatchNorm: training writes .*'batch_stats'"
+    r".*mutable=\['batch_stats'\]",
+  ):
+    jax.jit(bn.apply)(variables, x, jnp.asarray(True))
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["two-pass", "fast-variance"])
@@ -257,20 +270,20 @@ def test_axis_name_under_shard_map_matches_flax(fast):
       return module.apply(variables, x, mutable=["batch_stats"])
 
     return jax.jit(
-        jax.shard_map(step, mesh=mesh, in_specs=(P(), P("batch")), out_specs=(P("batch"), P()))
+      jax.shard_map(step, mesh=mesh, in_specs=(P(), P("batch")), out_specs=(P("batch"), P()))
     )
 
   ours = sharded(
-      bnjax.linen.BatchNorm(use_running_average=False, axis_name="batch", use_fast_variance=fast)
+    bnjax.linen.BatchNorm(use_running_average=False, axis_name="batch", use_fast_variance=fast)
   )(variables, x_sharded)
   with flax_promotion():
     theirs = sharded(
-        fnn.BatchNorm(use_running_average=False, axis_name="batch", use_fast_variance=fast)
+      fnn.BatchNorm(use_running_average=False, axis_name="batch", use_fast_variance=fast)
     )(variables, x_sharded)
   assert_trees_close(ours, theirs)
   # and both equal the single-device result over the whole batch
   whole = bnjax.linen.BatchNorm(use_running_average=False, use_fast_variance=fast).apply(
-      variables, x, mutable=["batch_stats"]
+    variables, x, mutable=["batch_stats"]
   )
   assert_trees_close(ours, whole)
 
@@ -288,9 +301,9 @@ def test_axis_index_groups_under_shard_map_matches_flax():
       return y, jax.tree.map(lambda s: s[None], updates)  # one row of statistics per device
 
     return jax.jit(
-        jax.shard_map(
-            step, mesh=mesh, in_specs=(P(), P("batch")), out_specs=P("batch"), check_vma=False
-        )
+      jax.shard_map(
+        step, mesh=mesh, in_specs=(P(), P("batch")), out_specs=P("batch"), check_vma=False
+      )
     )
 
   kwargs = dict(use_running_average=False, axis_name="batch", axis_index_groups=groups)
@@ -307,7 +320,9 @@ def test_momentum_none_is_cumulative_average():
   batches = [data((6, 4, 3), seed=s) for s in range(3)]
   variables = bn.init(jax.random.key(0), batches[0], use_running_average=False)
   assert layout(variables["batch_stats"]) == {
-      "mean": ((3,), "float32"), "var": ((3,), "float32"), "count": ((), "int32")
+    "mean": ((3,), "float32"),
+    "var": ((3,), "float32"),
+    "count": ((), "int32"),
   }
   assert int(variables["batch_stats"]["count"]) == 0
   for x in batches:
@@ -323,8 +338,12 @@ def test_momentum_none_is_cumulative_average():
   x_eval = np.asarray(data((6, 4, 3), seed=9), np.float64)
   y = bn.apply(variables, x_eval.astype(np.float32), use_running_average=True)
   y_ref = (x_eval - expected_mean) / np.sqrt(expected_var + 1e-3)
-  atol = offset_atol(jnp.float32, 24, max_abs_output=np.abs(y_ref).max(),
-                     offset_over_std=np.abs(x_eval).max() / np.sqrt(expected_var.min()))
+  atol = offset_atol(
+    jnp.float32,
+    24,
+    max_abs_output=np.abs(y_ref).max(),
+    offset_over_std=np.abs(x_eval).max() / np.sqrt(expected_var.min()),
+  )
   np.testing.assert_allclose(y, y_ref, rtol=0, atol=atol)
 
 
@@ -334,8 +353,9 @@ def test_running_variance_unbiased():
   variables = bn.init(jax.random.key(0), x, use_running_average=False)
   _, updates = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
   np.testing.assert_allclose(
-      updates["batch_stats"]["var"], np.asarray(x, np.float64).var(0, ddof=1),
-      **tolerance(jnp.float32, 5),
+    updates["batch_stats"]["var"],
+    np.asarray(x, np.float64).var(0, ddof=1),
+    **tolerance(jnp.float32, 5),
   )
 
 
@@ -355,7 +375,7 @@ def test_init_ignores_axis_name_like_flax():
   # Flax does not reduce across devices during init, so no mapped axis is needed there.
   x = data((4, 3))
   variables = bnjax.linen.BatchNorm(use_running_average=False, axis_name="batch").init(
-      jax.random.key(0), x
+    jax.random.key(0), x
   )
   assert layout(variables["batch_stats"]) == {"mean": ((3,), "float32"), "var": ((3,), "float32")}
 
@@ -363,13 +383,15 @@ def test_init_ignores_axis_name_like_flax():
 def test_errors_surface():
   x = data((4, 3))
   variables = bnjax.linen.BatchNorm().init(jax.random.key(0), x, use_running_average=False)
-  with pytest.raises(TypeError, match=r"bnjax\.linen\.BatchNorm: `x` must have a floating or complex"):
+  with pytest.raises(
+    TypeError, match=r"bnjax\.linen\.BatchNorm: `x` must have a floating or complex"
+  ):
     bnjax.linen.BatchNorm().apply(variables, jnp.ones((4, 3), jnp.int32), use_running_average=True)
   with pytest.raises(ValueError, match=r"bnjax\.linen\.BatchNorm: `axis`=5 is out of range"):
     bnjax.linen.BatchNorm(axis=5).init(jax.random.key(0), x, use_running_average=False)
   with pytest.raises(ValueError, match=r"`use_fast_variance=True` means variance='fast'"):
     bnjax.linen.BatchNorm(use_fast_variance=True, variance="shifted").init(
-        jax.random.key(0), x, use_running_average=False
+      jax.random.key(0), x, use_running_average=False
     )
   with pytest.raises(ValueError, match=r"bnjax\.batch_norm: `variance` must be one of"):
     bnjax.linen.BatchNorm(variance="welford").init(jax.random.key(0), x, use_running_average=False)
@@ -386,12 +408,13 @@ def test_docstring_example_runs():
   assert result.attempted > 0 and result.failed == 0
 
 
-
 TF_FEATURES = {
-    "renorm": dict(renorm=True, renorm_clipping={"rmax": 1.5, "dmax": 0.5}, renorm_momentum=0.9),
-    "virtual-batches": dict(virtual_batch_size=2),
-    "zero-debias": dict(zero_debias="mean_and_var"),
-    "adjustment": dict(adjustment=lambda shape: (jnp.full(shape[-1:], 1.5), jnp.full(shape[-1:], 0.1))),
+  "renorm": dict(renorm=True, renorm_clipping={"rmax": 1.5, "dmax": 0.5}, renorm_momentum=0.9),
+  "virtual-batches": dict(virtual_batch_size=2),
+  "zero-debias": dict(zero_debias="mean_and_var"),
+  "adjustment": dict(
+    adjustment=lambda shape: (jnp.full(shape[-1:], 1.5), jnp.full(shape[-1:], 0.1))
+  ),
 }
 
 
@@ -403,7 +426,7 @@ def test_tf_features_are_wired_to_the_pure_function(options):
   x = data((8, 3), offset=2.0)
   variables = bn.init(jax.random.key(0), x, use_running_average=False)
   params, stats = bnjax.init(
-      3, renorm=options.get("renorm", False), track_count="zero_debias" in options
+    3, renorm=options.get("renorm", False), track_count="zero_debias" in options
   )
   assert layout(variables["batch_stats"]) == layout(stats)
   for step in range(2):
@@ -441,10 +464,13 @@ def test_a_tf1_frozen_preset_normalizes_with_batch_statistics_and_keeps_the_runn
   model = bnjax.linen.BatchNorm(use_running_average=False, **options)
   variables = model.init(jax.random.PRNGKey(0), x)
   y, updates = model.apply(variables, x, mutable=["batch_stats"])
-  expected, _ = bnjax.batch_norm(x, variables["params"], variables["batch_stats"], training=True,
-                                 **options)
+  expected, _ = bnjax.batch_norm(
+    x, variables["params"], variables["batch_stats"], training=True, **options
+  )
   np.testing.assert_array_equal(y, expected)
   for key in ("mean", "var"):
     np.testing.assert_array_equal(updates["batch_stats"][key], variables["batch_stats"][key])
   with pytest.raises(TypeError, match=r"`update_stats` must be a Python bool"):
-    bnjax.linen.BatchNorm(use_running_average=False, update_stats="no").init(jax.random.PRNGKey(0), x)
+    bnjax.linen.BatchNorm(use_running_average=False, update_stats="no").init(
+      jax.random.PRNGKey(0), x
+    )

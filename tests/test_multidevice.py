@@ -40,9 +40,7 @@ def batches(steps=3):
   """Global batches with a different offset and spread each step, so the running statistics
   move; the offset keeps a mean of per-device means visibly wrong under the uneven mask."""
   rng = np.random.default_rng(0)
-  return [
-      (rng.standard_normal(SHAPE) * (1 + s) + 2.0 * s).astype(np.float32) for s in range(steps)
-  ]
+  return [(rng.standard_normal(SHAPE) * (1 + s) + 2.0 * s).astype(np.float32) for s in range(steps)]
 
 
 def oracle_steps(xs, mask, params, stats):
@@ -56,7 +54,7 @@ def oracle_steps(xs, mask, params, stats):
 
 
 def split(a):
-  return a.reshape((DEVICES, -1) + a.shape[1:])
+  return a.reshape((DEVICES, -1, *a.shape[1:]))
 
 
 def linen_step(transform, **bn_options):
@@ -65,8 +63,9 @@ def linen_step(transform, **bn_options):
   The statistics come back replicated under shard_map without groups, otherwise one row per
   device (pmap and vmap always; shard_map with groups, where they differ between groups).
   """
-  bn = bnjax.linen.BatchNorm(use_running_average=False, momentum=MOMENTUM, axis_name="d",
-                             **bn_options)
+  bn = bnjax.linen.BatchNorm(
+    use_running_average=False, momentum=MOMENTUM, axis_name="d", **bn_options
+  )
 
   def step(variables, x, mask):
     y, updates = bn.apply(variables, x, mask=mask, mutable=["batch_stats"])
@@ -75,16 +74,18 @@ def linen_step(transform, **bn_options):
   if transform == "shard_map":
     if "axis_index_groups" in bn_options:
       body = lambda v, x, m: jax.tree.map(lambda a: a[None], step(v, x, m))
-      fn = jax.shard_map(body, mesh=MESH, in_specs=(P(), P("d"), P("d")), out_specs=P("d"),
-                         check_vma=False)
+      fn = jax.shard_map(
+        body, mesh=MESH, in_specs=(P(), P("d"), P("d")), out_specs=P("d"), check_vma=False
+      )
     else:
-      fn = jax.shard_map(step, mesh=MESH, in_specs=(P(), P("d"), P("d")),
-                         out_specs=(P("d"), P()))
+      fn = jax.shard_map(step, mesh=MESH, in_specs=(P(), P("d"), P("d")), out_specs=(P("d"), P()))
     fn = jax.jit(fn)
     on_mesh = lambda a: jax.device_put(a, NamedSharding(MESH, P("d")))
     return lambda v, x, m: fn(v, on_mesh(x), on_mesh(m))
-  mapped = {"pmap": jax.pmap(step, axis_name="d", in_axes=(None, 0, 0)),
-            "vmap": jax.jit(jax.vmap(step, axis_name="d", in_axes=(None, 0, 0)))}[transform]
+  mapped = {
+    "pmap": jax.pmap(step, axis_name="d", in_axes=(None, 0, 0)),
+    "vmap": jax.jit(jax.vmap(step, axis_name="d", in_axes=(None, 0, 0))),
+  }[transform]
   return lambda v, x, m: mapped(v, split(x), split(m))
 
 
@@ -102,7 +103,7 @@ def test_linen_module_synced_over_steps_matches_global_oracle(transform):
   for k, x in enumerate(xs):
     y, stats = step(variables, x, mask)
     if transform != "shard_map":  # one row per device, all equal
-      for key, value in stats.items():
+      for value in stats.values():
         np.testing.assert_array_equal(value, np.broadcast_to(value[0], value.shape))
       stats = jax.tree.map(lambda s: s[0], stats)
     assert_close(np.asarray(y).reshape(SHAPE), ys_ref[k], jnp.float32, n, f"y, step {k + 1}")
@@ -121,8 +122,12 @@ def test_linen_groups_with_uneven_mask_match_per_group_oracle(transform):
   y, stats = np.asarray(y).reshape(SHAPE), jax.tree.map(np.asarray, stats)
   for g, rows in enumerate((slice(0, 8), slice(8, 16))):
     y_ref, stats_ref = oracle_batch_norm(
-        x[rows], variables["params"], variables["batch_stats"], training=True,
-        momentum=MOMENTUM, mask=mask[rows],
+      x[rows],
+      variables["params"],
+      variables["batch_stats"],
+      training=True,
+      momentum=MOMENTUM,
+      mask=mask[rows],
     )
     n = int(mask[rows].sum()) * SHAPE[1]
     assert_close(y[rows], y_ref, jnp.float32, n, f"y, group {g}")
@@ -143,8 +148,9 @@ def test_nnx_module_under_shard_map_with_uneven_mask_matches_global_oracle():
     y = module(x, mask=mask)
     return y, nnx.state(module)
 
-  fn = jax.jit(jax.shard_map(step, mesh=MESH, in_specs=(P(), P("d"), P("d")),
-                             out_specs=(P("d"), P())))
+  fn = jax.jit(
+    jax.shard_map(step, mesh=MESH, in_specs=(P(), P("d"), P("d")), out_specs=(P("d"), P()))
+  )
   n = int(mask.sum()) * SHAPE[1]
   for k, x in enumerate(xs):
     y, state = fn(state, *(jax.device_put(a, NamedSharding(MESH, P("d"))) for a in (x, mask)))
@@ -163,11 +169,10 @@ def doc_blocks():
 
 
 @pytest.mark.usefixtures("standard_promotion")  # as a user runs them
-@pytest.mark.parametrize("index", range(len(doc_blocks())),
-                         ids=lambda i: f"block{i + 1}")
+@pytest.mark.parametrize("index", range(len(doc_blocks())), ids=lambda i: f"block{i + 1}")
 def test_multi_device_doc_code_blocks_run(index):
   code = compile(doc_blocks()[index], f"docs/multi_device.md block {index + 1}", "exec")
-  exec(code, {})  # noqa: S102  (our own documentation)
+  exec(code, {})
 
 
 # Data-parallel training: examples/data_parallel.py on 8 devices against one device.
@@ -197,8 +202,9 @@ def single_device_training(example, initial, steps):
   @jax.jit
   def step(params, batch_stats, opt_state, images, labels):
     def loss_fn(params):
-      logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
-                                    train=True, mutable=["batch_stats"])
+      logits, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+      )
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
       return loss, updates["batch_stats"]
 
@@ -213,7 +219,7 @@ def single_device_training(example, initial, steps):
   for k in range(steps):
     rows = example.batch_indices(config, len(x_train), k)
     params, batch_stats, opt_state = step(
-        params, batch_stats, opt_state, x_train[rows], y_train[rows]
+      params, batch_stats, opt_state, x_train[rows], y_train[rows]
     )
     states.append(jax.device_get({"params": params, "batch_stats": batch_stats}))
   return states
@@ -224,8 +230,9 @@ def assert_trees_match(actual, expected, what):
   flat_e = jax.tree_util.tree_leaves_with_path(expected)
   assert [p for p, _ in flat_a] == [p for p, _ in flat_e], what
   for (path, a), (_, e) in zip(flat_a, flat_e):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(e),
-                               err_msg=f"{what}{jax.tree_util.keystr(path)}", **DATA_PARALLEL)
+    np.testing.assert_allclose(
+      np.asarray(a), np.asarray(e), err_msg=f"{what}{jax.tree_util.keystr(path)}", **DATA_PARALLEL
+    )
 
 
 @pytest.mark.usefixtures("standard_promotion")  # Flax and optax rely on standard promotion
@@ -263,35 +270,36 @@ def test_per_device_batch_norm_with_averaged_statistics_would_fail_the_match(exa
 
   averaged = jax.tree.map(lambda s: s.mean(0), jax.jit(jax.vmap(per_device))(split(images)))
   synced = states[1].batch_stats  # one data-parallel step from the same state, same batch
-  np.testing.assert_allclose(averaged["BatchNorm_0"]["mean"], synced["BatchNorm_0"]["mean"],
-                             **DATA_PARALLEL)
+  np.testing.assert_allclose(
+    averaged["BatchNorm_0"]["mean"], synced["BatchNorm_0"]["mean"], **DATA_PARALLEL
+  )
   gaps = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), averaged, synced)
   assert gaps["BatchNorm_0"]["var"] > DATA_PARALLEL["atol"], gaps
   assert max(jax.tree.leaves(gaps)) > 10 * DATA_PARALLEL["atol"], gaps
 
 
 @pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--global-batch-size", "60"], "must be a multiple of the 8 devices"),
-        (["--global-batch-size", "2000"], "must be at most 1347"),
-    ],
-    ids=["batch-not-multiple-of-devices", "batch-larger-than-data"],
+  "argv, message",
+  [
+    (["--global-batch-size", "60"], "must be a multiple of the 8 devices"),
+    (["--global-batch-size", "2000"], "must be at most 1347"),
+  ],
+  ids=["batch-not-multiple-of-devices", "batch-larger-than-data"],
 )
 def test_data_parallel_rejects_bad_batch_size(example, argv, message):
   with pytest.raises(ValueError, match=message):
-    example.main(argv + ["--no-progress"])
+    example.main([*argv, "--no-progress"])
 
 
 @pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--steps", "0"], "expected --steps >= 1, got 0"),
-        (["--step-timeout", "0"], "expected --step-timeout > 0, got 0.0"),
-        (["--coordinator", "127.0.0.1:1"], "expected --coordinator, --num-processes and"),
-        (["--num-processes", "2", "--process-id", "0"], "expected --coordinator, --num-processes"),
-    ],
-    ids=["zero-steps", "zero-step-timeout", "coordinator-alone", "no-coordinator"],
+  "argv, message",
+  [
+    (["--steps", "0"], "expected --steps >= 1, got 0"),
+    (["--step-timeout", "0"], "expected --step-timeout > 0, got 0.0"),
+    (["--coordinator", "127.0.0.1:1"], "expected --coordinator, --num-processes and"),
+    (["--num-processes", "2", "--process-id", "0"], "expected --coordinator, --num-processes"),
+  ],
+  ids=["zero-steps", "zero-step-timeout", "coordinator-alone", "no-coordinator"],
 )
 def test_data_parallel_rejects_bad_flags(example, capsys, argv, message):
   with pytest.raises(SystemExit) as exit_info:
@@ -310,12 +318,12 @@ def _bench_sync():
 
 
 @pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--rounds", "0"], "--rounds and --reps must be >= 1, got 0 and 2"),
-        (["--devices", "0"], "--devices must be >= 1, got [0]"),
-        (["--devices", "8", "3"], "--devices [8, 3]: each must divide every batch, [16]"),
-    ],
+  "argv, message",
+  [
+    (["--rounds", "0"], "--rounds and --reps must be >= 1, got 0 and 2"),
+    (["--devices", "0"], "--devices must be >= 1, got [0]"),
+    (["--devices", "8", "3"], "--devices [8, 3]: each must divide every batch, [16]"),
+  ],
 )
 def test_bench_sync_rejects_bad_flags(capsys, argv, message):
   with pytest.raises(SystemExit) as exit_info:

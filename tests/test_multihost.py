@@ -61,21 +61,30 @@ def free_port() -> int:
 
 def worker_env(cache_dir: Path) -> dict[str, str]:
   return {
-      **os.environ,
-      "JAX_PLATFORMS": "cpu",
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
-      "PYTHONUNBUFFERED": "1",
-      # Process 0 of a restart reads what process 0 of the first launch compiled.
-      "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
-      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
+    "PYTHONUNBUFFERED": "1",
+    # Process 0 of a restart reads what process 0 of the first launch compiled.
+    "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
   }
 
 
 class Launch:
   """Worker processes of one run, each logging to its own file."""
 
-  def __init__(self, directory: Path, name: str, process_ids, flags, *, die_after=None,
-               num_processes=2, port=None):
+  def __init__(
+    self,
+    directory: Path,
+    name: str,
+    process_ids,
+    flags,
+    *,
+    die_after=None,
+    num_processes=2,
+    port=None,
+  ):
     directory.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     self.logs = [directory / f"{name}-process{i}.log" for i in process_ids]
@@ -84,15 +93,31 @@ class Launch:
     for i, log in zip(process_ids, self.logs):
       die = ["--die-after-step", str(die_after[i])] if die_after and i in die_after else []
       command = [
-          sys.executable, str(WORKER), "--result", str(self.result), *die, "--",
-          *EXAMPLE_FLAGS, *flags, "--coordinator", f"127.0.0.1:{port}",
-          "--num-processes", str(num_processes), "--process-id", str(i),
+        sys.executable,
+        str(WORKER),
+        "--result",
+        str(self.result),
+        *die,
+        "--",
+        *EXAMPLE_FLAGS,
+        *flags,
+        "--coordinator",
+        f"127.0.0.1:{port}",
+        "--num-processes",
+        str(num_processes),
+        "--process-id",
+        str(i),
       ]
       with open(log, "wb") as out:
-        self.procs.append(subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+        self.procs.append(
+          subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
             env=worker_env(directory.parent / "compilation-cache"),
-        ))
+          )
+        )
     self.started = time.monotonic()
 
   def wait(self, timeout=LAUNCH_TIMEOUT) -> list[float]:
@@ -120,9 +145,9 @@ class Launch:
 
   def tails(self) -> str:
     return "\n".join(
-        f"--- {log.name} (exit {proc.returncode}):\n" + "\n".join(log.read_text(
-            errors="replace").splitlines()[-15:])
-        for log, proc in zip(self.logs, self.procs)
+      f"--- {log.name} (exit {proc.returncode}):\n"
+      + "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+      for log, proc in zip(self.logs, self.procs)
     )
 
 
@@ -136,10 +161,17 @@ def assert_states_match(actual: dict, expected: dict, what: str):
 
 def checkpoint_flags(directory: Path) -> list[str]:
   return [
-      "--checkpoint-dir", str(directory), "--checkpoint-every", str(CHECKPOINT_EVERY),
-      "--step-timeout", str(STEP_TIMEOUT), "--init-timeout", "120",
-      # JAX's heartbeat check is the backstop; the example's watchdog must speak first.
-      "--heartbeat-timeout", "60",
+    "--checkpoint-dir",
+    str(directory),
+    "--checkpoint-every",
+    str(CHECKPOINT_EVERY),
+    "--step-timeout",
+    str(STEP_TIMEOUT),
+    "--init-timeout",
+    "120",
+    # JAX's heartbeat check is the backstop; the example's watchdog must speak first.
+    "--heartbeat-timeout",
+    "60",
   ]
 
 
@@ -157,16 +189,19 @@ def test_peer_death_stops_the_survivor_and_a_restart_ends_as_one_process(tmp_pat
   checkpoints = tmp_path / "checkpoints"
 
   # 1. Both processes, a checkpoint every 4 steps; process 1 is killed after step 6.
-  fault = Launch(tmp_path, "fault", [0, 1], checkpoint_flags(checkpoints),
-                 die_after={1: DIE_AFTER})
+  fault = Launch(tmp_path, "fault", [0, 1], checkpoint_flags(checkpoints), die_after={1: DIE_AFTER})
   ended = fault.wait()
   assert fault.returncodes == [EXIT_PEER_LOST, -signal.SIGKILL], fault.tails()
   log = fault.log(0)
-  expected = (f"process 0 of 2: train step {DIE_AFTER + 1} did not finish within"
-              f" --step-timeout={STEP_TIMEOUT} s; a peer process has probably died")
+  expected = (
+    f"process 0 of 2: train step {DIE_AFTER + 1} did not finish within"
+    f" --step-timeout={STEP_TIMEOUT} s; a peer process has probably died"
+  )
   assert expected in log, fault.tails()
-  assert (f"The newest checkpoint is step {CHECKPOINT_EVERY} in {checkpoints}: restart all 2"
-          " processes with the same flags to resume from it.") in log, fault.tails()
+  assert (
+    f"The newest checkpoint is step {CHECKPOINT_EVERY} in {checkpoints}: restart all 2"
+    " processes with the same flags to resume from it."
+  ) in log, fault.tails()
   assert "Check failure stack trace" not in log  # the watchdog spoke before JAX's abort
   seconds = ended[0] - ended[1]
   print(f"\nsurvivor stopped {seconds:.1f} s after its peer died (--step-timeout={STEP_TIMEOUT})")
@@ -176,10 +211,14 @@ def test_peer_death_stops_the_survivor_and_a_restart_ends_as_one_process(tmp_pat
   # restored here on 1 process x 8 devices, holds one process's state after 4 steps.
   like = jax.device_put(states[0], NamedSharding(jax.make_mesh((8,), ("d",)), P()))
   restored = training.restore_checkpoint(checkpoints / f"step_{CHECKPOINT_EVERY:06d}", like=like)
-  assert_states_match(flat_state(restored), flat_state(states[CHECKPOINT_EVERY]),
-                      f"checkpoint after {CHECKPOINT_EVERY} steps")
-  for got, want in zip(jax.tree.leaves(restored.opt_state),
-                       jax.tree.leaves(states[CHECKPOINT_EVERY].opt_state)):
+  assert_states_match(
+    flat_state(restored),
+    flat_state(states[CHECKPOINT_EVERY]),
+    f"checkpoint after {CHECKPOINT_EVERY} steps",
+  )
+  for got, want in zip(
+    jax.tree.leaves(restored.opt_state), jax.tree.leaves(states[CHECKPOINT_EVERY].opt_state)
+  ):
     np.testing.assert_allclose(np.asarray(got), want, **DATA_PARALLEL)
 
   # 3. Both processes restarted with the same flags resume from step 4 and end, after 12
@@ -206,7 +245,8 @@ def test_missing_peer_or_coordinator_stops_within_the_init_timeout(tmp_path):
   for launch, port in zip(alone, ports):
     launch.wait(timeout=120)
     assert launch.returncodes == [EXIT_PEER_LOST], launch.tails()
-    assert (f"not all processes connected to the coordinator at 127.0.0.1:{port} within"
-            f" --init-timeout={INIT_TIMEOUT} s") in launch.log(0), launch.tails()
+    assert (
+      f"not all processes connected to the coordinator at 127.0.0.1:{port} within"
+      f" --init-timeout={INIT_TIMEOUT} s"
+    ) in launch.log(0), launch.tails()
     assert "Check failure stack trace" not in launch.log(0)
-

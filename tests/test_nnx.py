@@ -14,11 +14,11 @@ import pytest
 from cases import Layout
 from flax import nnx
 from flax_compare import (
-  assert_centred_close,
-  data,
   MAX_DIFF,
+  assert_centred_close,
   assert_close,
   assert_trees_close,
+  data,
   flat,
   flax_promotion,
 )
@@ -39,8 +39,8 @@ def report_max_differences():
 
 def state_layout(model):
   return {
-      path: (type(v).__name__, v.shape, jnp.dtype(v.dtype).name)
-      for path, v in nnx.to_flat_state(nnx.state(model))
+    path: (type(v).__name__, v.shape, jnp.dtype(v.dtype).name)
+    for path, v in nnx.to_flat_state(nnx.state(model))
   }
 
 
@@ -75,24 +75,24 @@ def run(model, x_shape, x_dtype, mask_shape, steps=3, offset=100.0):
 # id, input shape, constructor kwargs for both modules (num_features is the last axis' size
 # unless given), input dtype, mask shape (or None)
 CASES = [
-    ("nhwc-axis-1", (4, 5, 5, 3), dict(), np.float32, None),
-    ("nchw-axis1", (4, 3, 5, 5), dict(axis=1, num_features=3), np.float32, None),
-    ("2d-momentum0.9-eps1e-3", (16, 6), dict(momentum=0.9, epsilon=1e-3), np.float32, None),
-    ("mask-per-example", (8, 4, 3), dict(), np.float32, (8, 1, 1)),
-    ("bf16-input", (4, 5, 5, 3), dict(), jnp.bfloat16, None),
-    ("no-scale", (8, 6), dict(use_scale=False), np.float32, None),
-    ("no-scale-no-bias", (8, 6), dict(use_scale=False, use_bias=False), np.float32, None),
-    ("param-dtype-bf16", (8, 6), dict(param_dtype=jnp.bfloat16), np.float32, None),
-    (
-        "custom-init",
-        (8, 6),
-        dict(
-            scale_init=jax.nn.initializers.normal(1.0),
-            bias_init=jax.nn.initializers.uniform(2.0),
-        ),
-        np.float32,
-        None,
+  ("nhwc-axis-1", (4, 5, 5, 3), dict(), np.float32, None),
+  ("nchw-axis1", (4, 3, 5, 5), dict(axis=1, num_features=3), np.float32, None),
+  ("2d-momentum0.9-eps1e-3", (16, 6), dict(momentum=0.9, epsilon=1e-3), np.float32, None),
+  ("mask-per-example", (8, 4, 3), dict(), np.float32, (8, 1, 1)),
+  ("bf16-input", (4, 5, 5, 3), dict(), jnp.bfloat16, None),
+  ("no-scale", (8, 6), dict(use_scale=False), np.float32, None),
+  ("no-scale-no-bias", (8, 6), dict(use_scale=False, use_bias=False), np.float32, None),
+  ("param-dtype-bf16", (8, 6), dict(param_dtype=jnp.bfloat16), np.float32, None),
+  (
+    "custom-init",
+    (8, 6),
+    dict(
+      scale_init=jax.nn.initializers.normal(1.0),
+      bias_init=jax.nn.initializers.uniform(2.0),
     ),
+    np.float32,
+    None,
+  ),
 ]
 
 
@@ -102,8 +102,8 @@ def build(cls, x_shape, kwargs, **extra):
 
 
 @pytest.mark.parametrize(
-    "x_shape, kwargs, x_dtype, mask_shape",
-    [pytest.param(*c[1:], id=c[0]) for c in CASES],
+  "x_shape, kwargs, x_dtype, mask_shape",
+  [pytest.param(*c[1:], id=c[0]) for c in CASES],
 )
 def test_same_state_and_numbers_as_flax(x_shape, kwargs, x_dtype, mask_shape):
   ours = build(bnjax.nnx.BatchNorm, x_shape, kwargs)
@@ -126,13 +126,13 @@ def test_same_state_and_numbers_as_flax(x_shape, kwargs, x_dtype, mask_shape):
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [
-        pytest.param(dict(), id="default"),
-        pytest.param(dict(use_scale=False), id="no-scale"),
-        pytest.param(dict(use_bias=False, param_dtype=jnp.bfloat16), id="no-bias-bf16-params"),
-        pytest.param(dict(scale_metadata={"tag": "gamma"}), id="scale-metadata"),
-    ],
+  "kwargs",
+  [
+    pytest.param(dict(), id="default"),
+    pytest.param(dict(use_scale=False), id="no-scale"),
+    pytest.param(dict(use_bias=False, param_dtype=jnp.bfloat16), id="no-bias-bf16-params"),
+    pytest.param(dict(scale_metadata={"tag": "gamma"}), id="scale-metadata"),
+  ],
 )
 def test_identical_state_tree(kwargs):
   ours = bnjax.nnx.BatchNorm(5, **kwargs, rngs=nnx.Rngs(0))
@@ -145,20 +145,20 @@ def test_identical_state_tree(kwargs):
 
 
 @pytest.mark.parametrize(
-    "x_dtype, kwargs",
-    [
-        pytest.param(np.float32, dict(), id="f32"),
-        pytest.param(jnp.bfloat16, dict(), id="bf16-input"),
-        pytest.param(jnp.bfloat16, dict(param_dtype=jnp.bfloat16), id="bf16-input-bf16-params"),
-        pytest.param(jnp.bfloat16, dict(dtype=jnp.bfloat16), id="bf16-input-bf16-dtype"),
-        pytest.param(np.float32, dict(dtype=jnp.bfloat16), id="f32-input-bf16-dtype"),
-        pytest.param(jnp.bfloat16, dict(dtype=jnp.float32), id="bf16-input-f32-dtype"),
-    ],
+  "x_dtype, kwargs",
+  [
+    pytest.param(np.float32, dict(), id="f32"),
+    pytest.param(jnp.bfloat16, dict(), id="bf16-input"),
+    pytest.param(jnp.bfloat16, dict(param_dtype=jnp.bfloat16), id="bf16-input-bf16-params"),
+    pytest.param(jnp.bfloat16, dict(dtype=jnp.bfloat16), id="bf16-input-bf16-dtype"),
+    pytest.param(np.float32, dict(dtype=jnp.bfloat16), id="f32-input-bf16-dtype"),
+    pytest.param(jnp.bfloat16, dict(dtype=jnp.float32), id="bf16-input-f32-dtype"),
+  ],
 )
 @pytest.mark.parametrize("use_running_average", [False, True], ids=["train", "eval"])
 def test_output_dtype_matches_flax(x_dtype, kwargs, use_running_average):
   x = jax.ShapeDtypeStruct((4, 3), x_dtype)
-  call = lambda m, x: m(x, use_running_average)  # noqa: E731
+  call = lambda m, x: m(x, use_running_average)
   ours = nnx.eval_shape(lambda: bnjax.nnx.BatchNorm(3, **kwargs, rngs=nnx.Rngs(0)))
   with flax_promotion():
     theirs = nnx.eval_shape(lambda: nnx.BatchNorm(3, **kwargs, rngs=nnx.Rngs(0)))
@@ -178,7 +178,7 @@ def test_tuple_axis_matches_flax_linen():
     variables = linen.init(jax.random.key(0), x0, use_running_average=False)
     y0, u0 = linen.apply(variables, x0, use_running_average=False, mutable=["batch_stats"])
     y1, u1 = linen.apply(
-        {**variables, **u0}, x1, use_running_average=False, mutable=["batch_stats"]
+      {**variables, **u0}, x1, use_running_average=False, mutable=["batch_stats"]
     )
     y_eval = linen.apply({**variables, **u1}, x_eval, use_running_average=True)
   n = Layout(x_shape, axis).reduction_size()
@@ -270,8 +270,12 @@ def test_momentum_none_is_cumulative_average():
   model.eval()
   x_eval = data((6, 4, 3), seed=9)
   y_ref = (x_eval.astype(np.float64) - expected_mean) / np.sqrt(expected_var + 1e-3)
-  atol = offset_atol(jnp.float32, 24, max_abs_output=np.abs(y_ref).max(),
-                     offset_over_std=np.abs(x_eval).max() / np.sqrt(expected_var.min()))
+  atol = offset_atol(
+    jnp.float32,
+    24,
+    max_abs_output=np.abs(y_ref).max(),
+    offset_over_std=np.abs(x_eval).max() / np.sqrt(expected_var.min()),
+  )
   np.testing.assert_allclose(forward(model, x_eval, None), y_ref, rtol=0, atol=atol)
 
 
@@ -287,7 +291,9 @@ def test_errors():
   model = bnjax.nnx.BatchNorm(3, use_running_average=None, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="No `use_running_average` argument"):
     model(jnp.ones((4, 3)))
-  with pytest.raises(TypeError, match=r"bnjax\.nnx\.BatchNorm: `x` must have a floating or complex"):
+  with pytest.raises(
+    TypeError, match=r"bnjax\.nnx\.BatchNorm: `x` must have a floating or complex"
+  ):
     model(jnp.ones((4, 3), jnp.int32), use_running_average=True)
   with pytest.raises(TypeError, match=r"`use_running_average` must be a Python bool or a boolean"):
     model(jnp.ones((4, 3)), use_running_average=jnp.zeros((2,), bool))
@@ -305,7 +311,11 @@ def test_renorm_and_zero_debias_keep_their_statistics_as_batch_stats():
   options = dict(renorm=True, renorm_clipping={"rmax": 1.5}, momentum=0.9)
   model = bnjax.nnx.BatchNorm(3, rngs=nnx.Rngs(0), **options)
   assert sorted(k for k, v in state_layout(model).items() if v[0] == "BatchStat") == [
-      ("mean",), ("renorm_mean",), ("renorm_stddev",), ("stddev",), ("var",)
+    ("mean",),
+    ("renorm_mean",),
+    ("renorm_stddev",),
+    ("stddev",),
+    ("var",),
   ]
   params, stats = bnjax.init(3, renorm=True)
   for step in range(2):
@@ -326,8 +336,9 @@ def test_backward_option_is_checked_and_reaches_batch_norm():
   x = data((6, 3))
   graphdef, state = nnx.split(model)
   _, tangent = jax.jvp(
-      lambda x, state: nnx.merge(graphdef, state)(x),
-      (x, state), (jnp.ones_like(x), jax.tree.map(jnp.zeros_like, state)),
+    lambda x, state: nnx.merge(graphdef, state)(x),
+    (x, state),
+    (jnp.ones_like(x), jax.tree.map(jnp.zeros_like, state)),
   )
   np.testing.assert_allclose(tangent, 0.0, atol=1e-5)
 
@@ -338,11 +349,17 @@ def test_a_tf1_frozen_preset_keeps_the_running_statistics():
   x = data((6, 3))
   before = flat(nnx.state(model, nnx.BatchStat))
   y = model(x)
-  expected, _ = bnjax.batch_norm(x, {"scale": model.scale[...], "bias": model.bias[...]},
-                                 {"mean": model.mean[...], "var": model.var[...]},
-                                 training=True, **options)
+  expected, _ = bnjax.batch_norm(
+    x,
+    {"scale": model.scale[...], "bias": model.bias[...]},
+    {"mean": model.mean[...], "var": model.var[...]},
+    training=True,
+    **options,
+  )
   np.testing.assert_array_equal(y, expected)
   for key, value in flat(nnx.state(model, nnx.BatchStat)).items():
     np.testing.assert_array_equal(value, before[key])
-  with pytest.raises(TypeError, match=r"bnjax\.nnx\.BatchNorm: `update_stats` must be a Python bool"):
+  with pytest.raises(
+    TypeError, match=r"bnjax\.nnx\.BatchNorm: `update_stats` must be a Python bool"
+  ):
     bnjax.nnx.BatchNorm(3, update_stats=1, rngs=nnx.Rngs(0))

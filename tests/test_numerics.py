@@ -1,4 +1,4 @@
-"""Numerically hard input: large offsets, constant channels, one sample, half and double precision."""
+"""Numerically hard input: large offsets, constant channels, one sample, half and double."""
 
 import warnings
 
@@ -30,7 +30,7 @@ def test_large_offset_variance_is_accurate(large_offset, variance):
   _, var = bnjax.moments(x, (0, 1, 2), variance=variance)
   assert np.max(np.abs(var - exact_var) / exact_var) <= LARGE_OFFSET_VARIANCE_RTOL
   y, new_stats = jax.jit(
-      lambda x: bnjax.batch_norm(x, params, stats, training=True, variance=variance)
+    lambda x: bnjax.batch_norm(x, params, stats, training=True, variance=variance)
   )(x)
   assert bool(jnp.all(jnp.isfinite(y)))
   # The normalized output has unit variance per channel, not the 316x of a cancelled variance.
@@ -77,7 +77,7 @@ def test_single_element_per_channel(running_variance):
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     y, new_stats = bnjax.batch_norm(
-        x, params, stats, training=True, momentum=0.9, running_variance=running_variance
+      x, params, stats, training=True, momentum=0.9, running_variance=running_variance
     )
   np.testing.assert_array_equal(y, params["bias"][None])
   np.testing.assert_allclose(new_stats["mean"], 0.1 * x[0], rtol=1e-6)
@@ -87,10 +87,19 @@ def test_single_element_per_channel(running_variance):
 
 
 @pytest.mark.parametrize(
-    "shape, options, expected",
-    [((1, 3), {}, 1), ((2, 3), {}, 0), ((1, 3), {"devices": 2}, 0), ((1, 4, 4, 3), {}, 0),
-     ((3, 1), {"axis": 0}, 1), ((3, 2), {"axis": 0}, 0), ((1, 3, 1, 1), {"axis": 1}, 1), ((8, 3), {"virtual_batch_size": 1}, 1),
-     ((8, 3), {"virtual_batch_size": 2}, 0), ((5,), {}, 1)],
+  "shape, options, expected",
+  [
+    ((1, 3), {}, 1),
+    ((2, 3), {}, 0),
+    ((1, 3), {"devices": 2}, 0),
+    ((1, 4, 4, 3), {}, 0),
+    ((3, 1), {"axis": 0}, 1),
+    ((3, 2), {"axis": 0}, 0),
+    ((1, 3, 1, 1), {"axis": 1}, 1),
+    ((8, 3), {"virtual_batch_size": 1}, 1),
+    ((8, 3), {"virtual_batch_size": 2}, 0),
+    ((5,), {}, 1),
+  ],
 )
 def test_check_batch_finds_one_element_per_channel(shape, options, expected):
   assert len(bnjax.diagnostics.check_batch(shape, **options)) == expected
@@ -116,7 +125,7 @@ def test_half_precision(dtype, training):
   assert y.dtype == dtype
   assert all(new_stats[k].dtype == jnp.float32 for k in ("mean", "var"))
   y_ref, stats_ref = oracle_batch_norm(
-      np.asarray(x.astype(jnp.float32)), params, stats, training=training, momentum=0.9
+    np.asarray(x.astype(jnp.float32)), params, stats, training=training, momentum=0.9
   )
   assert_close(y, y_ref, dtype, what="y")
   for key in ("mean", "var"):
@@ -150,7 +159,9 @@ def test_float64(training):
 
 @pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize(
-    "x_dtype, stats_dtype", [(jnp.float64, jnp.float32)], ids=["f64-x-f32-stats"],
+  "x_dtype, stats_dtype",
+  [(jnp.float64, jnp.float32)],
+  ids=["f64-x-f32-stats"],
 )
 def test_running_stats_keep_their_dtype(x_dtype, stats_dtype):
   # Regression: the update mixed dtypes in jnp.where, which strict promotion rejects.
@@ -163,8 +174,10 @@ def test_running_stats_keep_their_dtype(x_dtype, stats_dtype):
     assert_close(new_stats[key], expected[key].astype(stats_dtype), stats_dtype, what=key)
 
 
-@pytest.mark.parametrize("case", ["outlier-first-element", "outlier-first-example",
-                                  "outlier-first-row", "offset-1e4-small-batch"])
+@pytest.mark.parametrize(
+  "case",
+  ["outlier-first-element", "outlier-first-example", "outlier-first-row", "offset-1e4-small-batch"],
+)
 def test_shifted_variance_is_accurate_even_when_the_leading_part_is_an_outlier(case):
   # 'shifted' sums about the mean of the leading 1/64 of the first reduced axis. Whatever that
   # part holds, its mean is within sqrt(63) standard deviations of the batch mean, so the
@@ -192,10 +205,12 @@ def test_shifted_variance_is_accurate_even_when_the_leading_part_is_an_outlier(c
   assert np.max(np.abs(np.asarray(var, np.float64) - exact) / exact) <= LARGE_OFFSET_VARIANCE_RTOL
 
 
-@pytest.mark.parametrize("backend, algorithm", [("cpu", "two_pass"), ("gpu", "shifted"),
-                                                ("tpu", "shifted")])
-def test_auto_variance_is_two_pass_on_cpu_and_shifted_on_accelerators(monkeypatch, backend,
-                                                                     algorithm):
+@pytest.mark.parametrize(
+  "backend, algorithm", [("cpu", "two_pass"), ("gpu", "shifted"), ("tpu", "shifted")]
+)
+def test_auto_variance_is_two_pass_on_cpu_and_shifted_on_accelerators(
+  monkeypatch, backend, algorithm
+):
   x, params, stats = random_inputs(LAYOUTS["nhwc"], offset=300.0)
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
   auto = bnjax.batch_norm(x, params, stats, training=True)

@@ -48,12 +48,18 @@ def test_readme_command_parser_rejects_missing_marker():
 
 
 def test_import_bnjax_imports_only_jax_and_numpy():
-  heavy = ["flax", "equinox", "optax", "orbax", "tensorflow", "tf_keras", "keras", "torch",
-           "sklearn"]
-  code = (
-      "import sys, bnjax; "
-      f"print([m for m in {heavy!r} if m in sys.modules])"
-  )
+  heavy = [
+    "flax",
+    "equinox",
+    "optax",
+    "orbax",
+    "tensorflow",
+    "tf_keras",
+    "keras",
+    "torch",
+    "sklearn",
+  ]
+  code = f"import sys, bnjax; print([m for m in {heavy!r} if m in sys.modules])"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"
 
@@ -71,7 +77,12 @@ def test_public_names():
   import bnjax
 
   assert set(bnjax.__all__) == {
-      "batch_norm", "conventions", "fold", "init", "moments", "__version__"
+    "batch_norm",
+    "conventions",
+    "fold",
+    "init",
+    "moments",
+    "__version__",
   }
   assert callable(bnjax.fold.fold) and callable(bnjax.fold.fold_affine)
   assert re.fullmatch(r"\d+\.\d+\.\d+", bnjax.__version__)
@@ -80,15 +91,20 @@ def test_public_names():
 # The documented differences every drop-in states, as the README's list names them, with the
 # words each module's docstring uses for them.
 DIFFERENCES = {
-    "Accurate variance by default": "accurate",
-    "Exact uneven-shard sync": "weighted by",
-    "A few ulps, not bit-identity": "ulps",
+  "Accurate variance by default": "accurate",
+  "Exact uneven-shard sync": "weighted by",
+  "A few ulps, not bit-identity": "ulps",
 }
 
 
-@pytest.mark.parametrize("module, original", [
-    ("bnjax.linen", "flax.linen.BatchNorm"), ("bnjax.nnx", "flax.nnx.BatchNorm"),
-    ("bnjax.equinox", "equinox.nn.BatchNorm")])
+@pytest.mark.parametrize(
+  "module, original",
+  [
+    ("bnjax.linen", "flax.linen.BatchNorm"),
+    ("bnjax.nnx", "flax.nnx.BatchNorm"),
+    ("bnjax.equinox", "equinox.nn.BatchNorm"),
+  ],
+)
 def test_readme_and_docstrings_list_the_drop_ins_and_their_differences(module, original):
   import importlib
 
@@ -112,13 +128,23 @@ def test_readme_equivalence_table_is_the_generated_one():
   assert _by_preset(README) == _by_preset(generated)
 
 
-@pytest.mark.parametrize("module, blocked, extra", [
-    ("bnjax.linen", "flax", "flax"), ("bnjax.nnx", "flax", "flax"),
-    ("bnjax.training", "optax", "train"), ("bnjax.equinox", "equinox", "equinox")])
+@pytest.mark.parametrize(
+  "module, blocked, extra",
+  [
+    ("bnjax.linen", "flax", "flax"),
+    ("bnjax.nnx", "flax", "flax"),
+    ("bnjax.training", "optax", "train"),
+    ("bnjax.equinox", "equinox", "equinox"),
+  ],
+)
 def test_a_missing_extra_says_which_to_install(module, blocked, extra):
-  code = (f"import sys; sys.modules[{blocked!r}] = None\n"
-          f"try:\n  import {module}\nexcept ImportError as e:\n  print(e)\n")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  code = (
+    f"import sys; sys.modules[{blocked!r}] = None\n"
+    f"try:\n  import {module}\nexcept ImportError as e:\n  print(e)\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+  )
   assert f"{module} needs {blocked}: pip install 'bnjax[{extra}]'" in out.stdout, out.stderr
 
 
@@ -130,10 +156,14 @@ def test_the_wheel_carries_the_license_and_the_type_marker():
 
 
 def test_interop_converters_import_from_the_package_without_their_frameworks():
-  code = ("import sys\nfrom bnjax.interop import from_torch, to_torch, from_keras, to_keras,"
-          " to_state_dict, assign_to_keras\n"
-          "print([m for m in ('torch', 'tensorflow', 'keras', 'tf_keras') if m in sys.modules])")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  code = (
+    "import sys\nfrom bnjax.interop import from_torch, to_torch, from_keras, to_keras,"
+    " to_state_dict, assign_to_keras\n"
+    "print([m for m in ('torch', 'tensorflow', 'keras', 'tf_keras') if m in sys.modules])"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+  )
   assert out.stdout.strip() == "[]", out.stderr
   import bnjax.interop
   import bnjax.interop.torch

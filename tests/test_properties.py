@@ -29,8 +29,12 @@ def problems(draw):
 
 
 @SETTINGS
-@given(problems(), st.booleans(), st.sampled_from(["two_pass", "shifted"]),
-       st.sampled_from(["biased", "unbiased"]))
+@given(
+  problems(),
+  st.booleans(),
+  st.sampled_from(["two_pass", "shifted"]),
+  st.sampled_from(["biased", "unbiased"]),
+)
 # Found by hypothesis in CI: a small output that is the difference of two larger terms.
 @example(((1, 2, 3), (2,), (1, 1, 1), 0), False, "two_pass", "biased")
 def test_matches_oracle(problem, use_mask, variance, running_variance):
@@ -38,13 +42,16 @@ def test_matches_oracle(problem, use_mask, variance, running_variance):
   rng = np.random.default_rng(seed)
   features = tuple(shape[a] for a in sorted(a % len(shape) for a in np.atleast_1d(axis)))
   x = jnp.asarray(rng.normal(size=shape) * 3 + 1, jnp.float32)
-  params = {"scale": jnp.asarray(rng.uniform(0.5, 2, features), jnp.float32),
-            "bias": jnp.asarray(rng.normal(size=features), jnp.float32)}
+  params = {
+    "scale": jnp.asarray(rng.uniform(0.5, 2, features), jnp.float32),
+    "bias": jnp.asarray(rng.normal(size=features), jnp.float32),
+  }
   _, stats = bnjax.init(features)
   mask = jnp.asarray(rng.uniform(size=mask_shape) < 0.7) if use_mask else None
   n = math.prod(shape) // math.prod(features)
-  kwargs = dict(training=True, axis=axis, momentum=0.9, mask=mask,
-                running_variance=running_variance)
+  kwargs = dict(
+    training=True, axis=axis, momentum=0.9, mask=mask, running_variance=running_variance
+  )
   y, new_stats = bnjax.batch_norm(x, params, stats, variance=variance, **kwargs)
   y_ref, stats_ref = oracle_batch_norm(np.asarray(x), params, stats, **kwargs)
   assert y.shape == shape and new_stats["mean"].shape == features
@@ -56,17 +63,24 @@ def test_matches_oracle(problem, use_mask, variance, running_variance):
 
 
 @SETTINGS
-@given(st.sampled_from([jnp.float16, jnp.bfloat16, jnp.float32]),
-       st.floats(-1e3, 1e3), st.floats(1e-2, 1e2), st.integers(0, 2**16))
+@given(
+  st.sampled_from([jnp.float16, jnp.bfloat16, jnp.float32]),
+  st.floats(-1e3, 1e3),
+  st.floats(1e-2, 1e2),
+  st.integers(0, 2**16),
+)
 def test_output_dtype_and_accuracy_across_dtypes(dtype, offset, spread, seed):
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=(16, 4)) * spread + offset, dtype)
   params, stats = bnjax.init(4)
   y, new_stats = bnjax.batch_norm(x, params, stats, training=True)
-  y_ref, stats_ref = oracle_batch_norm(np.asarray(x.astype(jnp.float32)), params, stats, training=True)
+  y_ref, stats_ref = oracle_batch_norm(
+    np.asarray(x.astype(jnp.float32)), params, stats, training=True
+  )
   assert y.dtype == dtype and new_stats["var"].dtype == jnp.float32
-  atol = offset_atol(dtype, 16, max_abs_output=float(np.abs(y_ref).max()),
-                     offset_over_std=abs(offset) / spread)
+  atol = offset_atol(
+    dtype, 16, max_abs_output=float(np.abs(y_ref).max()), offset_over_std=abs(offset) / spread
+  )
   np.testing.assert_allclose(np.asarray(y, np.float64), y_ref, atol=atol, rtol=0)
   # The running statistics: float32 moments of the dtype-rounded input, moved by 1 - momentum.
   for key in ("mean", "var"):

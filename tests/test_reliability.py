@@ -55,14 +55,19 @@ def poisoned(value, position, shape=(16, 3)):
 def assert_clean_channels_updated(x, new_stats, stats, mask=None):
   """The other channels moved as the oracle says; the poisoned one kept its values."""
   good = [c for c in range(x.shape[-1]) if c != BAD_CHANNEL]
-  _, expected = oracle_batch_norm(x[:, good], {}, {k: np.asarray(v)[good] for k, v in
-                                                  stats.items()},
-                                  training=True, momentum=MOMENTUM,
-                                  mask=None if mask is None else mask[:, good])
+  _, expected = oracle_batch_norm(
+    x[:, good],
+    {},
+    {k: np.asarray(v)[good] for k, v in stats.items()},
+    training=True,
+    momentum=MOMENTUM,
+    mask=None if mask is None else mask[:, good],
+  )
   for key in ("mean", "var"):
     assert_close(np.asarray(new_stats[key])[good], expected[key], jnp.float32, x.shape[0], key)
-    np.testing.assert_array_equal(np.asarray(new_stats[key])[BAD_CHANNEL],
-                                  np.asarray(stats[key])[BAD_CHANNEL])
+    np.testing.assert_array_equal(
+      np.asarray(new_stats[key])[BAD_CHANNEL], np.asarray(stats[key])[BAD_CHANNEL]
+    )
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
@@ -90,15 +95,15 @@ def test_one_bad_batch_then_fifty_clean_ones_evaluate_finite():
     _, stats = step(clean(seed=seed + 1), stats)
   y, _ = bnjax.batch_norm(clean(), params, stats, training=False)
   assert np.all(np.isfinite(np.asarray(y)))
-  _, propagated = bnjax.batch_norm(poisoned(np.nan, "middle"), params, bnjax.init(3)[1],
-                                   training=True, on_nonfinite="propagate")
+  _, propagated = bnjax.batch_norm(
+    poisoned(np.nan, "middle"), params, bnjax.init(3)[1], training=True, on_nonfinite="propagate"
+  )
   assert np.isnan(np.asarray(propagated["mean"])[BAD_CHANNEL])  # PyTorch's, Flax's behaviour
 
 
 def test_raise_reports_the_channel_at_run_time():
   params, stats = bnjax.init(3)
-  step = jax.jit(lambda x: bnjax.batch_norm(x, params, stats, training=True,
-                                            on_nonfinite="raise"))
+  step = jax.jit(lambda x: bnjax.batch_norm(x, params, stats, training=True, on_nonfinite="raise"))
   step(clean())[0].block_until_ready()  # a clean batch passes
   with pytest.raises(Exception, match=r"NaN or inf mean or variance in channels \[1\]"):
     jax.block_until_ready(step(poisoned(np.inf, "first")))
@@ -110,8 +115,9 @@ def test_masked_out_non_finite_values_change_nothing_and_valid_ones_are_kept():
   mask = np.ones((16, 1), bool)
   mask[8] = False  # the poisoned row
   _, new = bnjax.batch_norm(x, params, stats, training=True, momentum=MOMENTUM, mask=mask)
-  _, expected = oracle_batch_norm(np.where(mask, x, 0), {}, stats, training=True,
-                                  momentum=MOMENTUM, mask=mask)
+  _, expected = oracle_batch_norm(
+    np.where(mask, x, 0), {}, stats, training=True, momentum=MOMENTUM, mask=mask
+  )
   for key in ("mean", "var"):
     assert_close(new[key], expected[key], jnp.float32, 15, key)
   full_mask = np.ones((16, 3), bool)
@@ -123,10 +129,14 @@ def test_eight_devices_keep_the_poisoned_channel_everywhere():
   mesh = jax.make_mesh((8,), ("d",))
   x = poisoned(np.nan, "last")  # on the last device only
   params, stats = bnjax.init(3)
-  step = jax.jit(jax.shard_map(
-      lambda x: bnjax.batch_norm(x, params, stats, training=True, momentum=MOMENTUM,
-                                 axis_name="d"),
-      mesh=mesh, in_specs=P("d"), out_specs=(P("d"), P())))
+  step = jax.jit(
+    jax.shard_map(
+      lambda x: bnjax.batch_norm(x, params, stats, training=True, momentum=MOMENTUM, axis_name="d"),
+      mesh=mesh,
+      in_specs=P("d"),
+      out_specs=(P("d"), P()),
+    )
+  )
   _, new = step(jax.device_put(x, NamedSharding(mesh, P("d"))))
   assert_clean_channels_updated(x, new, stats)
 
@@ -176,8 +186,9 @@ def test_constant_channels_at_float32s_limit():
 
 def model(params, batch_stats, x, *, training):
   h = x @ params["w"]
-  y, new = bnjax.batch_norm(h, params["bn"], batch_stats["bn"], training=training,
-                            momentum=MOMENTUM)
+  y, new = bnjax.batch_norm(
+    h, params["bn"], batch_stats["bn"], training=training, momentum=MOMENTUM
+  )
   return y, {"bn": new}
 
 
@@ -238,8 +249,11 @@ def test_skipping_with_apply_if_finite_keeps_its_count_and_can_be_turned_off():
 @pytest.fixture
 def saved(tmp_path):
   state = initial_state(optax.sgd(0.1))
-  state = state._replace(batch_stats={"bn": {"mean": jnp.asarray([1.5, -2.0, 3.25]),
-                                             "var": jnp.asarray([0.5, 2.0, 4.0])}})
+  state = state._replace(
+    batch_stats={
+      "bn": {"mean": jnp.asarray([1.5, -2.0, 3.25]), "var": jnp.asarray([0.5, 2.0, 4.0])}
+    }
+  )
   return state, training.save_checkpoint(tmp_path / "ckpt", state)
 
 
@@ -288,8 +302,9 @@ def test_a_changed_array_is_named(saved):
   manifest = json.loads(manifest_path.read_text())
   manifest["arrays"]["batch_stats/bn/mean"]["sha256"] = "0" * 64
   manifest_path.write_text(json.dumps(manifest))
-  with pytest.raises(training.CheckpointDamagedError,
-                     match=r"damaged: batch_stats/bn/mean checksum mismatch"):
+  with pytest.raises(
+    training.CheckpointDamagedError, match=r"damaged: batch_stats/bn/mean checksum mismatch"
+  ):
     training.restore_checkpoint(path, like=initial_state(optax.sgd(0.1)))
 
 
@@ -317,20 +332,24 @@ def test_missing_empty_and_foreign_directories_are_not_found(tmp_path):
 def test_another_structure_or_dtype_is_a_mismatch_and_cast_is_opt_in(saved):
   state, path = saved
   like = initial_state(optax.sgd(0.1))
-  counted = like._replace(batch_stats={"bn": {**like.batch_stats["bn"],
-                                              "count": jnp.zeros((), jnp.int32)}})
-  with pytest.raises(training.CheckpointMismatchError,
-                     match=r"batch_stats/bn/count is missing from the checkpoint"):
+  counted = like._replace(
+    batch_stats={"bn": {**like.batch_stats["bn"], "count": jnp.zeros((), jnp.int32)}}
+  )
+  with pytest.raises(
+    training.CheckpointMismatchError, match=r"batch_stats/bn/count is missing from the checkpoint"
+  ):
     training.restore_checkpoint(path, like=counted)
-  half = like._replace(batch_stats=jax.tree.map(lambda v: v.astype(jnp.bfloat16),
-                                                like.batch_stats))
-  with pytest.raises(training.CheckpointMismatchError,
-                     match=r"batch_stats/bn/mean is float32, `like` bfloat16 \(cast=True casts\)"):
+  half = like._replace(batch_stats=jax.tree.map(lambda v: v.astype(jnp.bfloat16), like.batch_stats))
+  with pytest.raises(
+    training.CheckpointMismatchError,
+    match=r"batch_stats/bn/mean is float32, `like` bfloat16 \(cast=True casts\)",
+  ):
     training.restore_checkpoint(path, like=half)
   cast = training.restore_checkpoint(path, like=half, cast=True)
   assert cast.batch_stats["bn"]["mean"].dtype == jnp.bfloat16
-  np.testing.assert_array_equal(cast.batch_stats["bn"]["mean"],
-                                state.batch_stats["bn"]["mean"].astype(jnp.bfloat16))
+  np.testing.assert_array_equal(
+    cast.batch_stats["bn"]["mean"], state.batch_stats["bn"]["mean"].astype(jnp.bfloat16)
+  )
 
 
 def test_a_checkpoint_without_a_manifest_loads_with_a_warning(saved):
@@ -357,11 +376,14 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint(saved, moment):
   """A subprocess overwrites the checkpoint and is killed while orbax writes the staged copy,
   or just before the rename; the previous checkpoint restores exactly."""
   state, path = saved
-  hook = ("orbax.checkpoint.StandardCheckpointer.save" if moment == "writing"
-          else "bnjax._checkpoint._publish")
+  hook = (
+    "orbax.checkpoint.StandardCheckpointer.save"
+    if moment == "writing"
+    else "bnjax._checkpoint._publish"
+  )
   script = textwrap.dedent(f"""
       import sys, time
-      sys.path.insert(0, {str(ROOT / 'tests')!r})
+      sys.path.insert(0, {str(ROOT / "tests")!r})
       import jax.numpy as jnp, optax
       import orbax.checkpoint, bnjax._checkpoint
       from bnjax import training
@@ -379,8 +401,13 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint(saved, moment):
       training.save_checkpoint({str(path)!r}, state._replace(step=state.step + 99), overwrite=True)
   """)
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
+  process = subprocess.Popen(
+    [sys.executable, "-c", script],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=env,
+  )
   try:
     line = process.stdout.readline()
     assert line.strip() == "stalled", process.stderr.read()

@@ -11,27 +11,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerances import assert_close, tf_zero_debias_rtol
 
 import bnjax
-from tolerances import assert_close, tf_zero_debias_rtol
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 tf = pytest.importorskip("tensorflow")
 tf_keras = pytest.importorskip("tf_keras")
 
 pytestmark = [
-    # TensorFlow and Keras warn about their own deprecations on import and first use.
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::UserWarning:keras.*"),
-    pytest.mark.usefixtures("standard_promotion"),
+  # TensorFlow and Keras warn about their own deprecations on import and first use.
+  pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+  pytest.mark.filterwarnings("ignore::FutureWarning"),
+  pytest.mark.filterwarnings("ignore::UserWarning:keras.*"),
+  pytest.mark.usefixtures("standard_promotion"),
 ]
 
 STEPS = 3
 C = 3
 STAT_NAMES = {  # bnjax key -> Keras weight name
-    "mean": "moving_mean", "var": "moving_variance", "stddev": "moving_stddev",
-    "renorm_mean": "renorm_mean", "renorm_stddev": "renorm_stddev",
+  "mean": "moving_mean",
+  "var": "moving_variance",
+  "stddev": "moving_stddev",
+  "renorm_mean": "renorm_mean",
+  "renorm_stddev": "renorm_stddev",
 }
 
 
@@ -39,8 +42,8 @@ def _batches(shape, seed=0):
   """Batches whose mean and spread drift from step to step, so r and d move and clip."""
   rng = np.random.default_rng(seed)
   return [
-      (rng.normal(size=shape) * (1.0 + 0.6 * t) + 0.8 * t - 0.3).astype(np.float32)
-      for t in range(STEPS)
+    (rng.normal(size=shape) * (1.0 + 0.6 * t) + 0.8 * t - 0.3).astype(np.float32)
+    for t in range(STEPS)
   ]
 
 
@@ -61,16 +64,20 @@ def _run_keras(layer, batches, dys, *, params):
     with tf.GradientTape() as tape:
       tape.watch(x)
       y = layer(x, training=True)
-    dx, dgamma, dbeta = tape.gradient(y, [x, weights["gamma"], weights["beta"]], output_gradients=dy)
+    dx, dgamma, dbeta = tape.gradient(
+      y, [x, weights["gamma"], weights["beta"]], output_gradients=dy
+    )
     stats = {k: weights[v].numpy().reshape(-1) for k, v in STAT_NAMES.items() if v in weights}
-    steps.append((y.numpy(), dx.numpy(), dgamma.numpy().reshape(-1), dbeta.numpy().reshape(-1), stats))
+    steps.append(
+      (y.numpy(), dx.numpy(), dgamma.numpy().reshape(-1), dbeta.numpy().reshape(-1), stats)
+    )
   return steps, layer(tf.constant(batches[-1] * 0.5 + 1.0), training=False).numpy()
 
 
 def _run_bnjax(batches, dys, *, params, stats, **options):
   def step(x, params, stats, dy):
     (y, new_stats), pull = jax.vjp(
-        lambda x, p: bnjax.batch_norm(x, p, stats, training=True, **options), x, params
+      lambda x, p: bnjax.batch_norm(x, p, stats, training=True, **options), x, params
     )
     dx, dparams = pull((dy, jax.tree.map(jnp.zeros_like, new_stats)))
     return y, dx, dparams["scale"], dparams["bias"], new_stats
@@ -80,8 +87,11 @@ def _run_bnjax(batches, dys, *, params, stats, **options):
     y, dx, dscale, dbias, stats = step(jnp.asarray(x), params, stats, jnp.asarray(dy))
     steps.append((y, dx, dscale, dbias, stats))
   y_eval, _ = bnjax.batch_norm(
-      jnp.asarray(batches[-1] * 0.5 + 1.0), params, stats, training=False,
-      epsilon=options.get("epsilon", 1e-5),
+    jnp.asarray(batches[-1] * 0.5 + 1.0),
+    params,
+    stats,
+    training=False,
+    epsilon=options.get("epsilon", 1e-5),
   )
   return steps, y_eval
 
@@ -98,12 +108,19 @@ def _compare(ours, theirs, n):
 
 def _params(seed=1):
   rng = np.random.default_rng(seed)
-  return {"scale": rng.uniform(0.5, 1.5, C).astype(np.float32),
-          "bias": rng.normal(size=C).astype(np.float32)}
+  return {
+    "scale": rng.uniform(0.5, 1.5, C).astype(np.float32),
+    "bias": rng.normal(size=C).astype(np.float32),
+  }
 
 
-RENORM = dict(renorm=True, renorm_clipping={"rmax": 1.4, "rmin": 0.8, "dmax": 0.6},
-              renorm_momentum=0.7, momentum=0.8, epsilon=1e-3)
+RENORM = dict(
+  renorm=True,
+  renorm_clipping={"rmax": 1.4, "rmin": 0.8, "dmax": 0.6},
+  renorm_momentum=0.7,
+  momentum=0.8,
+  epsilon=1e-3,
+)
 
 
 @pytest.mark.parametrize("keras_flavour", ["tf_keras", "keras3"])
@@ -165,8 +182,14 @@ def test_adjustment_and_renorm_compose_like_tf_keras():
     jax_shapes.append(shape)
     return adj_scale, adj_bias
 
-  ours = _run_bnjax(batches, dys, params=jax.tree.map(jnp.asarray, params), stats=stats,
-                    adjustment=jax_adjustment, **RENORM)
+  ours = _run_bnjax(
+    batches,
+    dys,
+    params=jax.tree.map(jnp.asarray, params),
+    stats=stats,
+    adjustment=jax_adjustment,
+    **RENORM,
+  )
   assert jax_shapes[0] == shapes_seen[0] == shape
   _compare(ours, theirs, 12 * 2 * 2)
 
@@ -193,7 +216,9 @@ def test_zero_debias_matches_tf_assign_moving_average(momentum):
   graph = tf.Graph()
   with graph.as_default():
     with tf.compat.v1.variable_scope("bn"):
-      var = tf.compat.v1.get_variable("mean", initializer=np.zeros(C, np.float32), use_resource=True)
+      var = tf.compat.v1.get_variable(
+        "mean", initializer=np.zeros(C, np.float32), use_resource=True
+      )
       batch = tf.compat.v1.placeholder(tf.float32, (6, 5, C))
       mean, _ = tf.nn.moments(batch, axes=[0, 1])
       update = moving_averages.assign_moving_average(var, mean, momentum, zero_debias=True)
@@ -203,18 +228,24 @@ def test_zero_debias_matches_tf_assign_moving_average(momentum):
   _, stats = bnjax.init(C, track_count=True)
   exact = np.zeros(C)
   for t, x in enumerate(batches):
-    _, stats = bnjax.batch_norm(jnp.asarray(x), {}, stats, training=True, momentum=momentum,
-                                zero_debias="mean")
+    _, stats = bnjax.batch_norm(
+      jnp.asarray(x), {}, stats, training=True, momentum=momentum, zero_debias="mean"
+    )
     np.testing.assert_array_equal(stats["count"], t + 1)
     # float64: the EMA from 0, divided by 1 - m^(t+1)
     exact = momentum * exact + (1 - momentum) * np.asarray(x, np.float64).mean((0, 1))
     assert_close(stats["mean"], exact / (1 - momentum ** (t + 1)), jnp.float32, 30, f"step {t}")
-    np.testing.assert_allclose(stats["mean"], expected[t], err_msg=f"TF, step {t}",
-                               rtol=tf_zero_debias_rtol(momentum, t + 1),
-                               atol=tf_zero_debias_rtol(momentum, t + 1) * np.abs(exact).max())
+    np.testing.assert_allclose(
+      stats["mean"],
+      expected[t],
+      err_msg=f"TF, step {t}",
+      rtol=tf_zero_debias_rtol(momentum, t + 1),
+      atol=tf_zero_debias_rtol(momentum, t + 1) * np.abs(exact).max(),
+    )
   # The variance is a plain EMA from 1 with 'mean'; 'mean_and_var' debiases it too.
   first = jnp.asarray(batches[0])
   _, fresh = bnjax.init(C, track_count=True)
-  _, debiased = bnjax.batch_norm(first, {}, fresh, training=True, momentum=momentum,
-                                 zero_debias="mean_and_var")
+  _, debiased = bnjax.batch_norm(
+    first, {}, fresh, training=True, momentum=momentum, zero_debias="mean_and_var"
+  )
   assert_close(debiased["var"], np.asarray(first, np.float64).var((0, 1)), jnp.float32, 30)

@@ -29,8 +29,12 @@ def plain_apply_fn(*, axis_name=None):
   def apply_fn(params, batch_stats, x, *, training):
     h = x @ params["dense"]
     h, bn = bnjax.batch_norm(
-        h, params["bn"], batch_stats["bn"],
-        training=training, momentum=MOMENTUM, axis_name=axis_name,
+      h,
+      params["bn"],
+      batch_stats["bn"],
+      training=training,
+      momentum=MOMENTUM,
+      axis_name=axis_name,
     )
     return jnp.tanh(h) @ params["head"], {"bn": bn}
 
@@ -41,9 +45,9 @@ def plain_variables(seed=0):
   rng = np.random.default_rng(seed)  # NumPy: jax.random would compile a kernel per shape
   bn_params, bn_stats = bnjax.init(8)
   params = {
-      "dense": jnp.asarray(rng.normal(size=(5, 8)) / math.sqrt(5), jnp.float32),
-      "bn": bn_params,
-      "head": jnp.asarray(rng.normal(size=(8, 3)) / math.sqrt(8), jnp.float32),
+    "dense": jnp.asarray(rng.normal(size=(5, 8)) / math.sqrt(5), jnp.float32),
+    "bn": bn_params,
+    "head": jnp.asarray(rng.normal(size=(8, 3)) / math.sqrt(8), jnp.float32),
   }
   return params, {"bn": bn_stats}
 
@@ -65,10 +69,10 @@ def accuracy(logits, labels):
 # Built once: each jitted step compiles once for the module (shapes and dtypes do not change).
 SGD = optax.sgd(0.1, momentum=0.9)
 PLAIN_TRAIN_STEP = training.make_train_step(
-    plain_apply_fn(), SGD, loss_fn=cross_entropy, metrics_fn=accuracy
+  plain_apply_fn(), SGD, loss_fn=cross_entropy, metrics_fn=accuracy
 )
 PLAIN_EVAL_STEP = training.make_eval_step(
-    plain_apply_fn(), loss_fn=cross_entropy, metrics_fn=accuracy
+  plain_apply_fn(), loss_fn=cross_entropy, metrics_fn=accuracy
 )
 
 
@@ -110,7 +114,7 @@ def test_train_step_is_one_optax_update_with_the_new_batch_stats():
   @jax.jit
   def loss_and_grads(p):
     return jax.value_and_grad(
-        lambda p: cross_entropy(plain_apply_fn()(p, batch_stats, x, training=True)[0], y)
+      lambda p: cross_entropy(plain_apply_fn()(p, batch_stats, x, training=True)[0], y)
     )(p)
 
   loss, grads = loss_and_grads(params)
@@ -118,12 +122,14 @@ def test_train_step_is_one_optax_update_with_the_new_batch_stats():
   assert int(new_state.step) == 1
   assert_close(metrics["loss"], loss, jnp.float32, 64, "loss")
   jax.tree.map(  # sgd's first step: the momentum trace is the gradient
-      lambda new, p, g: assert_close(new, p - 0.1 * g, jnp.float32, 64, "sgd update"),
-      new_state.params, params, grads,
+    lambda new, p, g: assert_close(new, p - 0.1 * g, jnp.float32, 64, "sgd update"),
+    new_state.params,
+    params,
+    grads,
   )
   assert_close(new_state.batch_stats["bn"]["mean"], (1 - MOMENTUM) * h.mean(0), jnp.float32, 64)
   assert_close(
-      new_state.batch_stats["bn"]["var"], MOMENTUM + (1 - MOMENTUM) * h.var(0), jnp.float32, 64
+    new_state.batch_stats["bn"]["var"], MOMENTUM + (1 - MOMENTUM) * h.var(0), jnp.float32, 64
   )
   assert 0.0 <= float(metrics["accuracy"]) <= 1.0
 
@@ -161,9 +167,9 @@ def data_parallel(step, kind):
     return run
   mesh = jax.make_mesh((8,), ("batch",))
   split = NamedSharding(mesh, P("batch"))
-  sharded = jax.jit(jax.shard_map(
-      step, mesh=mesh, in_specs=(P(), P("batch"), P("batch")), out_specs=P()
-  ))
+  sharded = jax.jit(
+    jax.shard_map(step, mesh=mesh, in_specs=(P(), P("batch"), P("batch")), out_specs=P())
+  )
   return lambda state, x, y: sharded(state, jax.device_put(x, split), jax.device_put(y, split))
 
 
@@ -173,7 +179,7 @@ def test_data_parallel_steps_equal_the_steps_on_the_whole_batch(kind):
   state = training.create_train_state(*plain_variables(), SGD)
   options = {"loss_fn": cross_entropy, "metrics_fn": accuracy, "axis_name": "batch"}
   train_step = data_parallel(
-      training.make_train_step(plain_apply_fn(axis_name="batch"), SGD, **options), kind
+    training.make_train_step(plain_apply_fn(axis_name="batch"), SGD, **options), kind
   )
   eval_step = data_parallel(training.make_eval_step(plain_apply_fn(), **options), kind)
 
@@ -182,8 +188,9 @@ def test_data_parallel_steps_equal_the_steps_on_the_whole_batch(kind):
   jax.tree.map(lambda a, b: assert_close(a, b, jnp.float32, 64, kind), actual, expected)
   new_state = expected[0]
   jax.tree.map(
-      lambda a, b: assert_close(a, b, jnp.float32, 64, kind),
-      eval_step(new_state, x, y), PLAIN_EVAL_STEP(new_state, x, y),
+    lambda a, b: assert_close(a, b, jnp.float32, 64, kind),
+    eval_step(new_state, x, y),
+    PLAIN_EVAL_STEP(new_state, x, y),
   )
 
 
@@ -192,13 +199,16 @@ def draw_step(axis_name):
 
   def apply_fn(params, batch_stats, x, *, training, key):
     outputs, new_stats = plain_apply_fn(axis_name=axis_name)(
-        params, batch_stats, x, training=training
+      params, batch_stats, x, training=training
     )
     return jnp.zeros_like(outputs) + jax.random.uniform(key, ()), new_stats
 
   return training.make_train_step(
-      apply_fn, SGD, loss_fn=cross_entropy, metrics_fn=lambda outputs, _: {"draw": outputs[0, 0]},
-      axis_name=axis_name,
+    apply_fn,
+    SGD,
+    loss_fn=cross_entropy,
+    metrics_fn=lambda outputs, _: {"draw": outputs[0, 0]},
+    axis_name=axis_name,
   )
 
 
@@ -215,7 +225,7 @@ def test_key_is_folded_with_the_step_and_the_device_index():
   eight_devices = data_parallel(functools.partial(draw_step("batch"), key=key), "shard_map")
   _, metrics = eight_devices(state, x, y)  # the mean of the devices' draws
   per_device = [
-      jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, 0), d), ()) for d in range(8)
+    jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, 0), d), ()) for d in range(8)
   ]
   assert_close(metrics["draw"], np.mean(per_device), jnp.float32, 8, "8 devices")
 
@@ -229,11 +239,13 @@ def test_linen_model_with_a_frozen_layer_is_keras_trainable_false():
   start = linen_state(tx)
   train_step = training.make_train_step(training.linen_apply_fn(model), tx, loss_fn=cross_entropy)
   state, _ = train_step(start, x, y)
-  _, updates = jax.jit(lambda variables: model.apply(  # the same update, written out
+  _, updates = jax.jit(
+    lambda variables: model.apply(  # the same update, written out
       variables, x, train=True, mutable=["batch_stats"]
-  ))({"params": start.params, "batch_stats": start.batch_stats})
+    )
+  )({"params": start.params, "batch_stats": start.batch_stats})
   jax.tree.map(  # other programs, other fusions: a few ulps
-      lambda a, b: assert_close(a, b, jnp.float32, 64), state.batch_stats, updates["batch_stats"]
+    lambda a, b: assert_close(a, b, jnp.float32, 64), state.batch_stats, updates["batch_stats"]
   )
   state, _ = train_step(state, x, y)
 
@@ -241,9 +253,9 @@ def test_linen_model_with_a_frozen_layer_is_keras_trainable_false():
     after, before = getattr(state, collection)["bn1"], getattr(start, collection)["bn1"]
     jax.tree.map(np.testing.assert_array_equal, after, before)
   moved = {  # trainable: moved
-      "bn2/scale": (state.params["bn2"]["scale"], start.params["bn2"]["scale"]),
-      "bn2/mean": (state.batch_stats["bn2"]["mean"], start.batch_stats["bn2"]["mean"]),
-      "Dense_0/kernel": (state.params["Dense_0"]["kernel"], start.params["Dense_0"]["kernel"]),
+    "bn2/scale": (state.params["bn2"]["scale"], start.params["bn2"]["scale"]),
+    "bn2/mean": (state.batch_stats["bn2"]["mean"], start.batch_stats["bn2"]["mean"]),
+    "Dense_0/kernel": (state.params["Dense_0"]["kernel"], start.params["Dense_0"]["kernel"]),
   }
   for name, (after, before) in moved.items():
     assert not np.array_equal(after, before), name
@@ -268,8 +280,10 @@ def test_linen_apply_fn_names_the_training_keyword_and_the_rng_stream():
   variables = model.init(jax.random.key(0), x, training=False)
   state = training.create_train_state(variables["params"], variables["batch_stats"], SGD)
   train_step = training.make_train_step(
-      apply_fn, SGD, loss_fn=lambda out, _: jnp.mean(out**2),
-      metrics_fn=lambda out, _: {"first": out[0, 0]},
+    apply_fn,
+    SGD,
+    loss_fn=lambda out, _: jnp.mean(out**2),
+    metrics_fn=lambda out, _: {"first": out[0, 0]},
   )
   new_state, first = train_step(state, x, y, jax.random.key(1))
   _, second = train_step(state, x, y, jax.random.key(2))
@@ -320,8 +334,7 @@ def test_restore_rejects_a_state_of_another_model(tmp_path):
 
 def test_import_training_leaves_orbax_until_a_checkpoint():
   code = (
-      "import sys, bnjax.training;"
-      " print('orbax.checkpoint' in sys.modules, 'flax' in sys.modules)"
+    "import sys, bnjax.training; print('orbax.checkpoint' in sys.modules, 'flax' in sys.modules)"
   )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.split() == ["False", "False"]
@@ -348,82 +361,107 @@ def _renamed_stats(params, batch_stats, x, *, training):
 
 
 ERRORS = {
-    "tx-not-optax": (
-        lambda: _train_step_of(tx="adam"), TypeError,
-        r"bnjax\.training\.make_train_step: `tx` must be an optax\.GradientTransformation,"
-        r" got 'adam'",
+  "tx-not-optax": (
+    lambda: _train_step_of(tx="adam"),
+    TypeError,
+    (
+      r"bnjax\.training\.make_train_step: `tx` must be an optax\.GradientTransformation,"
+      r" got 'adam'"
     ),
-    "loss-fn-not-callable": (
-        lambda: _train_step_of(loss_fn="ce"), TypeError,
-        r"make_train_step: `loss_fn` must be callable, got 'ce'",
+  ),
+  "loss-fn-not-callable": (
+    lambda: _train_step_of(loss_fn="ce"),
+    TypeError,
+    r"make_train_step: `loss_fn` must be callable, got 'ce'",
+  ),
+  "eval-metrics-fn-not-callable": (
+    lambda: training.make_eval_step(plain_apply_fn(), loss_fn=cross_entropy, metrics_fn=1),
+    TypeError,
+    r"make_eval_step: `metrics_fn` must be callable, got 1",
+  ),
+  "predict-apply-fn-not-callable": (
+    lambda: training.make_predict(None),
+    TypeError,
+    r"make_predict: `apply_fn` must be callable, got None",
+  ),
+  "create-state-tx": (
+    lambda: training.create_train_state({}, {}, tx=None),
+    TypeError,
+    r"create_train_state: `tx` must be an optax\.GradientTransformation, got None",
+  ),
+  "state-not-train-state": (
+    lambda: _train_step_of()({"params": {}}, *batch()),
+    TypeError,
+    r"train_step: `state` must be a bnjax\.training\.TrainState, got dict",
+  ),
+  "apply-fn-drops-stats": (
+    lambda: _call_step(apply_fn=_drop_stats),
+    TypeError,
+    (
+      r"train_step: `apply_fn` must return \(outputs, new_batch_stats\), got an array"
+      r" float32\[64, 3\]\. Hint"
     ),
-    "eval-metrics-fn-not-callable": (
-        lambda: training.make_eval_step(plain_apply_fn(), loss_fn=cross_entropy, metrics_fn=1),
-        TypeError, r"make_eval_step: `metrics_fn` must be callable, got 1",
+  ),
+  "apply-fn-renames-stats": (
+    lambda: _call_step(apply_fn=_renamed_stats),
+    ValueError,
+    r"train_step: `apply_fn` must return new_batch_stats with the structure",
+  ),
+  "loss-not-scalar": (
+    lambda: _call_step(loss_fn=optax.softmax_cross_entropy_with_integer_labels),
+    ValueError,
+    r"train_step: `loss_fn` must return a float scalar, got float32\[64\]\. Hint",
+  ),
+  "metrics-not-a-dict": (
+    lambda: _call_step(metrics_fn=lambda out, _: out.mean()),
+    TypeError,
+    (
+      r"train_step: `metrics_fn` must return a dict without a 'loss' key \(the step adds it\),"
+      r" got an array float32\[\]"
     ),
-    "predict-apply-fn-not-callable": (
-        lambda: training.make_predict(None), TypeError,
-        r"make_predict: `apply_fn` must be callable, got None",
+  ),
+  "metrics-with-loss": (
+    lambda: _call_step(metrics_fn=lambda out, _: {"loss": out.mean()}),
+    TypeError,
+    r"got keys \['loss'\]",
+  ),
+  "linen-class-not-instance": (
+    lambda: training.linen_apply_fn(Net),
+    TypeError,
+    r"linen_apply_fn: `model` must be a flax\.linen module instance, .*Hint: pass an instance",
+  ),
+  "freeze-string": (
+    lambda: training.freeze(optax.sgd(0.1), frozen="bn1"),
+    TypeError,
+    r"freeze: `frozen` must be a collection of layer paths, got 'bn1'",
+  ),
+  "freeze-unknown-layer": (
+    lambda: training.create_train_state(
+      *plain_variables(), training.freeze(optax.sgd(0.1), frozen={"bn9"})
     ),
-    "create-state-tx": (
-        lambda: training.create_train_state({}, {}, tx=None), TypeError,
-        r"create_train_state: `tx` must be an optax\.GradientTransformation, got None",
+    ValueError,
+    (
+      r"freeze: `frozen` names layers without parameters: \['bn9'\]; the"
+      r" parameters are \['bn/bias', 'bn/scale', 'dense', 'head'\]"
     ),
-    "state-not-train-state": (
-        lambda: _train_step_of()({"params": {}}, *batch()), TypeError,
-        r"train_step: `state` must be a bnjax\.training\.TrainState, got dict",
+  ),
+  "save-not-train-state": (
+    lambda: training.save_checkpoint("/nonexistent/x", {"params": {}}),
+    TypeError,
+    r"save_checkpoint: `state` must be a bnjax\.training\.TrainState, got dict",
+  ),
+  "restore-like-not-train-state": (
+    lambda: training.restore_checkpoint("/nonexistent/x", like={}),
+    TypeError,
+    r"restore_checkpoint: `like` must be a bnjax\.training\.TrainState, got dict",
+  ),
+  "restore-missing": (
+    lambda: training.restore_checkpoint(
+      "/nonexistent/x", like=training.create_train_state(*plain_variables(), optax.sgd(0.1))
     ),
-    "apply-fn-drops-stats": (
-        lambda: _call_step(apply_fn=_drop_stats), TypeError,
-        r"train_step: `apply_fn` must return \(outputs, new_batch_stats\), got an array"
-        r" float32\[64, 3\]\. Hint",
-    ),
-    "apply-fn-renames-stats": (
-        lambda: _call_step(apply_fn=_renamed_stats), ValueError,
-        r"train_step: `apply_fn` must return new_batch_stats with the structure",
-    ),
-    "loss-not-scalar": (
-        lambda: _call_step(loss_fn=optax.softmax_cross_entropy_with_integer_labels),
-        ValueError, r"train_step: `loss_fn` must return a float scalar, got float32\[64\]\. Hint",
-    ),
-    "metrics-not-a-dict": (
-        lambda: _call_step(metrics_fn=lambda out, _: out.mean()), TypeError,
-        r"train_step: `metrics_fn` must return a dict without a 'loss' key \(the step adds it\),"
-        r" got an array float32\[\]",
-    ),
-    "metrics-with-loss": (
-        lambda: _call_step(metrics_fn=lambda out, _: {"loss": out.mean()}), TypeError,
-        r"got keys \['loss'\]",
-    ),
-    "linen-class-not-instance": (
-        lambda: training.linen_apply_fn(Net), TypeError,
-        r"linen_apply_fn: `model` must be a flax\.linen module instance, .*Hint: pass an instance",
-    ),
-    "freeze-string": (
-        lambda: training.freeze(optax.sgd(0.1), frozen="bn1"), TypeError,
-        r"freeze: `frozen` must be a collection of layer paths, got 'bn1'",
-    ),
-    "freeze-unknown-layer": (
-        lambda: training.create_train_state(
-            *plain_variables(), training.freeze(optax.sgd(0.1), frozen={"bn9"})
-        ),
-        ValueError, r"freeze: `frozen` names layers without parameters: \['bn9'\]; the"
-        r" parameters are \['bn/bias', 'bn/scale', 'dense', 'head'\]",
-    ),
-    "save-not-train-state": (
-        lambda: training.save_checkpoint("/nonexistent/x", {"params": {}}), TypeError,
-        r"save_checkpoint: `state` must be a bnjax\.training\.TrainState, got dict",
-    ),
-    "restore-like-not-train-state": (
-        lambda: training.restore_checkpoint("/nonexistent/x", like={}), TypeError,
-        r"restore_checkpoint: `like` must be a bnjax\.training\.TrainState, got dict",
-    ),
-    "restore-missing": (
-        lambda: training.restore_checkpoint(
-            "/nonexistent/x", like=training.create_train_state(*plain_variables(), optax.sgd(0.1))
-        ),
-        FileNotFoundError, r"restore_checkpoint: no checkpoint at /nonexistent/x: nothing there",
-    ),
+    FileNotFoundError,
+    r"restore_checkpoint: no checkpoint at /nonexistent/x: nothing there",
+  ),
 }
 
 

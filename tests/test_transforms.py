@@ -34,6 +34,7 @@ def _on_mesh(*arrays, spec=P("d")):
 
 def _synced(transform, x, params, stats, mask, **options):
   """Runs batch_norm with axis_name='d' over 8 shards of x (and mask) under `transform`."""
+
   def step(x, mask):
     return bnjax.batch_norm(x, params, stats, training=True, mask=mask, axis_name="d", **options)
 
@@ -41,12 +42,16 @@ def _synced(transform, x, params, stats, mask, **options):
     fn = jax.shard_map(step, mesh=MESH, in_specs=(P("d"), P("d")), out_specs=(P("d"), P()))
     y, new_stats = jax.jit(fn)(*_on_mesh(x, mask))
     return np.asarray(y), new_stats
-  split = lambda a: a.reshape((DEVICES, -1) + a.shape[1:])
-  mapped = {"pmap": functools.partial(jax.pmap, axis_name="d"),
-            "vmap": functools.partial(jax.vmap, axis_name="d")}[transform]
+  split = lambda a: a.reshape((DEVICES, -1, *a.shape[1:]))
+  mapped = {
+    "pmap": functools.partial(jax.pmap, axis_name="d"),
+    "vmap": functools.partial(jax.vmap, axis_name="d"),
+  }[transform]
   y, new_stats = mapped(step)(split(x), split(mask))
   for key in new_stats:  # every device holds the same statistics
-    np.testing.assert_array_equal(new_stats[key], jnp.broadcast_to(new_stats[key][0], new_stats[key].shape))
+    np.testing.assert_array_equal(
+      new_stats[key], jnp.broadcast_to(new_stats[key][0], new_stats[key].shape)
+    )
   return np.asarray(y).reshape(x.shape), jax.tree.map(lambda v: v[0], new_stats)
 
 
@@ -62,11 +67,13 @@ def test_transform_matrix_matches_global_oracle(transform, masked):
     run = lambda x, mask: bnjax.batch_norm(x, params, stats, training=True, mask=mask)
     y, new_stats = (jax.jit(run) if transform == "jit" else run)(x, mask)
   elif transform == "vmap-batches":  # no axis name: each of 4 batches is normalized on its own
-    batched = lambda a: a.reshape((4, -1) + a.shape[1:])
+    batched = lambda a: a.reshape((4, -1, *a.shape[1:]))
     run = jax.vmap(lambda x, m: bnjax.batch_norm(x, params, stats, training=True, mask=m))
     y, new_stats = run(batched(x), batched(mask))
     for i in range(4):
-      y_ref, stats_ref = oracle_batch_norm(batched(x)[i], params, stats, training=True, mask=batched(mask)[i])
+      y_ref, stats_ref = oracle_batch_norm(
+        batched(x)[i], params, stats, training=True, mask=batched(mask)[i]
+      )
       assert_close(y[i], y_ref, jnp.float32, N // 4)
       assert_close(new_stats["var"][i], stats_ref["var"], jnp.float32, N // 4)
     return
@@ -82,8 +89,9 @@ def test_uneven_counts_differ_from_a_mean_of_means():
   # The check above would pass for a mean of per-device means only if counts were equal.
   x, params, stats, mask = _global_case()
   shard_means = [
-      np.asarray(x[2 * d:2 * d + 2])[np.asarray(mask[2 * d:2 * d + 2, 0, 0, 0])].mean((0, 1, 2))
-      for d in range(DEVICES) if mask[2 * d:2 * d + 2].any()
+    np.asarray(x[2 * d : 2 * d + 2])[np.asarray(mask[2 * d : 2 * d + 2, 0, 0, 0])].mean((0, 1, 2))
+    for d in range(DEVICES)
+    if mask[2 * d : 2 * d + 2].any()
   ]
   _, new_stats = _synced("shard_map", x, params, stats, mask, momentum=0.0)
   exact = np.asarray(x)[np.asarray(mask[:, 0, 0, 0])].mean((0, 1, 2))
@@ -96,14 +104,21 @@ def test_axis_index_groups_normalize_each_group_alone():
   groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
 
   def step(x):
-    return bnjax.batch_norm(x, params, stats, training=True, axis_name="d", axis_index_groups=groups)
+    return bnjax.batch_norm(
+      x, params, stats, training=True, axis_name="d", axis_index_groups=groups
+    )
 
   fn = jax.shard_map(step, mesh=MESH, in_specs=P("d"), out_specs=(P("d"), P("d")))
   y, new_stats = jax.jit(fn)(*_on_mesh(x))
   for g, half in enumerate((slice(0, 8), slice(8, 16))):
     y_ref, stats_ref = oracle_batch_norm(x[half], params, stats, training=True)
     assert_close(np.asarray(y)[half], y_ref, jnp.float32, N // 2)
-    assert_close(np.asarray(new_stats["var"]).reshape(DEVICES, -1)[4 * g], stats_ref["var"], jnp.float32, N // 2)
+    assert_close(
+      np.asarray(new_stats["var"]).reshape(DEVICES, -1)[4 * g],
+      stats_ref["var"],
+      jnp.float32,
+      N // 2,
+    )
 
 
 def test_gradients_under_shard_map_equal_global_gradients():
@@ -115,13 +130,13 @@ def test_gradients_under_shard_map_equal_global_gradients():
     return jax.lax.psum(jnp.sum(y * dy), "d")
 
   sharded = jax.shard_map(
-      local_loss, mesh=MESH, in_specs=(P("d"), P(), P("d"), P("d")), out_specs=P()
+    local_loss, mesh=MESH, in_specs=(P("d"), P(), P("d"), P("d")), out_specs=P()
   )
   x_s, mask_s, dy_s = _on_mesh(x, mask, dy)
   params_s = jax.tree.map(lambda v: _on_mesh(v, spec=P())[0], params)
   grads = jax.jit(jax.grad(sharded, argnums=(0, 1)))(x_s, params_s, mask_s, dy_s)
   global_loss = lambda x, params: jnp.sum(
-      bnjax.batch_norm(x, params, stats, training=True, mask=mask)[0] * dy
+    bnjax.batch_norm(x, params, stats, training=True, mask=mask)[0] * dy
   )
   expected = jax.grad(global_loss, argnums=(0, 1))(x, params)
   assert_close(grads[0], expected[0], jnp.float32, N, "dx")
@@ -136,7 +151,7 @@ def _collectives(hlo: str) -> dict[str, int]:
 
 @pytest.mark.parametrize("training", [True, False, "traced"])
 def test_one_collective_in_training_none_in_eval(training):
-  x, params, stats, mask = _global_case()
+  x, params, stats, _mask = _global_case()
 
   def step(x, flag):
     flag = flag if training == "traced" else training

@@ -24,7 +24,7 @@ import sys
 import numpy as np
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf
 
 _CPU = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(_CPU, [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -47,10 +47,15 @@ def run_tf_v1_layers(spec, data):
     training = tf.compat.v1.placeholder(tf.bool, ())
     init = tf.compat.v1.constant_initializer
     y = tf.compat.v1.layers.batch_normalization(
-        x, training=training, name="bn",
-        gamma_initializer=init(data["scale"]), beta_initializer=init(data["bias"]),
-        moving_mean_initializer=init(data["mean"]),
-        moving_variance_initializer=init(data["var"]), **layer)
+      x,
+      training=training,
+      name="bn",
+      gamma_initializer=init(data["scale"]),
+      beta_initializer=init(data["bias"]),
+      moving_mean_initializer=init(data["mean"]),
+      moving_variance_initializer=init(data["var"]),
+      **layer,
+    )
     variables = {v.name.split("/")[-1].split(":")[0]: v for v in tf.compat.v1.global_variables()}
     gamma, beta = variables["gamma"], variables["beta"]
     grads = tf.gradients(y, [x, gamma, beta], grad_ys=dy)
@@ -97,6 +102,7 @@ def run_synchronized(spec, data, layers_module):
       size = spec["shape"][0] // replicas
       sl = slice(r * size, (r + 1) * size)
       return tf.constant(data["x"][i][sl], dtype), tf.constant(data["dy"][i][sl], dtype)
+
     return strategy.experimental_distribute_values_from_function(per_replica)
 
   @tf.function
@@ -106,19 +112,21 @@ def run_synchronized(spec, data, layers_module):
       with tf.GradientTape() as tape:
         tape.watch(x)
         y = layer(x, training=training)
-      return (y,) + tuple(tape.gradient(y, [x, gamma, beta], output_gradients=dy))
+      return (y, *tuple(tape.gradient(y, [x, gamma, beta], output_gradients=dy)))
+
     return strategy.run(fn, args=(inputs,))
 
   trace = {}
   for i in range(spec["steps"] + 1):
     is_training = i < spec["steps"]
     y, dx, dscale, dbias = (
-        [t.numpy() for t in strategy.experimental_local_results(v)]
-        for v in step(shards(i), is_training)  # a Python bool: Keras 3 wants one
+      [t.numpy() for t in strategy.experimental_local_results(v)]
+      for v in step(shards(i), is_training)  # a Python bool: Keras 3 wants one
     )
     prefix = f"step{i}" if is_training else "eval"
-    _record(trace, prefix, np.concatenate(y), np.concatenate(dx), np.sum(dscale, 0),
-            np.sum(dbias, 0))
+    _record(
+      trace, prefix, np.concatenate(y), np.concatenate(dx), np.sum(dscale, 0), np.sum(dbias, 0)
+    )
     if is_training:
       trace[f"{prefix}/mean"] = np.asarray(variables[2].numpy(), np.float64)
       trace[f"{prefix}/var"] = np.asarray(variables[3].numpy(), np.float64)
@@ -132,7 +140,7 @@ def main(directory):
   traces = {}
   for spec in specs:
     prefix = spec["id"] + "|"
-    data = {k[len(prefix):]: inputs[k] for k in inputs.files if k.startswith(prefix)}
+    data = {k[len(prefix) :]: inputs[k] for k in inputs.files if k.startswith(prefix)}
     if spec["reference"] == "tf_v1_layers":
       trace = run_tf_v1_layers(spec, data)
     elif spec["reference"] == "keras_sync":

@@ -25,10 +25,10 @@ import math
 import numpy as np
 
 EPS = {
-    "float64": float(np.finfo(np.float64).eps),
-    "float32": float(np.finfo(np.float32).eps),
-    "float16": float(np.finfo(np.float16).eps),
-    "bfloat16": 2.0**-7,
+  "float64": float(np.finfo(np.float64).eps),
+  "float32": float(np.finfo(np.float32).eps),
+  "float16": float(np.finfo(np.float16).eps),
+  "bfloat16": 2.0**-7,
 }
 
 # The accuracy target for the default variance at a large offset (the core issue's numerics
@@ -52,8 +52,13 @@ LARGE_OFFSET_VARIANCE_RTOL = 1e-5
 #   of n positive terms alone, a random walk of n roundings, is off by up to ~eps * sqrt(n) at
 #   any offset: 1.1e-6 at n = 128 even for exactly centred values rounded once (bound: 1.35e-6,
 #   ``sequential_sum_rtol``).
-FLOOR = {"y": 2e-6, "var": 1e-6, "var_adversarial": 1e-5, "mean_std": 1e-6,
-         "running": 2 * float(np.finfo(np.float32).eps)}
+FLOOR = {
+  "y": 2e-6,
+  "var": 1e-6,
+  "var_adversarial": 1e-5,
+  "mean_std": 1e-6,
+  "running": 2 * float(np.finfo(np.float32).eps),
+}
 
 
 def sequential_sum_rtol(n: int) -> float:
@@ -77,12 +82,17 @@ def assert_close(actual, expected, dtype, reduction_size: int = 1, what: str = "
   tol = tolerance(dtype, reduction_size)
   magnitude = max(1.0, float(np.abs(expected).max(initial=0.0)))
   np.testing.assert_allclose(
-      np.asarray(actual, np.float64), expected,
-      err_msg=what, rtol=tol["rtol"], atol=tol["atol"] * magnitude,
+    np.asarray(actual, np.float64),
+    expected,
+    err_msg=what,
+    rtol=tol["rtol"],
+    atol=tol["atol"] * magnitude,
   )
 
 
-def offset_atol(dtype, reduction_size: int, *, max_abs_output: float, offset_over_std: float) -> float:
+def offset_atol(
+  dtype, reduction_size: int, *, max_abs_output: float, offset_over_std: float
+) -> float:
   """Absolute tolerance on outputs for data at ``offset`` with standard deviation ``std``.
 
   Two errors add up. Statistics in float32 (or float64): x - mean is formed next to |offset|,
@@ -99,8 +109,8 @@ def offset_atol(dtype, reduction_size: int, *, max_abs_output: float, offset_ove
 # (1 - momentum) rounded from float64 differ, a few float32 ulps; the largest seen was 2.3e-5
 # at |y| ~ 90 (3 ulps) in evaluation outputs. bfloat16 outputs: one ulp (seen: identical).
 SAME_FORMULA = {
-    "float32": {"rtol": 1e-6, "atol": 1e-6},
-    "bfloat16": {"rtol": 8e-3, "atol": 8e-3},
+  "float32": {"rtol": 1e-6, "atol": 1e-6},
+  "bfloat16": {"rtol": 8e-3, "atol": 8e-3},
 }
 
 
@@ -119,7 +129,6 @@ def debiased_atol(steps: int, momentum: float, magnitude: float, reduction_size:
   eps = EPS["float32"]
   running = 4 * eps * min(steps, 1 / (1 - momentum)) / (1 - momentum**steps)
   return magnitude * (8 * eps * math.sqrt(reduction_size) + running)
-
 
 
 # bnjax against ANOTHER framework's batch norm (TensorFlow, Keras, PyTorch, Flax), fed the same

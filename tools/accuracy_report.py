@@ -26,11 +26,11 @@ from collections.abc import Callable
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import bnjax  # noqa: E402
+import bnjax
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHAPE = (64, 16, 16, 8)
@@ -57,11 +57,13 @@ def _flax(fast: bool):
   def run(x):
     import flax.linen as nn
 
-    bn = nn.BatchNorm(use_running_average=False, momentum=0.0, epsilon=EPSILON,
-                      use_fast_variance=fast)
+    bn = nn.BatchNorm(
+      use_running_average=False, momentum=0.0, epsilon=EPSILON, use_fast_variance=fast
+    )
     variables = bn.init(jax.random.key(0), x)
     y, updates = bn.apply(variables, x, mutable=["batch_stats"])
     return np.asarray(y), np.asarray(updates["batch_stats"]["var"])
+
   return run
 
 
@@ -70,8 +72,9 @@ def _torch(x):
 
   t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
   running_mean, running_var = torch.zeros(x.shape[-1]), torch.ones(x.shape[-1])
-  y = torch.nn.functional.batch_norm(t, running_mean, running_var, training=True, momentum=1.0,
-                                     eps=EPSILON)
+  y = torch.nn.functional.batch_norm(
+    t, running_mean, running_var, training=True, momentum=1.0, eps=EPSILON
+  )
   n = x.size // x.shape[-1]
   var = running_var.numpy().astype(np.float64) * (n - 1) / n
   return y.numpy().transpose(0, 2, 3, 1), var
@@ -94,12 +97,12 @@ def _keras(x):
 
 
 PEERS = (
-    Peer("bnjax (default)", "", _bnjax),
-    Peer("flax.linen, use_fast_variance=False", "flax", _flax(False)),
-    Peer("flax.linen, default (fast)", "flax", _flax(True)),
-    Peer("torch.nn.functional.batch_norm", "torch", _torch),
-    Peer("tf.nn.moments + batch_normalization", "tensorflow", _tf_nn),
-    Peer("keras.layers.BatchNormalization", "keras", _keras),
+  Peer("bnjax (default)", "", _bnjax),
+  Peer("flax.linen, use_fast_variance=False", "flax", _flax(False)),
+  Peer("flax.linen, default (fast)", "flax", _flax(True)),
+  Peer("torch.nn.functional.batch_norm", "torch", _torch),
+  Peer("tf.nn.moments + batch_normalization", "tensorflow", _tf_nn),
+  Peer("keras.layers.BatchNormalization", "keras", _keras),
 )
 
 
@@ -128,8 +131,10 @@ def _e(value: float) -> str:
 
 
 def table(results, ratios, which: int) -> list[str]:
-  lines = ["| library | " + " | ".join(f"{r:g}" for r in ratios) + " |",
-           "|---|" + "---|" * len(ratios)]
+  lines = [
+    "| library | " + " | ".join(f"{r:g}" for r in ratios) + " |",
+    "|---|" + "---|" * len(ratios),
+  ]
   for name, row in results.items():
     lines.append(f"| {name} | " + " | ".join(_e(e[which]) for e in row) + " |")
   return lines
@@ -137,9 +142,11 @@ def table(results, ratios, which: int) -> list[str]:
 
 def render(results, ratios) -> str:
   names = ["jax", "numpy", "flax", "torch", "tensorflow", "keras"]
-  versions = ", ".join(f"{n} {importlib.metadata.version(n)}" for n in names
-                       if importlib.util.find_spec(n))
-  return "\n".join([
+  versions = ", ".join(
+    f"{n} {importlib.metadata.version(n)}" for n in names if importlib.util.find_spec(n)
+  )
+  return "\n".join(
+    [
       "# Accuracy at large offsets, measured",
       "",
       "Written by `python tools/accuracy_report.py`; do not edit by hand. Every library",
@@ -164,7 +171,8 @@ def render(results, ratios) -> str:
       "",
       f"Measured on {platform.machine()} CPU, Python {platform.python_version()}, {versions}.",
       "",
-  ])
+    ]
+  )
 
 
 def plot(results, ratios, path: pathlib.Path) -> None:
@@ -177,8 +185,13 @@ def plot(results, ratios, path: pathlib.Path) -> None:
   for which, (ax, title) in enumerate(zip(axes, ["y", "batch variance"])):
     for name, row in results.items():
       floor = 1e-9  # an exact 0 drawn at the bottom of the log axis
-      ax.loglog(ratios, [max(e[which], floor) for e in row], marker="o", label=name,
-                linewidth=2.5 if name.startswith("bnjax") else 1.2)
+      ax.loglog(
+        ratios,
+        [max(e[which], floor) for e in row],
+        marker="o",
+        label=name,
+        linewidth=2.5 if name.startswith("bnjax") else 1.2,
+      )
     ax.set_xlabel("offset / std")
     ax.set_ylabel("relative error vs float64")
     ax.set_title(title)
@@ -191,10 +204,17 @@ def plot(results, ratios, path: pathlib.Path) -> None:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="three offsets; print the y table instead of writing the files")
-  parser.add_argument("--output", type=pathlib.Path, default=ROOT / "docs",
-                      help="folder for ACCURACY.md and accuracy.png (default: docs/)")
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="three offsets; print the y table instead of writing the files",
+  )
+  parser.add_argument(
+    "--output",
+    type=pathlib.Path,
+    default=ROOT / "docs",
+    help="folder for ACCURACY.md and accuracy.png (default: docs/)",
+  )
   args = parser.parse_args(argv)
   ratios = QUICK_RATIOS if args.quick else RATIOS
   results = measure(ratios)

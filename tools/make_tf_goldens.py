@@ -33,12 +33,12 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 GOLDENS = ROOT / "tests" / "goldens"
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
-
-import numpy as np  # noqa: E402
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 
 import live_frameworks as lf  # noqa: E402
+import numpy as np  # noqa: E402
 
 LIBRARIES = ("tensorflow", "keras", "tf_keras", "torch", "flax", "jax", "numpy")
 
@@ -56,15 +56,15 @@ def versions() -> dict[str, str]:
 def describe(case: lf.Case) -> dict:
   """The case's setup as JSON: what the stored trace was computed from."""
   return {
-      "reference": case.reference,
-      "layer": case.layer,
-      "shape": list(case.shape),
-      "dtype": case.dtype,
-      "mask": case.mask,
-      "training": case.training,
-      "replicas": case.replicas,
-      "offset": case.offset,
-      "convention": {k: v for k, v in dataclasses.asdict(case.convention).items()},
+    "reference": case.reference,
+    "layer": case.layer,
+    "shape": list(case.shape),
+    "dtype": case.dtype,
+    "mask": case.mask,
+    "training": case.training,
+    "replicas": case.replicas,
+    "offset": case.offset,
+    "convention": dict(dataclasses.asdict(case.convention).items()),
   }
 
 
@@ -79,9 +79,9 @@ def traces(cases: list[lf.Case]) -> dict[str, lf.Trace]:
 
 def build(cases: list[lf.Case]) -> tuple[dict, dict[str, np.ndarray]]:
   manifest = {
-      "generator": "python tools/make_tf_goldens.py",
-      "versions": versions(),
-      "cases": {c.id: describe(c) for c in cases},
+    "generator": "python tools/make_tf_goldens.py",
+    "versions": versions(),
+    "cases": {c.id: describe(c) for c in cases},
   }
   arrays = {}
   for case_id, trace in traces(cases).items():
@@ -94,9 +94,12 @@ def build(cases: list[lf.Case]) -> tuple[dict, dict[str, np.ndarray]]:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--check", action="store_true",
-                      help="compare the references' current traces with the stored goldens"
-                           " (to 1e-5) instead of writing them")
+  parser.add_argument(
+    "--check",
+    action="store_true",
+    help="compare the references' current traces with the stored goldens"
+    " (to 1e-5) instead of writing them",
+  )
   args = parser.parse_args(argv)
   manifest, arrays = build(lf.CASES)
   if args.check:
@@ -105,15 +108,19 @@ def main(argv=None) -> int:
     for key, value in arrays.items():
       if key not in stored.files or not np.allclose(stored[key], value, rtol=1e-5, atol=1e-5):
         bad.append(key)
-    print(f"{len(arrays) - len(bad)} of {len(arrays)} arrays match"
-          + (f"; differ: {bad}" if bad else ""))
+    print(
+      f"{len(arrays) - len(bad)} of {len(arrays)} arrays match"
+      + (f"; differ: {bad}" if bad else "")
+    )
     return 1 if bad else 0
   GOLDENS.mkdir(parents=True, exist_ok=True)
   np.savez_compressed(GOLDENS / "conventions.npz", **arrays)
   (GOLDENS / "conventions.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
   size = sum(p.stat().st_size for p in GOLDENS.iterdir())
-  print(f"wrote {len(manifest['cases'])} cases, {len(arrays)} arrays, {size / 1024:.0f} KiB"
-        f" to {GOLDENS}")
+  print(
+    f"wrote {len(manifest['cases'])} cases, {len(arrays)} arrays, {size / 1024:.0f} KiB"
+    f" to {GOLDENS}"
+  )
   return 0
 
 

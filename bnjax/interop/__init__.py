@@ -22,13 +22,24 @@ from typing import Any, NamedTuple
 from bnjax.conventions import Convention
 
 __all__ = [
-    "Converted", "from_torch", "to_torch", "to_state_dict", "from_keras", "to_keras",
-    "assign_to_keras",
+  "Converted",
+  "assign_to_keras",
+  "from_keras",
+  "from_torch",
+  "to_keras",
+  "to_state_dict",
+  "to_torch",
 ]
 
 # The converters, from their submodules on first use (neither imports its framework until called).
-_SUBMODULE = {"from_torch": "torch", "to_torch": "torch", "to_state_dict": "torch",
-              "from_keras": "keras", "to_keras": "keras", "assign_to_keras": "keras"}
+_SUBMODULE = {
+  "from_torch": "torch",
+  "to_torch": "torch",
+  "to_state_dict": "torch",
+  "from_keras": "keras",
+  "to_keras": "keras",
+  "assign_to_keras": "keras",
+}
 
 
 class Converted(NamedTuple):

@@ -43,10 +43,15 @@ from bnjax.interop import Converted
 
 __all__ = ["assign_to_keras", "from_keras", "to_keras"]
 
-_NAMES = (("gamma", "params", "scale"), ("beta", "params", "bias"),
-          ("moving_mean", "stats", "mean"), ("moving_variance", "stats", "var"),
-          ("moving_stddev", "stats", "stddev"), ("renorm_mean", "stats", "renorm_mean"),
-          ("renorm_stddev", "stats", "renorm_stddev"))
+_NAMES = (
+  ("gamma", "params", "scale"),
+  ("beta", "params", "bias"),
+  ("moving_mean", "stats", "mean"),
+  ("moving_variance", "stats", "var"),
+  ("moving_stddev", "stats", "stddev"),
+  ("renorm_mean", "stats", "renorm_mean"),
+  ("renorm_stddev", "stats", "renorm_stddev"),
+)
 _RENORM_WEIGHTS = ("moving_stddev", "renorm_mean", "renorm_stddev")
 _LIBRARIES = ("keras", "tf_keras")
 # Convention.extra options a Keras layer has arguments for (the rest raise in to_keras)
@@ -65,8 +70,12 @@ def _library(fn: str, layer: Any) -> str:
       root = cls.__module__.split(".")[0]
       if root in _LIBRARIES:
         return root
-  _fail(fn, f"`layer` must be a Keras 3 or tf_keras BatchNormalization, got"
-        f" {type(layer).__module__}.{type(layer).__name__}.", TypeError)
+  _fail(
+    fn,
+    f"`layer` must be a Keras 3 or tf_keras BatchNormalization, got"
+    f" {type(layer).__module__}.{type(layer).__name__}.",
+    TypeError,
+  )
 
 
 def _present(layer: Any, weight: str) -> bool:
@@ -113,20 +122,32 @@ def from_keras(layer: Any, *, adjustment: Any = None) -> Converted:
   fn = "from_keras"
   library = _library(fn, layer)
   if not layer.built:
-    _fail(fn, "`layer` is not built, so it has no weights yet. Hint: call it on an input once,"
-          " or `layer.build(input_shape)`.")
+    _fail(
+      fn,
+      "`layer` is not built, so it has no weights yet. Hint: call it on an input once,"
+      " or `layer.build(input_shape)`.",
+    )
   has_adjustment = getattr(layer, "adjustment", None) is not None
   if has_adjustment and adjustment is None:
-    _fail(fn, "`layer.adjustment` is a TensorFlow function, not a weight, so it cannot be"
-          " converted. Hint: pass a JAX function that computes the same (scale, bias) from the"
-          " input's shape, `from_keras(layer, adjustment=fn)`; the convention gives it to"
-          " bnjax.batch_norm as `adjustment=fn` (training only).")
+    _fail(
+      fn,
+      "`layer.adjustment` is a TensorFlow function, not a weight, so it cannot be"
+      " converted. Hint: pass a JAX function that computes the same (scale, bias) from the"
+      " input's shape, `from_keras(layer, adjustment=fn)`; the convention gives it to"
+      " bnjax.batch_norm as `adjustment=fn` (training only).",
+    )
   if adjustment is not None and not has_adjustment:
-    _fail(fn, f"`adjustment` is given, but the {library} layer has none (layer.adjustment is"
-          " None). Hint: leave it out.")
+    _fail(
+      fn,
+      f"`adjustment` is given, but the {library} layer has none (layer.adjustment is"
+      " None). Hint: leave it out.",
+    )
   if adjustment is not None and not callable(adjustment):
-    _fail(fn, f"`adjustment` must be a callable shape -> (scale, bias), got"
-          f" {type(adjustment).__name__}.", TypeError)
+    _fail(
+      fn,
+      f"`adjustment` must be a callable shape -> (scale, bias), got {type(adjustment).__name__}.",
+      TypeError,
+    )
   params, stats = {}, {}
   for weight, tree, key in _NAMES:
     if _present(layer, weight):
@@ -141,27 +162,40 @@ def from_keras(layer: Any, *, adjustment: Any = None) -> Converted:
     axis = tuple(int(a) - shift for a in axis)
     axis = tuple(a - rank if a == rank - 1 else a for a in axis)
     axis = axis[0] if len(axis) == 1 else axis
-  common = {"axis": axis, "momentum": float(layer.momentum), "epsilon": float(layer.epsilon),
-            "synchronized": bool(getattr(layer, "synchronized", False))}
+  common = {
+    "axis": axis,
+    "momentum": float(layer.momentum),
+    "epsilon": float(layer.epsilon),
+    "synchronized": bool(getattr(layer, "synchronized", False)),
+  }
   if getattr(layer, "renorm", False):
-    common.update(renorm=True, renorm_clipping=_clipping(layer.renorm_clipping),
-                  renorm_momentum=float(layer.renorm_momentum))
+    common.update(
+      renorm=True,
+      renorm_clipping=_clipping(layer.renorm_clipping),
+      renorm_momentum=float(layer.renorm_momentum),
+    )
   if library == "keras":
     convention = conventions.keras(**common)
   else:
     convention = conventions.tf_keras(
-        fused=bool(layer.fused), adjustment=adjustment,
-        virtual_batch_size=None if virtual_batch_size is None else int(virtual_batch_size),
-        **common)
+      fused=bool(layer.fused),
+      adjustment=adjustment,
+      virtual_batch_size=None if virtual_batch_size is None else int(virtual_batch_size),
+      **common,
+    )
   return Converted(params, stats, convention)
 
 
-def _keras_arguments(fn: str, convention: Convention, library: str,
-                     adjustment: Any) -> dict[str, Any]:
+def _keras_arguments(
+  fn: str, convention: Convention, library: str, adjustment: Any
+) -> dict[str, Any]:
   """The BatchNormalization arguments that reproduce ``convention``, or an error saying why not."""
   if not isinstance(convention, Convention):
-    _fail(fn, "`convention` must be a bnjax.conventions.Convention, got"
-          f" {type(convention).__name__}.", TypeError)
+    _fail(
+      fn,
+      f"`convention` must be a bnjax.conventions.Convention, got {type(convention).__name__}.",
+      TypeError,
+    )
   options = convention.options()
   extra = dict(convention.extra)
   problems = []
@@ -175,8 +209,9 @@ def _keras_arguments(fn: str, convention: Convention, library: str,
   if not extra.get("renorm") and ({"renorm_clipping", "renorm_momentum"} & set(extra)):
     problems.append("renorm_clipping or renorm_momentum without renorm=True")
   if library == "keras":
-    problems += [f"{k} (Keras 3 has no such argument; tf_keras has)"
-                 for k in _TF_KERAS_ONLY if k in extra]
+    problems += [
+      f"{k} (Keras 3 has no such argument; tf_keras has)" for k in _TF_KERAS_ONLY if k in extra
+    ]
   axis = options["axis"]
   if isinstance(axis, tuple) and len(axis) == 1:
     axis = axis[0]
@@ -184,43 +219,59 @@ def _keras_arguments(fn: str, convention: Convention, library: str,
     problems.append(f"axis={axis} (Keras 3 takes one feature axis; tf_keras takes several)")
   unbiased = options["running_variance"] == "unbiased"
   if unbiased and library == "keras":
-    problems.append("running_variance='unbiased' (Keras 3 stores the biased variance; tf_keras"
-                    " with fused=True stores the unbiased one)")
+    problems.append(
+      "running_variance='unbiased' (Keras 3 stores the biased variance; tf_keras"
+      " with fused=True stores the unbiased one)"
+    )
   synchronized = options["variance"] == "fast"
   if synchronized and unbiased:
     problems.append("variance='fast' (synchronized) with the unbiased running variance")
   features = sorted(set(extra) & set(_FEATURES))
   if unbiased and features and library == "tf_keras":
-    problems.append(f"running_variance='unbiased' with {features} (tf_keras stores the unbiased"
-                    " variance only when fused, and it never fuses with them)")
+    problems.append(
+      f"running_variance='unbiased' with {features} (tf_keras stores the unbiased"
+      " variance only when fused, and it never fuses with them)"
+    )
   if library == "tf_keras" and "adjustment" in extra and adjustment is None:
-    problems.append("adjustment without its TensorFlow version (the convention's is a JAX"
-                    " function; pass the TensorFlow one as `to_keras(..., adjustment=tf_fn)`)")
+    problems.append(
+      "adjustment without its TensorFlow version (the convention's is a JAX"
+      " function; pass the TensorFlow one as `to_keras(..., adjustment=tf_fn)`)"
+    )
   if problems:
     _fail(fn, f"{library} BatchNormalization cannot reproduce {', '.join(problems)}.")
   if adjustment is not None and "adjustment" not in extra:
-    _fail(fn, "`adjustment` is given, but the convention has none. Hint: leave it out, or give"
-          " the convention its JAX version (`convention.replace(extra={..., 'adjustment': fn})`).")
-  arguments = {"axis": list(axis) if isinstance(axis, tuple) else axis,
-               "momentum": options["momentum"], "epsilon": options["epsilon"],
-               "synchronized": synchronized}
+    _fail(
+      fn,
+      "`adjustment` is given, but the convention has none. Hint: leave it out, or give"
+      " the convention its JAX version (`convention.replace(extra={..., 'adjustment': fn})`).",
+    )
+  arguments = {
+    "axis": list(axis) if isinstance(axis, tuple) else axis,
+    "momentum": options["momentum"],
+    "epsilon": options["epsilon"],
+    "synchronized": synchronized,
+  }
   if extra.get("renorm"):
-    arguments.update(renorm=True, renorm_clipping=extra.get("renorm_clipping"),
-                     renorm_momentum=extra.get("renorm_momentum", 0.99))
+    arguments.update(
+      renorm=True,
+      renorm_clipping=extra.get("renorm_clipping"),
+      renorm_momentum=extra.get("renorm_momentum", 0.99),
+    )
   if library == "tf_keras":
-    arguments.update(fused=unbiased, virtual_batch_size=extra.get("virtual_batch_size"),
-                     adjustment=adjustment)
+    arguments.update(
+      fused=unbiased, virtual_batch_size=extra.get("virtual_batch_size"), adjustment=adjustment
+    )
   return arguments
 
 
 def to_keras(
-    params: dict[str, Any],
-    stats: dict[str, Any],
-    convention: Convention,
-    *,
-    input_shape: tuple[int | None, ...],
-    library: str = "keras",
-    adjustment: Any = None,
+  params: dict[str, Any],
+  stats: dict[str, Any],
+  convention: Convention,
+  *,
+  input_shape: tuple[int | None, ...],
+  library: str = "keras",
+  adjustment: Any = None,
 ) -> Any:
   """A new, built ``BatchNormalization`` of ``library`` ('keras' or 'tf_keras') holding
   ``params`` and ``stats`` and reproducing ``convention``.
@@ -266,19 +317,28 @@ def assign_to_keras(layer: Any, params: dict[str, Any], stats: dict[str, Any]) -
     source = params if tree == "params" else stats
     has_weight, has_value = _present(layer, weight), key in source
     if has_weight != has_value:
-      hint = (" Hint: renorm=True layers hold moving_stddev, renorm_mean and renorm_stddev, which"
-              " are the stats 'stddev', 'renorm_mean' and 'renorm_stddev' of"
-              " `bnjax.init(C, renorm=True)`." if weight in _RENORM_WEIGHTS else
-              " Hint: Keras' center=False drops beta (bias), scale=False drops gamma (scale).")
-      _fail(fn, f"`{tree}` {'lacks' if has_weight else 'has'} '{key}' but the layer"
-            f" {'has' if has_weight else 'has no'} `{weight}`." + hint)
+      hint = (
+        " Hint: renorm=True layers hold moving_stddev, renorm_mean and renorm_stddev, which"
+        " are the stats 'stddev', 'renorm_mean' and 'renorm_stddev' of"
+        " `bnjax.init(C, renorm=True)`."
+        if weight in _RENORM_WEIGHTS
+        else " Hint: Keras' center=False drops beta (bias), scale=False drops gamma (scale)."
+      )
+      _fail(
+        fn,
+        f"`{tree}` {'lacks' if has_weight else 'has'} '{key}' but the layer"
+        f" {'has' if has_weight else 'has no'} `{weight}`." + hint,
+      )
     if not has_weight:
       continue
     variable = getattr(layer, weight)
     value = np.asarray(source[key])
     shape, stored = _feature_shape(layer, variable), tuple(int(d) for d in variable.shape)
     if tuple(value.shape) != shape:
-      _fail(fn, f"`{tree}['{key}']` has shape {tuple(value.shape)}, the layer's `{weight}` has"
-            f" {shape}" + ("" if stored == shape else f" (stored as {stored})") + ".")
+      _fail(
+        fn,
+        f"`{tree}['{key}']` has shape {tuple(value.shape)}, the layer's `{weight}` has"
+        f" {shape}" + ("" if stored == shape else f" (stored as {stored})") + ".",
+      )
     dtype = getattr(variable.dtype, "name", variable.dtype)  # tf.DType (tf_keras) or str (Keras 3)
     variable.assign(value.reshape(stored).astype(np.dtype(dtype)))

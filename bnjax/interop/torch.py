@@ -28,10 +28,14 @@ from bnjax import _checks, conventions
 from bnjax.conventions import Convention
 from bnjax.interop import Converted
 
-__all__ = ["from_torch", "to_torch", "to_state_dict"]
+__all__ = ["from_torch", "to_state_dict", "to_torch"]
 
-_NAMES = (("weight", "params", "scale"), ("bias", "params", "bias"),
-          ("running_mean", "stats", "mean"), ("running_var", "stats", "var"))
+_NAMES = (
+  ("weight", "params", "scale"),
+  ("bias", "params", "bias"),
+  ("running_mean", "stats", "mean"),
+  ("running_var", "stats", "var"),
+)
 _MODULES = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
 _INT32_MAX = np.iinfo(np.int32).max
 
@@ -61,11 +65,11 @@ def _to_torch(value: Any) -> Any:
 
 
 def from_torch(
-    module_or_state_dict: Any,
-    *,
-    prefix: str = "",
-    momentum: float | None = 0.1,
-    eps: float = 1e-5,
+  module_or_state_dict: Any,
+  *,
+  prefix: str = "",
+  momentum: float | None = 0.1,
+  eps: float = 1e-5,
 ) -> Converted:
   """A torch BatchNorm module, or its entries in a state dict, as bnjax params, stats, convention.
 
@@ -82,26 +86,40 @@ def from_torch(
   if isinstance(module_or_state_dict, torch.nn.Module):
     module = module_or_state_dict
     if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-      _fail(fn, f"`module_or_state_dict` must be a torch BatchNorm module or a state dict, got"
-            f" {type(module).__name__}.", TypeError)
+      _fail(
+        fn,
+        f"`module_or_state_dict` must be a torch BatchNorm module or a state dict, got"
+        f" {type(module).__name__}.",
+        TypeError,
+      )
     if not module.track_running_stats:
-      _fail(fn, "the module has track_running_stats=False, so no running statistics: it always"
-            " normalizes with batch statistics. Hint: bnjax.batch_norm(..., training=True,"
-            " update_stats=False) does the same.")
+      _fail(
+        fn,
+        "the module has track_running_stats=False, so no running statistics: it always"
+        " normalizes with batch statistics. Hint: bnjax.batch_norm(..., training=True,"
+        " update_stats=False) does the same.",
+      )
     if prefix:
       _fail(fn, f"`prefix` is for state dicts, got prefix={prefix!r} with a module.")
     momentum, eps = module.momentum, module.eps
     state = module.state_dict()
   elif isinstance(module_or_state_dict, Mapping):
-    state = {k[len(prefix):]: v for k, v in module_or_state_dict.items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in module_or_state_dict.items() if k.startswith(prefix)}
     unknown = sorted(set(state) - {n for n, _, _ in _NAMES} - {"num_batches_tracked"})
     if unknown:
-      _fail(fn, f"the state dict has unexpected keys under prefix {prefix!r}:"
-            f" {[prefix + k for k in unknown]}. Hint: the prefix should end at the BatchNorm"
-            " module, e.g. 'layer1.bn1.'.")
+      _fail(
+        fn,
+        f"the state dict has unexpected keys under prefix {prefix!r}:"
+        f" {[prefix + k for k in unknown]}. Hint: the prefix should end at the BatchNorm"
+        " module, e.g. 'layer1.bn1.'.",
+      )
   else:
-    _fail(fn, f"`module_or_state_dict` must be a torch BatchNorm module or a state dict, got"
-          f" {type(module_or_state_dict).__name__}.", TypeError)
+    _fail(
+      fn,
+      f"`module_or_state_dict` must be a torch BatchNorm module or a state dict, got"
+      f" {type(module_or_state_dict).__name__}.",
+      TypeError,
+    )
 
   missing = [prefix + k for k in ("running_mean", "running_var") if k not in state]
   if ("weight" in state) != ("bias" in state):
@@ -128,8 +146,11 @@ def to_state_dict(params: dict[str, Any], stats: dict[str, Any], *, prefix: str 
   import torch
 
   if ("scale" in params) != ("bias" in params):
-    _fail(fn, f"PyTorch's affine parameters come in pairs: `params` has only"
-          f" {sorted(params)}. Hint: add the missing one (scale 1 or bias 0).")
+    _fail(
+      fn,
+      f"PyTorch's affine parameters come in pairs: `params` has only"
+      f" {sorted(params)}. Hint: add the missing one (scale 1 or bias 0).",
+    )
   missing = [k for k in ("mean", "var") if k not in stats]
   if missing:
     _fail(fn, f"`stats` lacks {missing}.")
@@ -145,8 +166,11 @@ def to_state_dict(params: dict[str, Any], stats: dict[str, Any], *, prefix: str 
 
 def _torch_arguments(fn: str, convention: Convention, ndim: int) -> dict[str, Any]:
   if not isinstance(convention, Convention):
-    _fail(fn, "`convention` must be a bnjax.conventions.Convention, got"
-          f" {type(convention).__name__}.", TypeError)
+    _fail(
+      fn,
+      f"`convention` must be a bnjax.conventions.Convention, got {type(convention).__name__}.",
+      TypeError,
+    )
   if ndim not in _MODULES:
     _fail(fn, f"`ndim` (the input's rank) must be 2, 3, 4 or 5, got {ndim!r}.")
   options = convention.options()
@@ -165,7 +189,7 @@ def _torch_arguments(fn: str, convention: Convention, ndim: int) -> dict[str, An
 
 
 def to_torch(
-    params: dict[str, Any], stats: dict[str, Any], convention: Convention, *, ndim: int
+  params: dict[str, Any], stats: dict[str, Any], convention: Convention, *, ndim: int
 ) -> Any:
   """A new ``torch.nn.BatchNorm1d/2d/3d`` (by the input rank ``ndim``) holding ``params`` and
   ``stats`` (dtypes kept) and reproducing ``convention``; raises for what PyTorch cannot
