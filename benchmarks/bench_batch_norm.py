@@ -455,6 +455,15 @@ def _has(module: str) -> bool:
   return importlib.util.find_spec(module) is not None
 
 
+PEER_PACKAGES = ("flax", "torch", "tensorflow", "keras")
+PEER_INSTALL = "pip install -e '.[flax,tf,torch]' --group bench -c constraints.txt"
+
+
+def missing_peers() -> list[str]:
+  """The peers' packages that are not installed: their columns read n/a."""
+  return [package for package in PEER_PACKAGES if not _has(package)]
+
+
 # --- orchestration -----------------------------------------------------------------------------
 
 
@@ -462,15 +471,19 @@ def environment(config: Config) -> dict[str, str]:
   import _common
   import jax
 
-  versions = []
-  for package in ("flax", "torch", "tensorflow", "keras"):
-    if _has(package):
+  versions, missing = [], missing_peers()
+  for package in PEER_PACKAGES:
+    if package not in missing:
       import importlib.metadata
 
       versions.append(f"{package} {importlib.metadata.version(package)}")
   env = _common.environment(
     config,
-    **{"malloc env": _common.malloc_env_row(), "peers": ", ".join(versions) or "(none installed)"},
+    **{
+      "malloc env": _common.malloc_env_row(),
+      "peers": ", ".join(versions) or "(none installed)",
+      "peers missing (n/a)": ", ".join(missing) or "none",
+    },
   )
   if jax.devices()[0].platform == "gpu":
     env["device"] += f", {jax.devices()[0].device_kind}"
@@ -754,6 +767,12 @@ def main(argv=None) -> int:
       return status
   import jax
 
+  if missing_peers():
+    print(
+      f"bench_batch_norm: not installed, so their columns read n/a: {', '.join(missing_peers())}."
+      f" Install them with: {PEER_INSTALL}",
+      file=sys.stderr,
+    )
   on_gpu = jax.devices()[0].platform == "gpu"
   config = (
     Config(rounds=2, reps=2, warmup=1, quick=True)

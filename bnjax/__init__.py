@@ -14,7 +14,22 @@ loop ``bnjax.training`` and the checks in ``bnjax.diagnostics``.
 from bnjax import conventions, fold
 from bnjax._core import batch_norm, init
 from bnjax._stats import moments
+from bnjax._types import Backward, OnNonfinite, Params, RunningVariance, Stats, Variance, ZeroDebias
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "batch_norm", "conventions", "fold", "init", "moments"]
+__all__ = [
+  "Backward",
+  "OnNonfinite",
+  "Params",
+  "RunningVariance",
+  "Stats",
+  "Variance",
+  "ZeroDebias",
+  "__version__",
+  "batch_norm",
+  "conventions",
+  "fold",
+  "init",
+  "moments",
+]

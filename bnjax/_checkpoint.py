@@ -116,7 +116,7 @@ def _publish(staged: pathlib.Path, path: pathlib.Path) -> None:
     os.replace(staged, path)
 
 
-def save(fn: str, path: pathlib.Path, state: Any, *, overwrite: bool) -> pathlib.Path:
+def save(fn: str, path: str | os.PathLike, state: Any, *, overwrite: bool) -> pathlib.Path:
   import orbax.checkpoint as ocp  # on first use: ~1 s to import, and many loops never save
 
   path = pathlib.Path(path).absolute()
@@ -180,7 +180,7 @@ def _compare(fn: str, path, manifest: dict, like: Any, *, cast: bool) -> None:
     )
 
 
-def restore(fn: str, path: pathlib.Path, like: Any, *, cast: bool) -> Any:
+def restore(fn: str, path: str | os.PathLike, like: Any, *, cast: bool) -> Any:
   import orbax.checkpoint as ocp
 
   path = pathlib.Path(path).absolute()
@@ -211,7 +211,7 @@ def restore(fn: str, path: pathlib.Path, like: Any, *, cast: bool) -> Any:
 
   def target(path_, leaf):
     struct = ocp.utils.to_shape_dtype_struct(leaf)
-    if manifest is None:
+    if manifest is None or not isinstance(struct, jax.ShapeDtypeStruct):
       return struct
     saved = np.dtype(manifest["arrays"][entry_name(path_)]["dtype"])
     return jax.ShapeDtypeStruct(struct.shape, saved, sharding=struct.sharding)

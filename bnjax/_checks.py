@@ -8,24 +8,30 @@ raised while tracing, before anything runs. Messages follow one pattern:
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn, TypeVar, cast, get_args
 
 import jax
+import jax.core as jax_core
 import jax.numpy as jnp
 import numpy as np
 
+from bnjax import _types
+
 PARAM_KEYS = ("scale", "bias")
 REQUIRED_STAT_KEYS = ("mean", "var")
-VARIANCE_ALGORITHMS = ("auto", "two_pass", "shifted", "fast")
-RUNNING_VARIANCES = ("biased", "unbiased")
 RENORM_STAT_KEYS = ("renorm_mean", "renorm_stddev", "stddev")
 CLIPPING_KEYS = ("rmin", "rmax", "dmax")
-ZERO_DEBIAS = ("mean", "mean_and_var")
-ON_NONFINITE = ("keep", "propagate", "raise")
+VARIANCE_ALGORITHMS: tuple[_types.Variance, ...] = get_args(_types.Variance)
+RUNNING_VARIANCES: tuple[_types.RunningVariance, ...] = get_args(_types.RunningVariance)
+BACKWARDS: tuple[_types.Backward, ...] = get_args(_types.Backward)
+ZERO_DEBIAS: tuple[_types.ZeroDebias, ...] = get_args(_types.ZeroDebias)
+ON_NONFINITE: tuple[_types.OnNonfinite, ...] = get_args(_types.OnNonfinite)
+
+_Choice = TypeVar("_Choice", bound=str)
 
 
-def fail(fn: str, message: str, error: type[Exception] = ValueError):
+def fail(fn: str, message: str, error: type[Exception] = ValueError) -> NoReturn:
   raise error(f"bnjax.{fn}: {message}")
 
 
@@ -71,7 +77,7 @@ def canonical_axes(fn: str, name: str, axes: Any, ndim: int) -> tuple[int, ...]:
         f"`{name}` must be an int or a tuple of ints, got {axes!r}.",
         TypeError,
       )
-  bad = [int(a) for a in as_tuple if not -ndim <= a < ndim]
+  bad = [int(a) for a in as_tuple if not -ndim <= int(a) < ndim]
   if bad:
     fail(
       fn,
@@ -113,7 +119,7 @@ def _feature_array(
   return value
 
 
-def params(fn: str, params: Any, feature_shape: tuple[int, ...]) -> dict[str, jax.Array]:
+def params(fn: str, params: Any, feature_shape: tuple[int, ...]) -> _types.Params:
   if not isinstance(params, Mapping):
     fail(
       fn,
@@ -127,12 +133,13 @@ def params(fn: str, params: Any, feature_shape: tuple[int, ...]) -> dict[str, ja
       f"`params` has unknown keys {unknown}; expected only {PARAM_KEYS} (Flax's names)."
       " Hint: Keras' gamma/beta are scale/bias; leave a key out to disable it.",
     )
-  return {k: _feature_array(fn, f"params['{k}']", v, feature_shape) for k, v in params.items()}
+  checked = {k: _feature_array(fn, f"params['{k}']", v, feature_shape) for k, v in params.items()}
+  return cast(_types.Params, checked)
 
 
 def stats(
   fn: str, stats: Any, feature_shape: tuple[int, ...], *, need_count: bool, need_renorm: bool
-) -> dict[str, Any]:
+) -> _types.Stats:
   if not isinstance(stats, Mapping):
     fail(
       fn,
@@ -176,13 +183,13 @@ def stats(
       f" updates so far in `stats['count']`, got stats with keys {sorted(stats)}."
       " Hint: `bnjax.init(num_features, track_count=True)`.",
     )
-  return checked
+  return cast(_types.Stats, checked)
 
 
 def momentum(fn: str, momentum: Any, *, name: str = "momentum") -> float | None:
   if momentum is None and name == "momentum":
     return None
-  if isinstance(momentum, jax.core.Tracer):
+  if isinstance(momentum, jax_core.Tracer):
     fail(
       fn,
       f"`{name}` must be a Python float, got a traced value ({momentum!r}). It is a"
@@ -193,6 +200,7 @@ def momentum(fn: str, momentum: Any, *, name: str = "momentum") -> float | None:
   if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
     allowed = " or None" if name == "momentum" else ""
     fail(fn, f"`{name}` must be a float in [0, 1){allowed}, got {momentum!r}.", TypeError)
+  momentum = float(momentum)
   if not 0.0 <= momentum < 1.0:
     hint = (
       f" Hint: bnjax weighs the old value (Keras/Flax); PyTorch's momentum={momentum} is"
@@ -201,12 +209,21 @@ def momentum(fn: str, momentum: Any, *, name: str = "momentum") -> float | None:
       else ""
     )
     fail(fn, f"`{name}` must be in [0, 1), got {momentum}.{hint}")
-  return float(momentum)
+  return momentum
+
+
+def float_momentum(fn: str, value: Any, *, name: str) -> float:
+  """Like ``momentum``, where None (the cumulative average) has no meaning."""
+  checked = momentum(fn, value, name=name)
+  if checked is None:
+    fail(fn, f"`{name}` must be a float in [0, 1), got None.", TypeError)
+  return checked
 
 
 def epsilon(fn: str, epsilon: Any) -> float:
   if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
     fail(fn, f"`epsilon` must be a non-negative float, got {epsilon!r}.", TypeError)
+  epsilon = float(epsilon)
   if not epsilon >= 0.0:
     fail(fn, f"`epsilon` must be >= 0, got {epsilon}.")
   if not np.isfinite(epsilon):
@@ -216,10 +233,11 @@ def epsilon(fn: str, epsilon: Any) -> float:
       " output to `bias`. Hint: batch norm's epsilon is small, 1e-5 (Flax, PyTorch) or 1e-3"
       " (Keras).",
     )
-  return float(epsilon)
+  return epsilon
 
 
-def choice(fn: str, name: str, value: Any, choices: tuple[str, ...]) -> str:
+def choice(fn: str, name: str, value: Any, choices: tuple[_Choice, ...]) -> _Choice:
+  """``value`` if it is one of ``choices`` (a ``Literal``'s arguments), or raises."""
   if value not in choices:
     fail(fn, f"`{name}` must be one of {choices}, got {value!r}.")
   return value
@@ -243,7 +261,7 @@ def training(fn: str, training: Any) -> bool | jax.Array:
     and training.shape == ()
   ):
     # Only a traced flag needs lax.cond; a concrete one picks its branch now.
-    return training if isinstance(training, jax.core.Tracer) else bool(training)
+    return training if isinstance(training, jax_core.Tracer) else bool(training)
   got = f"{training.dtype}{list(training.shape)}" if hasattr(training, "dtype") else repr(training)
   fail(
     fn,
@@ -326,7 +344,7 @@ def axis_name(
 def num_features(fn: str, num_features: Any) -> tuple[int, ...]:
   shape = tuple(num_features) if isinstance(num_features, Sequence) else (num_features,)
   if not shape or not all(
-    isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in shape
+    isinstance(n, numbers.Integral) and not isinstance(n, bool) and int(n) > 0 for n in shape
   ):
     fail(fn, f"`num_features` must be a positive int or a tuple of them, got {num_features!r}.")
   return tuple(int(n) for n in shape)
@@ -453,13 +471,14 @@ def renorm_clipping(fn: str, clipping: Any, renorm: bool) -> dict[str, float]:
       continue
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
       fail(fn, f"`renorm_clipping['{key}']` must be a number, got {value!r}.", TypeError)
+    value = float(value)
     if np.isnan(value):
       fail(
         fn,
         f"`renorm_clipping['{key}']` must be a number, got nan. Hint: leave the key out"
         " (or pass inf) for no bound.",
       )
-    bounds[key] = float(value)
+    bounds[key] = value
   rmin, rmax, dmax = (bounds.get(k) for k in CLIPPING_KEYS)
   if (rmin is not None and rmin <= 0) or (rmax is not None and rmax <= 0):
     fail(fn, f"`renorm_clipping` needs rmin, rmax > 0, got {clipping}.")
@@ -470,10 +489,12 @@ def renorm_clipping(fn: str, clipping: Any, renorm: bool) -> dict[str, float]:
   return bounds
 
 
-def zero_debias(fn: str, value: Any, *, momentum: float | None, renorm: bool) -> str | None:
+def zero_debias(
+  fn: str, value: Any, *, momentum: float | None, renorm: bool
+) -> _types.ZeroDebias | None:
   if value is None:
     return None
-  choice(fn, "zero_debias", value, ZERO_DEBIAS)
+  value = choice(fn, "zero_debias", value, ZERO_DEBIAS)
   if momentum is None:
     fail(
       fn,
@@ -519,7 +540,10 @@ def virtual_batch_size(
   return int(size)
 
 
-def adjustment(fn: str, adjustment: Any, *, virtual_batch_size: int | None):
+Adjustment = Callable[[tuple[int, ...]], tuple[Any, Any]]
+
+
+def adjustment(fn: str, adjustment: Any, *, virtual_batch_size: int | None) -> Adjustment | None:
   if adjustment is not None and virtual_batch_size is not None:
     fail(fn, "`adjustment` with `virtual_batch_size` is not supported (tf_keras rejects it too).")
   if adjustment is not None and not callable(adjustment):
@@ -528,4 +552,4 @@ def adjustment(fn: str, adjustment: Any, *, virtual_batch_size: int | None):
       f"`adjustment` must be a callable shape -> (scale, bias), got {type(adjustment).__name__}.",
       TypeError,
     )
-  return adjustment
+  return cast("Adjustment | None", adjustment)

@@ -12,11 +12,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike, DTypeLike
 
 from bnjax import _checks, _normalize, _renorm, _running, _stats
-
-Params = dict[str, jax.Array]  # {'scale': (*F,), 'bias': (*F,)}, either may be absent
-Stats = dict[str, jax.Array]  # {'mean': (*F,), 'var': (*F,)} (+ 'count': int32[] if tracked)
+from bnjax._types import Backward, OnNonfinite, Params, RunningVariance, Stats, Variance, ZeroDebias
 
 
 def init(
@@ -24,7 +23,7 @@ def init(
   *,
   use_scale: bool = True,
   use_bias: bool = True,
-  dtype: Any = jnp.float32,
+  dtype: DTypeLike = jnp.float32,
   track_count: bool = False,
   renorm: bool = False,
 ) -> tuple[Params, Stats]:
@@ -47,17 +46,17 @@ def init(
   """
   shape = _checks.num_features("init", num_features)
   _checks.floating_dtype("init", "dtype", dtype)
-  params = {}
+  params: Params = {}
   if use_scale:
     params["scale"] = jnp.ones(shape, dtype)
   if use_bias:
     params["bias"] = jnp.zeros(shape, dtype)
   stat_dtype = _stats.stat_dtype(dtype)
-  stats = {"mean": jnp.zeros(shape, stat_dtype), "var": jnp.ones(shape, stat_dtype)}
+  stats: Stats = {"mean": jnp.zeros(shape, stat_dtype), "var": jnp.ones(shape, stat_dtype)}
   if track_count:
     stats["count"] = jnp.zeros((), jnp.int32)
   if renorm:
-    stats |= _renorm.init_stats(shape, stat_dtype)
+    stats = _renorm.add_init_stats(stats)
   return params, stats
 
 
@@ -68,8 +67,9 @@ def _then(inner_scale, inner_offset, scale, offset):
   return inner_scale, inner_offset if offset is None else inner_offset + offset
 
 
+@jax.named_scope("bnjax.batch_norm")  # names its ops in HLO dumps and profiles
 def batch_norm(
-  x: jax.Array,
+  x: ArrayLike,
   params: Params,
   stats: Stats,
   *,
@@ -78,20 +78,20 @@ def batch_norm(
   momentum: float | None = 0.99,
   epsilon: float = 1e-5,
   update_stats: bool = True,
-  running_variance: str = "biased",
-  variance: str = "auto",
-  mask: jax.Array | None = None,
+  running_variance: RunningVariance = "biased",
+  variance: Variance = "auto",
+  mask: ArrayLike | None = None,
   axis_name: Any = None,
   axis_index_groups: Any = None,
-  dtype: Any = None,
+  dtype: DTypeLike | None = None,
   renorm: bool = False,
   renorm_clipping: dict[str, float] | None = None,
   renorm_momentum: float = 0.99,
   virtual_batch_size: int | None = None,
   adjustment: Callable[[tuple[int, ...]], tuple[jax.Array, jax.Array]] | None = None,
-  zero_debias: str | None = None,
-  backward: str = "closed_form",
-  on_nonfinite: str = "keep",
+  zero_debias: ZeroDebias | None = None,
+  backward: Backward = "closed_form",
+  on_nonfinite: OnNonfinite = "keep",
 ) -> tuple[jax.Array, Stats]:
   """Batch normalization as a pure function: ``y, new_stats = batch_norm(x, params, stats, ...)``.
 
@@ -207,7 +207,7 @@ def batch_norm(
   momentum = _checks.momentum(fn, momentum)
   renorm = _checks.flag(fn, "renorm", renorm)
   renorm_clipping = _checks.renorm_clipping(fn, renorm_clipping, renorm)
-  renorm_momentum = _checks.momentum(fn, renorm_momentum, name="renorm_momentum")
+  renorm_momentum = _checks.float_momentum(fn, renorm_momentum, name="renorm_momentum")
   zero_debias = _checks.zero_debias(fn, zero_debias, momentum=momentum, renorm=renorm)
   update_stats = _checks.flag(fn, "update_stats", update_stats)
   params = _checks.params(fn, params, feature_shape)
@@ -228,7 +228,7 @@ def batch_norm(
   variance = _stats.resolve_variance(
     _checks.choice(fn, "variance", variance, _checks.VARIANCE_ALGORITHMS)
   )
-  backward = _checks.choice(fn, "backward", backward, _normalize.BACKWARDS)
+  backward = _checks.choice(fn, "backward", backward, _checks.BACKWARDS)
   on_nonfinite = _checks.choice(fn, "on_nonfinite", on_nonfinite, _checks.ON_NONFINITE)
   mask = _checks.mask(fn, mask, x.shape)
   _checks.axis_name(fn, axis_name, axis_index_groups, communicates=training is not False)
@@ -246,8 +246,8 @@ def batch_norm(
     # Its running mean is complex from the first update on; both lax.cond branches agree.
     stats = {**stats, "mean": stats["mean"].astype(_stats.complex_dtype(stat_dtype))}
   scale, offset = (
-    params[k].astype(stat_dtype).reshape(broadcast_shape) if k in params else None
-    for k in ("scale", "bias")
+    None if v is None else v.astype(stat_dtype).reshape(broadcast_shape)
+    for v in (params.get("scale"), params.get("bias"))
   )
 
   def normalize_with_batch_statistics():

@@ -13,6 +13,7 @@ import numpy as np
 from flax.linen import dtypes
 
 from bnjax import _checks
+from bnjax._types import Variance
 
 
 def training_from_flag(fn: str, use_running_average: Any) -> bool | jax.Array:
@@ -38,7 +39,7 @@ def training_from_flag(fn: str, use_running_average: Any) -> bool | jax.Array:
   )
 
 
-def variance_algorithm(fn: str, use_fast_variance: Any, variance: str) -> str:
+def variance_algorithm(fn: str, use_fast_variance: Any, variance: Variance) -> Variance:
   """``use_fast_variance=True`` is Flax's spelling of ``variance='fast'``."""
   if not use_fast_variance:
     return variance

@@ -86,7 +86,7 @@ def with_convention(
 
 def _canonical(axis: Any, ndim: int) -> tuple[int, ...] | None:
   axes = axis if isinstance(axis, tuple) else (axis,)
-  if not all(isinstance(a, numbers.Integral) and -ndim <= a < ndim for a in axes):
+  if not all(isinstance(a, numbers.Integral) and -ndim <= int(a) < ndim for a in axes):
     return None
   return tuple(sorted(int(a) % ndim for a in axes))
 

@@ -45,8 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bnjax import _stats
-
-BACKWARDS = ("closed_form", "autodiff")
+from bnjax._types import Backward, Variance
 
 
 def affine(x, shift, multiplier, offset, *, out_dtype):
@@ -88,12 +87,14 @@ class Reduction(NamedTuple):
   axes: tuple[int, ...]
   axis_name: Any
   axis_index_groups: Any  # a tuple of tuples, or None
-  variance: str
+  variance: Variance
   epsilon: float
   out_dtype: Any
 
 
-def with_batch_moments(x, mask, scale, offset, *, reduction: Reduction, backward: str):
+def with_batch_moments(
+  x, mask, scale, offset, *, reduction: Reduction, backward: Backward
+) -> tuple[jax.Array, _stats.Moments]:
   """``(y, moments)``: ``x`` normalized with its own batch moments (``_stats.batch_moments``).
 
   ``scale`` and ``offset`` (None: 1 and 0) broadcast against ``x`` in the statistics' dtype.

@@ -22,13 +22,20 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bnjax._types import Stats
 
-def init_stats(shape, dtype) -> dict[str, jax.Array]:
-  """The extra running statistics renorm needs, initialized as tf_keras does (var = 1)."""
+
+def add_init_stats(stats: Stats) -> Stats:
+  """``stats`` with the running statistics renorm needs, initialized as tf_keras does (var = 1).
+
+  They take the shape and dtype of ``stats['var']``.
+  """
+  like = stats["var"]
   return {
-    "renorm_mean": jnp.zeros(shape, dtype),
-    "renorm_stddev": jnp.ones(shape, dtype),
-    "stddev": jnp.ones(shape, dtype),
+    **stats,
+    "renorm_mean": jnp.zeros_like(like),
+    "renorm_stddev": jnp.ones_like(like),
+    "stddev": jnp.ones_like(like),
   }
 
 

@@ -38,13 +38,15 @@ update calls (PyTorch's ``num_batches_tracked``), skipped channels included.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from bnjax._stats import Moments
+from bnjax._types import RunningVariance, Stats, ZeroDebias
 
 
 class Targets(NamedTuple):
@@ -53,11 +55,12 @@ class Targets(NamedTuple):
   mean: jax.Array  # mean_B
   var: jax.Array  # var_B, biased (what renorm compares with)
   running_var: jax.Array  # var_R: var_B, Bessel-corrected if asked
-  count: jax.Array  # elements seen per feature (0: keep the old statistics)
+  # elements seen per feature (0: keep the old statistics); shadows tuple.count on purpose
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
 
 
 def targets(
-  batch: Moments, *, running_variance: str, feature_shape, group_axis: int | None
+  batch: Moments, *, running_variance: RunningVariance, feature_shape, group_axis: int | None
 ) -> Targets:
   """Reduces batch ``Moments`` to per-feature targets, averaging over virtual batches."""
   mean, var, count = (lax.stop_gradient(v) for v in (batch.mean, batch.var, batch.count))
@@ -103,16 +106,16 @@ def _move(old, target, weight_new, seen):
 
 
 def update(
-  stats: dict[str, Any],
+  stats: Mapping[str, Any],
   batch: Targets,
   *,
   momentum: float | None,
-  zero_debias: str | None,
+  zero_debias: ZeroDebias | None,
   renorm: bool,
   renorm_momentum: float,
   epsilon: float,
   keep_nonfinite: bool = True,
-) -> dict[str, Any]:
+) -> Stats:
   """Returns ``stats`` moved toward ``batch``; other keys pass through unchanged.
 
   No gradient flows through the update: ``stats`` arrive stopped, ``batch`` is stopped.
@@ -125,7 +128,7 @@ def update(
   seen = batch.count > 0
   if keep_nonfinite:
     seen = seen & finite(batch)
-  new_stats = dict(stats)
+  new_stats: dict[str, Any] = dict(stats)
   if count is not None:
     # Saturates at the dtype's largest value instead of wrapping negative; Python ints keep a
     # weakly typed count (Equinox's) weak.
@@ -133,7 +136,7 @@ def update(
   new_stats["mean"] = _move(stats["mean"], batch.mean, weight_mean, seen)
   if not renorm:
     new_stats["var"] = _move(stats["var"], batch.running_var, weight_var, seen)
-    return new_stats
+    return cast(Stats, new_stats)
 
   eps = jnp.asarray(epsilon, dtype)
   stddev = _move(stats["stddev"], jnp.sqrt(batch.running_var + eps), weight_var, seen)
@@ -146,4 +149,4 @@ def update(
   new_stats["renorm_stddev"] = _move(
     stats["renorm_stddev"], jnp.sqrt(batch.var + eps), renorm_weight, seen
   )
-  return new_stats
+  return cast(Stats, new_stats)

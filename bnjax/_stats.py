@@ -42,13 +42,16 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import NamedTuple
+from collections.abc import Callable, Hashable, Sequence
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike
 
 from bnjax import _checks
+from bnjax._types import Variance
 
 
 class Moments(NamedTuple):
@@ -60,7 +63,8 @@ class Moments(NamedTuple):
   shift: jax.Array  # K: stat dtype, x.shape with 1 on reduced axes; from the data, no gradient
   delta: jax.Array  # mean - K, same shape; small
   var: jax.Array  # biased: M2 / N, same shape; never negative
-  count: jax.Array  # N: stat dtype, scalar, or the shape of shift when masked
+  # N: stat dtype, scalar, or the shape of shift when masked; shadows tuple.count on purpose
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
 
   @property
   def mean(self) -> jax.Array:
@@ -78,7 +82,7 @@ def centering_offset(moments: Moments, multiplier: jax.Array, offset: jax.Array 
 SHIFT_FRACTION = 64  # the shift comes from the leading 1/64 of the first reduced axis
 
 
-def resolve_variance(variance: str) -> str:
+def resolve_variance(variance: Variance) -> Variance:
   """``'auto'``: ``'two_pass'`` on CPU, ``'shifted'`` on accelerators (GPU, TPU).
 
   Both are accurate for any data. XLA:GPU computes the shifted sums in one read of x (one
@@ -104,7 +108,7 @@ def complex_dtype(real_dtype) -> jnp.dtype:
   return jnp.dtype(jnp.complex128 if jnp.dtype(real_dtype).itemsize == 8 else jnp.complex64)
 
 
-def _shift(x, axes, valid, count):
+def _shift(x, valid, count, *, axes):
   """``K = x0 + mean(lead - x0)``, per channel, over the valid elements (``valid`` None: all).
 
   ``x0`` is the channel's first element, or with a mask its largest valid one (the first valid
@@ -136,13 +140,15 @@ def _sharded_reduced_axes(x, axes):
   """
   sharding = getattr(jax.typeof(x), "sharding", None)
   spec = getattr(sharding, "spec", None)
-  if spec is None or all(spec[a] is None for a in axes if a < len(spec)):
+  if sharding is None or spec is None or all(spec[a] is None for a in axes if a < len(spec)):
     return None
   kept = tuple(None if a in axes else (spec[a] if a < len(spec) else None) for a in range(x.ndim))
   return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*kept))
 
 
-def _local(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, variance: str) -> Moments:
+def _local(
+  x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, variance: Variance
+) -> Moments:
   """Per-device moments over ``axes``, with ``M2`` in the ``var`` field (not yet divided by n).
 
   The ``variance`` algorithms differ in the shift and in how ``M2`` is summed, with ``d = x - K``:
@@ -181,11 +187,13 @@ def _local(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, variance
     m2 = jnp.maximum(total(jnp.square(x)) - sum_x * mean, 0)
     shift = lax.stop_gradient(mean)
     return Moments(shift=shift, delta=mean - shift, var=m2, count=count)
-  shift_of = functools.partial(_shift, axes=axes)
+  shift_of: Callable[..., jax.Array] = functools.partial(_shift, axes=axes)
   sharding = _sharded_reduced_axes(x, axes)
   if sharding is not None:
-    shift_of = jax.sharding.auto_axes(shift_of, out_sharding=sharding)
-  shift = lax.stop_gradient(shift_of(x, valid=mask, count=count))
+    shift_of = cast(
+      Callable[..., jax.Array], jax.sharding.auto_axes(shift_of, out_sharding=sharding)
+    )
+  shift = lax.stop_gradient(shift_of(x, mask, count))
   sum_d = total(x - shift)
   delta = sum_d / safe_count
   # Behind the barrier XLA cannot share `x - shift` between the two reductions: shared, it
@@ -293,7 +301,7 @@ def batch_moments(
   mask: jax.Array | None,
   axis_name,
   axis_index_groups,
-  variance: str,
+  variance: Variance,
   pairs: bool = False,
 ) -> Moments:
   """Moments over ``axes`` (and over devices of ``axis_name``), with the biased variance.
@@ -332,14 +340,15 @@ def of_pairs(moments: Moments) -> Moments:
   )
 
 
+@jax.named_scope("bnjax.moments")
 def moments(
-  x: jax.Array,
-  axes,
+  x: ArrayLike,
+  axes: int | Sequence[int],
   *,
-  mask: jax.Array | None = None,
-  axis_name=None,
-  axis_index_groups=None,
-  variance: str = "auto",
+  mask: ArrayLike | None = None,
+  axis_name: Hashable | Sequence[Hashable] | None = None,
+  axis_index_groups: Sequence[Sequence[int]] | None = None,
+  variance: Variance = "auto",
 ) -> tuple[jax.Array, jax.Array]:
   """Batch mean and (biased) variance of ``x`` over ``axes``, like ``tf.nn.moments``.
 

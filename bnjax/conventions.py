@@ -87,6 +87,7 @@ from typing import Any
 
 from bnjax import _checks
 from bnjax._core import batch_norm, init
+from bnjax._types import RunningVariance, Variance
 
 __all__ = [
   "FLAX_LINEN",
@@ -220,8 +221,8 @@ class Convention:
   axis: int | tuple[int, ...]
   momentum: float | None
   epsilon: float
-  running_variance: str = "biased"
-  variance: str = "two_pass"
+  running_variance: RunningVariance = "biased"
+  variance: Variance = "two_pass"
   min_epsilon: float = 0.0
   track_count: bool = False
   extra: tuple[tuple[str, Any], ...] = ()
@@ -346,7 +347,7 @@ def tf_fused(
   )
 
 
-def _tf_features(**options: Any) -> dict[str, Any]:
+def _tf_features(**options: Any) -> tuple[tuple[str, Any], ...]:
   """Keras's TF-only options that differ from their defaults, for ``Convention.extra``."""
   defaults = {
     "renorm": False,
@@ -355,7 +356,7 @@ def _tf_features(**options: Any) -> dict[str, Any]:
     "virtual_batch_size": None,
     "adjustment": None,
   }
-  return {k: v for k, v in options.items() if v != defaults[k]}
+  return tuple((k, v) for k, v in options.items() if v != defaults[k])
 
 
 def keras(
@@ -431,7 +432,7 @@ def tf_keras(
     adjustment=adjustment,
   )
   if fused and features:
-    _fail(fn, f"`fused=True` excludes {sorted(features)}: tf_keras only fuses without them.")
+    _fail(fn, f"`fused=True` excludes {sorted(dict(features))}: tf_keras only fuses without them.")
   return Convention(
     name="tf_keras.layers.BatchNormalization" + ("[fused]" if fused else "[unfused]"),
     axis=axis,

@@ -413,7 +413,7 @@ def debias(
       " cumulative average (momentum=None) carries no initial value to remove.",
       TypeError,
     )
-  momentum = _checks.momentum(fn, momentum)
+  momentum = _checks.float_momentum(fn, momentum, name="momentum")
   if count is None:
     if "count" not in stats:
       _checks.fail(

@@ -21,6 +21,7 @@ except ImportError as error:  # pragma: no cover - exercised by a subprocess tes
 
 from bnjax import _checks, _module_options, _normalize, _stats
 from bnjax._core import batch_norm
+from bnjax._types import Backward, OnNonfinite, Stats, Variance
 from bnjax.conventions import Convention
 from bnjax.diagnostics import debias
 
@@ -111,11 +112,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
   channelwise_affine: bool = eqx.field(static=True)
   momentum: float = eqx.field(static=True)
   mode: Literal["ema", "batch"] = eqx.field(static=True)
-  variance: str = eqx.field(static=True)
-  backward: str = eqx.field(static=True)
+  variance: Variance = eqx.field(static=True)
+  backward: Backward = eqx.field(static=True)
   debias_initial_var: float = eqx.field(static=True)
   convention: Convention | None = eqx.field(static=True)
-  on_nonfinite: str = eqx.field(static=True)
+  on_nonfinite: OnNonfinite = eqx.field(static=True)
 
   def __init__(
     self,
@@ -128,11 +129,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
     dtype: Any = None,
     mode: Literal["ema", "batch", "legacy"] = "legacy",
     *,
-    variance: str = "auto",
-    backward: str = "closed_form",
+    variance: Variance = "auto",
+    backward: Backward = "closed_form",
     debias_initial_var: float = 1.0,
     convention: Convention | None = None,
-    on_nonfinite: str = "keep",
+    on_nonfinite: OnNonfinite = "keep",
   ):
     """Args:
     input_size: the number of channels, the size of each example's axis 0.
@@ -208,7 +209,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     _checks.momentum(fn, options["momentum"])
     _checks.epsilon(fn, options["epsilon"])
     _checks.choice(fn, "variance", options["variance"], _checks.VARIANCE_ALGORITHMS)
-    _checks.choice(fn, "backward", options["backward"], _normalize.BACKWARDS)
+    _checks.choice(fn, "backward", options["backward"], _checks.BACKWARDS)
     _checks.choice(fn, "on_nonfinite", options["on_nonfinite"], _checks.ON_NONFINITE)
     (size,) = _checks.num_features(fn, input_size)
     if debias_initial_var not in (0.0, 1.0):
@@ -309,11 +310,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
   def _batch(self, x, state, params, inference):
     count = state.get(self.batch_counter)
     mean, var = state.get(self.batch_state_index)
-    stats = {"mean": mean, "var": var, "count": count}
+    stats: Stats = {"mean": mean, "var": var, "count": count}
     dtype = self._out_dtype(x, mean)
     if inference:
       if self.convention is None:  # Equinox's debiased averages
-        stats = debias(
+        stats = debias(  # pyright: ignore[reportAssignmentType]
           stats, momentum=self.momentum, initial_mean=0.0, initial_var=self.debias_initial_var
         )
       y, _ = batch_norm(x, params, stats, training=False, axis=0, dtype=dtype, **self._options())
@@ -331,7 +332,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
       dtype=dtype,
       **self._options(),
     )
-    state = state.set(self.batch_counter, new["count"])
+    state = state.set(self.batch_counter, new.get("count", count))  # present: stats had one
     return y, state.set(
       self.batch_state_index, (new["mean"].astype(mean.dtype), new["var"].astype(var.dtype))
     )
@@ -340,7 +341,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     running_mean, running_var = state.get(self.ema_state_index)
     dtype = self._out_dtype(x, running_mean)
     if inference:
-      stats = {"mean": running_mean, "var": running_var}
+      stats: Stats = {"mean": running_mean, "var": running_var}
       y, _ = batch_norm(x, params, stats, training=False, axis=0, dtype=dtype, epsilon=self.eps)
       return y, state
     _checks.axis_name(_FN, self.axis_name, None)

@@ -61,6 +61,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.core as jax_core
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -187,7 +188,8 @@ def fold(
   for index, (layer_path, bn_path, options) in enumerate(_pairs(fn, pairs)):
     where = f"`pairs[{index}]` ({_show(layer_path)}, {_show(bn_path)}): "
     layer = _lookup(fn, where, params, layer_path, "variables['params']")
-    if not isinstance(layer, Mapping) or "kernel" not in layer:
+    # _copy_tree made every Mapping of `out` a dict, which the fold below updates in place.
+    if not isinstance(layer, dict) or "kernel" not in layer:
       got = f"keys {sorted(layer)}" if isinstance(layer, Mapping) else type(layer).__name__
       _checks.fail(
         fn,
@@ -262,7 +264,8 @@ def fold_nnx(model: Any, pairs: Sequence[tuple[Any, ...]]) -> None:
     where = f"`pairs[{index}]` ({_show(layer_path)}, {_show(bn_path)}): "
     layer = _get_attr_path(fn, where, model, layer_path)
     bn = _get_attr_path(fn, where, model, bn_path)
-    if not isinstance(getattr(layer, "kernel", None), nnx.Variable):
+    kernel = getattr(layer, "kernel", None)
+    if not isinstance(kernel, nnx.Variable):
       _checks.fail(
         fn,
         f"{where}the layer {_show(layer_path)} must be an nnx.Linear or nnx.Conv with a"
@@ -299,7 +302,7 @@ def fold_nnx(model: Any, pairs: Sequence[tuple[Any, ...]]) -> None:
       fn,
       where,
       names,
-      layer.kernel[...],
+      kernel[...],
       None if bias is None else bias[...],
       bn_params,
       bn_stats,
@@ -329,6 +332,7 @@ def _fold(fn, where, names, kernel, bias, bn_params, bn_stats, epsilon, kernel_a
     )
   if isinstance(kernel_axis, bool) or not isinstance(kernel_axis, numbers.Integral):
     _checks.fail(fn, f"{where}`kernel_axis` must be an int, got {kernel_axis!r}.", TypeError)
+  kernel_axis = int(kernel_axis)
   if not -kernel.ndim <= kernel_axis < kernel.ndim:
     _checks.fail(
       fn,
@@ -398,7 +402,7 @@ def _fold(fn, where, names, kernel, bias, bn_params, bn_stats, epsilon, kernel_a
       )
 
   var = bn["var"]
-  if not isinstance(var, jax.core.Tracer) and bool(np.any(np.asarray(var) < 0)):
+  if not isinstance(var, jax_core.Tracer) and bool(np.any(np.asarray(var) < 0)):
     bad = [int(i) for i in np.flatnonzero(np.asarray(var) < 0)][:10]
     _checks.fail(
       fn,

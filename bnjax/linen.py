@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ from jax.nn import initializers
 
 from bnjax import _checks, _flax_common, _module_options
 from bnjax._core import batch_norm, init
+from bnjax._types import Backward, OnNonfinite, Params, RunningVariance, Stats, Variance, ZeroDebias
 from bnjax.conventions import Convention
 
 __all__ = ["BatchNorm"]
@@ -145,19 +146,19 @@ class BatchNorm(module.Module):
   axis_name: str | None = None
   axis_index_groups: Any = None
   use_fast_variance: bool = False
-  variance: str = "auto"
-  running_variance: str = "biased"
-  backward: str = "closed_form"
+  variance: Variance = "auto"
+  running_variance: RunningVariance = "biased"
+  backward: Backward = "closed_form"
   update_stats: bool = True
   renorm: bool = False
   renorm_clipping: dict[str, float] | None = None
   renorm_momentum: float = 0.99
   virtual_batch_size: int | None = None
   adjustment: Callable[[tuple[int, ...]], tuple[jax.Array, jax.Array]] | None = None
-  zero_debias: str | None = None
+  zero_debias: ZeroDebias | None = None
   track_count: bool = False
   convention: Convention | None = None
-  on_nonfinite: str = "keep"
+  on_nonfinite: OnNonfinite = "keep"
 
   @module.compact
   def __call__(
@@ -204,9 +205,9 @@ class BatchNorm(module.Module):
     variables = {
       key: self.variable("batch_stats", key, lambda v=value: v) for key, value in initial.items()
     }
-    stats = {key: variable.value for key, variable in variables.items()}
+    stats = cast(Stats, {key: variable.value for key, variable in variables.items()})
 
-    params = {}
+    params: Params = {}
     if self.use_scale:
       params["scale"] = self.param("scale", self.scale_init, feature_shape, self.param_dtype)
     if self.use_bias:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +22,9 @@ from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 from jax import lax
 
-from bnjax import _checks, _flax_common, _module_options, _normalize
+from bnjax import _checks, _flax_common, _module_options
 from bnjax._core import batch_norm, init
+from bnjax._types import Backward, OnNonfinite, Params, RunningVariance, Stats, Variance, ZeroDebias
 from bnjax.conventions import Convention
 
 __all__ = ["BatchNorm"]
@@ -112,9 +113,14 @@ class BatchNorm(nnx.Module):
       ``bnjax.batch_norm``.
     update_stats: False normalizes training batches with their own statistics but leaves the
       running ones alone (TF1 ``tf.layers`` with ``trainable=False``; presets pass it).
-    renorm, renorm_clipping, renorm_momentum, virtual_batch_size, adjustment, zero_debias:
-      TensorFlow's training-only features, as in ``bnjax.batch_norm``; renorm adds the
-      ``renorm_mean``, ``renorm_stddev`` and ``stddev`` BatchStats, zero_debias a ``count``.
+    renorm: batch renormalization (tf_keras), as in ``bnjax.batch_norm``; adds the
+      ``renorm_mean``, ``renorm_stddev`` and ``stddev`` BatchStats.
+    renorm_clipping: renorm's bounds on r and d, as in ``bnjax.batch_norm``.
+    renorm_momentum: the momentum of renorm's averages, as in ``bnjax.batch_norm``.
+    virtual_batch_size: tf_keras's ghost batches, as in ``bnjax.batch_norm``.
+    adjustment: tf_keras's adjustment callable, as in ``bnjax.batch_norm``.
+    zero_debias: tf.contrib's zero-debiased averages, as in ``bnjax.batch_norm``; adds a
+      ``count`` BatchStat.
     track_count: keep an int32 ``count`` BatchStat, the number of updates.
     on_nonfinite: ``'keep'`` (default: a channel whose batch statistics are NaN or inf keeps
       its running statistics), ``'propagate'`` (Flax's behaviour) or ``'raise'``; see
@@ -146,19 +152,19 @@ class BatchNorm(nnx.Module):
     axis_name: str | None = None,
     axis_index_groups: Any = None,
     use_fast_variance: bool = False,
-    variance: str = "auto",
-    running_variance: str = "biased",
-    backward: str = "closed_form",
+    variance: Variance = "auto",
+    running_variance: RunningVariance = "biased",
+    backward: Backward = "closed_form",
     update_stats: bool = True,
     renorm: bool = False,
     renorm_clipping: dict[str, float] | None = None,
     renorm_momentum: float = 0.99,
     virtual_batch_size: int | None = None,
     adjustment: Callable[[tuple[int, ...]], tuple[jax.Array, jax.Array]] | None = None,
-    zero_debias: str | None = None,
+    zero_debias: ZeroDebias | None = None,
     track_count: bool = False,
     convention: Convention | None = None,
-    on_nonfinite: str = "keep",
+    on_nonfinite: OnNonfinite = "keep",
     promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
     rngs: nnx.Rngs,
     bias_metadata: Mapping[str, Any] = MappingProxyType({}),
@@ -172,7 +178,7 @@ class BatchNorm(nnx.Module):
     options = _module_options.with_convention(_FN, convention, options, _DEFAULTS)
     _checks.choice(_FN, "variance", options["variance"], _checks.VARIANCE_ALGORITHMS)
     _checks.choice(_FN, "running_variance", options["running_variance"], _checks.RUNNING_VARIANCES)
-    _checks.choice(_FN, "backward", options["backward"], _normalize.BACKWARDS)
+    _checks.choice(_FN, "backward", options["backward"], _checks.BACKWARDS)
     _checks.choice(_FN, "on_nonfinite", options["on_nonfinite"], _checks.ON_NONFINITE)
     _checks.momentum(_FN, options["momentum"])
     _checks.flag(_FN, "update_stats", options["update_stats"])
@@ -189,7 +195,9 @@ class BatchNorm(nnx.Module):
       ),
       renorm=options["renorm"],
     )
-    for key, value in initial.items():
+    self.mean: nnx.BatchStat[jax.Array]
+    self.var: nnx.BatchStat[jax.Array]
+    for key, value in initial.items():  # mean, var, and count or renorm's where asked
       setattr(self, key, nnx.BatchStat(value))
     self.stat_keys = tuple(initial)
 
@@ -251,7 +259,7 @@ class BatchNorm(nnx.Module):
     training = _flax_common.training_from_flag(_FN, use_running_average)
     x = _checks.floating_input(_FN, x)
     _module_options.check_layout(_FN, self.convention, self.axis, x.ndim)
-    stats = {key: getattr(self, key)[...] for key in self.stat_keys}
+    stats = cast(Stats, {key: getattr(self, key)[...] for key in self.stat_keys})
     # Flax's hook: x, the running mean and variance, and the params in one dtype (by default
     # `dtype`, else their promotion). The promoted running statistics normalize in evaluation;
     # training updates the stored ones. The params of complex input stay real. The hook runs
@@ -260,14 +268,17 @@ class BatchNorm(nnx.Module):
       x, mean, var, scale, bias = self.promote_dtype(
         (x, stats["mean"], stats["var"], _value(self.scale), _value(self.bias)), dtype=self.dtype
       )
-    params = {
-      key: _real_like(value, stored)
-      for key, value, stored in (("scale", scale, self.scale), ("bias", bias, self.bias))
-      if value is not None
-    }
+    params = cast(
+      Params,
+      {
+        key: _real_like(value, stored)
+        for key, value, stored in (("scale", scale, self.scale), ("bias", bias, self.bias))
+        if value is not None
+      },
+    )
     if jnp.iscomplexobj(x):  # the running mean becomes complex, as in Flax
       stats["mean"] = stats["mean"].astype(x.dtype)
-    eval_stats = {**stats, "mean": mean, "var": _real_like(var, self.var)}
+    eval_stats = cast(Stats, {**stats, "mean": mean, "var": _real_like(var, self.var)})
     options = {name: getattr(self, name) for name in _module_options.BATCH_NORM_OPTIONS}
 
     def normalize(train: bool, stats):
@@ -313,7 +324,9 @@ def _value(variable: nnx.Param | None) -> jax.Array | None:
 
 def _real_like(value: jax.Array | None, stored: nnx.Variable | None) -> jax.Array | None:
   """``value``'s real part where promotion made a real stored variable complex."""
-  if value is None or not jnp.iscomplexobj(value) or jnp.iscomplexobj(stored[...]):
+  if (
+    value is None or stored is None or not jnp.iscomplexobj(value) or jnp.iscomplexobj(stored[...])
+  ):
     return value
   return jnp.real(value)
 

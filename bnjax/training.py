@@ -127,6 +127,7 @@ def make_train_step(
   metrics_fn: MetricsFn | None = None,
   axis_name: Any = None,
   skip_nonfinite: bool = True,
+  donate_argnums: int | tuple[int, ...] = (),
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """A jitted ``train_step(state, inputs, targets, key=None) -> (new_state, metrics)``::
 
@@ -172,8 +173,32 @@ def make_train_step(
       ``jax.jit`` over a sharded batch.
     skip_nonfinite: skip the whole update of a step with a non-finite loss or gradient
       (default). False applies it, as a bare optax loop does.
+    donate_argnums: the step's arguments whose buffers XLA may reuse for its outputs, as in
+      ``jax.jit``: ``(0,)`` donates ``state``, so a step holds one copy of the params, the
+      optimizer state and the running statistics instead of two. Caveat: a donated argument
+      is deleted by the call; using it afterwards (``state`` after
+      ``state, m = train_step(state, ...)`` rebinds it, which is fine) raises
+      ``RuntimeError: Array has been deleted``. Keep no other reference to a donated state:
+      save checkpoints from the returned one.
+
+  Returns:
+    The jitted ``train_step``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from bnjax import training
+    >>> def apply_fn(params, batch_stats, inputs, *, training):
+    ...   return inputs @ params["w"], batch_stats
+    >>> tx = optax.sgd(0.1)
+    >>> state = training.create_train_state({"w": jnp.ones((3, 1))}, {}, tx)
+    >>> step = training.make_train_step(
+    ...     apply_fn, tx, loss_fn=lambda y, t: jnp.mean((y - t) ** 2), donate_argnums=(0,))
+    >>> state, metrics = step(state, jnp.ones((4, 3)), jnp.zeros((4, 1)))
+    >>> int(state.step), float(metrics["loss"])
+    (1, 9.0)
   """
   skip_nonfinite = _checks.flag("training.make_train_step", "skip_nonfinite", skip_nonfinite)
+  donate_argnums = _donate_argnums("training.make_train_step", donate_argnums)
   _callables(
     "training.make_train_step",
     apply_fn=apply_fn,
@@ -218,7 +243,29 @@ def make_train_step(
     metrics = _metrics(fn, loss, metrics_fn, outputs, targets, axis_name)
     return new_state, {**metrics, "skipped": jnp.where(finite, 0.0, 1.0).astype(jnp.float32)}
 
-  return jax.jit(train_step)
+  return jax.jit(train_step, donate_argnums=donate_argnums)
+
+
+_STEP_ARGUMENTS = ("state", "inputs", "targets", "key")
+
+
+def _donate_argnums(fn: str, donate_argnums: Any) -> tuple[int, ...]:
+  """``donate_argnums`` as a tuple of positions of ``train_step``'s arguments, or raises."""
+  as_tuple = donate_argnums if isinstance(donate_argnums, tuple) else (donate_argnums,)
+  if not all(isinstance(i, int) and not isinstance(i, bool) for i in as_tuple):
+    _checks.fail(
+      fn,
+      f"`donate_argnums` must be an int or a tuple of ints, got {donate_argnums!r}.",
+      TypeError,
+    )
+  bad = [i for i in as_tuple if not 0 <= i < len(_STEP_ARGUMENTS)]
+  if bad:
+    _checks.fail(
+      fn,
+      f"`donate_argnums` must name arguments of train_step{_STEP_ARGUMENTS} by position"
+      f" (0 to {len(_STEP_ARGUMENTS) - 1}), got {donate_argnums!r}. Hint: (0,) donates the state.",
+    )
+  return tuple(sorted(set(as_tuple)))
 
 
 def make_eval_step(

@@ -31,9 +31,15 @@ def test_readme_python_block_runs(index, capsys):
 def test_readme_set_up_commands():
   demo, tests = command("demo"), command("tests")
   for line in (demo, tests):
-    assert line.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install -e ")
+    # dependency groups (`--group`) need pip 25.1
+    assert line.startswith(
+      "python3 -m venv .venv && . .venv/bin/activate && pip install -U 'pip>=25.1'"
+      " && pip install -e "
+    )
   assert demo.endswith("python examples/train_digits.py")
+  assert "--group examples" in demo
   assert "python -m pytest" in tests
+  assert "--group test -c constraints.txt" in tests
 
 
 def test_ci_runs_the_readme_test_command():
@@ -69,8 +75,32 @@ def test_core_dependencies_are_jax_and_numpy_only():
   names = [re.split(r"[<>=!~\[ ]", d)[0] for d in project["dependencies"]]
   assert sorted(names) == ["jax", "numpy"]
   extras = project["optional-dependencies"]
-  assert extras["torch"] == ["torch==2.13.0"]
-  assert {"flax", "equinox", "train", "tf", "torch", "dev"} <= set(extras)
+  assert set(extras) == {"flax", "equinox", "train", "keras", "tf", "torch"}
+
+
+def test_extras_take_ranges_and_the_tests_pin_in_constraints():
+  pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+  for extra, requirements in pyproject["project"]["optional-dependencies"].items():
+    for requirement in requirements:
+      assert "==" not in requirement and ">=" in requirement, (extra, requirement)
+  pins = [
+    line.strip()
+    for line in (ROOT / "constraints.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+  ]
+  assert {"torch==2.13.0", "tensorflow==2.21.*", "tf_keras==2.21.*"} <= set(pins)
+  groups = pyproject["dependency-groups"]
+  assert {"examples", "test", "lint", "docs", "release", "bench", "dev"} <= set(groups)
+  test_tools = [r for r in groups["test"] if isinstance(r, str)]
+  assert any(r.startswith("pytest") for r in test_tools)
+
+
+def test_wheel_metadata_has_classifiers_keywords_and_urls():
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  assert "Typing :: Typed" in project["classifiers"]
+  assert any(c.startswith("Programming Language :: Python :: 3.1") for c in project["classifiers"])
+  assert "jax" in project["keywords"]
+  assert {"Homepage", "Documentation", "Source", "Issues", "Changelog"} <= set(project["urls"])
 
 
 def test_public_names():
@@ -83,6 +113,13 @@ def test_public_names():
     "init",
     "moments",
     "__version__",
+    "Params",
+    "Stats",
+    "Variance",
+    "RunningVariance",
+    "Backward",
+    "ZeroDebias",
+    "OnNonfinite",
   }
   assert callable(bnjax.fold.fold) and callable(bnjax.fold.fold_affine)
   assert re.fullmatch(r"\d+\.\d+\.\d+", bnjax.__version__)

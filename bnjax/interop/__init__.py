@@ -17,9 +17,13 @@ neither TensorFlow nor PyTorch: each function imports what it needs when called.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from bnjax.conventions import Convention
+
+if TYPE_CHECKING:  # at run time they come from __getattr__, on first use
+  from bnjax.interop.keras import assign_to_keras, from_keras, to_keras
+  from bnjax.interop.torch import from_torch, to_state_dict, to_torch
 
 __all__ = [
   "Converted",

@@ -32,7 +32,7 @@ imported only by ``to_keras``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 import jax.numpy as jnp
 import numpy as np
@@ -59,7 +59,7 @@ _FEATURES = ("renorm", "renorm_clipping", "renorm_momentum", "virtual_batch_size
 _TF_KERAS_ONLY = ("virtual_batch_size", "adjustment")
 
 
-def _fail(fn: str, message: str, error: type[Exception] = ValueError):
+def _fail(fn: str, message: str, error: type[Exception] = ValueError) -> NoReturn:
   _checks.fail(f"interop.keras.{fn}", message, error)
 
 

@@ -19,7 +19,7 @@ refused here. PyTorch is imported only inside the functions.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +40,7 @@ _MODULES = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3
 _INT32_MAX = np.iinfo(np.int32).max
 
 
-def _fail(fn: str, message: str, error: type[Exception] = ValueError):
+def _fail(fn: str, message: str, error: type[Exception] = ValueError) -> NoReturn:
   _checks.fail(f"interop.torch.{fn}", message, error)
 
 
@@ -64,6 +64,11 @@ def _to_torch(value: Any) -> Any:
   return torch.from_numpy(np.array(value))
 
 
+def _settings(module: Any) -> tuple[float | None, float]:
+  """A BatchNorm module's ``(momentum, eps)``."""
+  return module.momentum, module.eps
+
+
 def from_torch(
   module_or_state_dict: Any,
   *,
@@ -78,7 +83,9 @@ def from_torch(
       dict holding ``{prefix}running_mean``, ``{prefix}running_var`` and, if affine,
       ``{prefix}weight`` and ``{prefix}bias``, and ``{prefix}num_batches_tracked``.
     prefix: the module's key prefix in a state dict, e.g. ``'layer1.bn1.'``.
-    momentum, eps: the module's settings, for a state dict (a module brings its own).
+    momentum: the module's momentum (torch's: the weight on the new value, or None), for a
+      state dict (a module brings its own).
+    eps: the module's epsilon, for a state dict.
   """
   fn = "from_torch"
   import torch
@@ -101,7 +108,7 @@ def from_torch(
       )
     if prefix:
       _fail(fn, f"`prefix` is for state dicts, got prefix={prefix!r} with a module.")
-    momentum, eps = module.momentum, module.eps
+    momentum, eps = _settings(module)
     state = module.state_dict()
   elif isinstance(module_or_state_dict, Mapping):
     state = {k[len(prefix) :]: v for k, v in module_or_state_dict.items() if k.startswith(prefix)}
