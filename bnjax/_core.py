@@ -43,6 +43,14 @@ def init(
   Returns:
     ``params = {'scale': ones, 'bias': zeros}`` without the disabled entries, and
     ``stats = {'mean': zeros, 'var': ones}`` (+ ``'count': 0``, + the renorm statistics).
+
+  Example:
+    >>> import bnjax
+    >>> params, stats = bnjax.init(3, track_count=True)
+    >>> sorted(params), sorted(stats)
+    (['bias', 'scale'], ['count', 'mean', 'var'])
+    >>> stats["var"]
+    Array([1., 1., 1.], dtype=float32)
   """
   shape = _checks.num_features("init", num_features)
   _checks.floating_dtype("init", "dtype", dtype)
@@ -196,6 +204,17 @@ def batch_norm(
   Returns:
     ``(y, new_stats)``: ``y`` of ``x``'s shape in ``dtype``; ``new_stats`` with ``stats``'s
     structure and dtypes. No gradient flows into or out of the running statistics.
+
+  Example:
+    >>> import jax.numpy as jnp, bnjax
+    >>> params, stats = bnjax.init(2)
+    >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> y, stats = bnjax.batch_norm(x, params, stats, training=True, momentum=0.5, epsilon=0.0)
+    >>> y
+    Array([[-1., -1.],
+           [ 1.,  1.]], dtype=float32)
+    >>> stats["mean"], stats["var"]    # 0.5 * initial (0, 1) + 0.5 * batch (2, 20; 1, 100)
+    (Array([ 1., 10.], dtype=float32), Array([ 1. , 50.5], dtype=float32))
   """
   fn = "batch_norm"
   x = _checks.floating_input(fn, x)

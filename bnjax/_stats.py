@@ -369,6 +369,13 @@ def moments(
   Returns:
     ``(mean, var)``, each of the features' shape, in ``promote_types(x.dtype, float32)``; for
     complex ``x`` the mean is complex and the variance is the real ``mean(|x - mean|^2)``.
+
+  Example:
+    >>> import jax.numpy as jnp, bnjax
+    >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]]) + 1e6    # a large offset costs no accuracy
+    >>> mean, var = bnjax.moments(x, 0)
+    >>> var
+    Array([  1., 100.], dtype=float32)
   """
   fn = "moments"
   x = _checks.floating_input(fn, x)

@@ -159,6 +159,17 @@ def from_torch_momentum(momentum: float | None) -> float | None:
   ``None``. PyTorch's ``momentum=0`` never updates and has no bnjax momentum; use
   ``update_stats=False``. Computed in decimal, so ``from_torch_momentum(0.1) == 0.9`` exactly
   and ``to_torch_momentum`` inverts it.
+
+  Args:
+    momentum: PyTorch's ``momentum``, in (0, 1], or None.
+
+  Returns:
+    ``1 - momentum``, or None.
+
+  Example:
+    >>> from bnjax import conventions
+    >>> conventions.from_torch_momentum(0.1)
+    0.9
   """
   if momentum is None:
     return None
@@ -174,7 +185,19 @@ def from_torch_momentum(momentum: float | None) -> float | None:
 
 
 def to_torch_momentum(momentum: float | None) -> float | None:
-  """PyTorch's ``momentum`` for bnjax's: ``1 - w``; ``None`` stays ``None``."""
+  """PyTorch's ``momentum`` for bnjax's: ``1 - w``; ``None`` stays ``None``.
+
+  Args:
+    momentum: bnjax's ``momentum``, in [0, 1), or None.
+
+  Returns:
+    ``1 - momentum``, or None.
+
+  Example:
+    >>> from bnjax import conventions
+    >>> conventions.to_torch_momentum(0.99)
+    0.01
+  """
   if momentum is None:
     return None
   return _complement("to_torch_momentum", "momentum", momentum, low_open=False)
@@ -184,12 +207,35 @@ def from_exponential_avg_factor(factor: float) -> float:
   """bnjax's ``momentum`` for TF's fused ``exponential_avg_factor`` f: ``w = 1 - f``.
 
   f = 1 (TF's default) makes the running statistics the batch's: ``momentum=0``.
+
+  Args:
+    factor: TF's ``exponential_avg_factor``, in (0, 1].
+
+  Returns:
+    ``1 - factor``.
+
+  Example:
+    >>> from bnjax import conventions
+    >>> conventions.from_exponential_avg_factor(0.01)
+    0.99
   """
   return _complement("from_exponential_avg_factor", "exponential_avg_factor", factor, low_open=True)
 
 
 def to_exponential_avg_factor(momentum: float) -> float:
-  """TF's fused ``exponential_avg_factor`` for bnjax's ``momentum``: ``f = 1 - w``."""
+  """TF's fused ``exponential_avg_factor`` for bnjax's ``momentum``: ``f = 1 - w``.
+
+  Args:
+    momentum: bnjax's ``momentum``, in [0, 1).
+
+  Returns:
+    ``1 - momentum``.
+
+  Example:
+    >>> from bnjax import conventions
+    >>> conventions.to_exponential_avg_factor(0.9)
+    0.1
+  """
   return _complement("to_exponential_avg_factor", "momentum", momentum, low_open=False)
 
 
@@ -215,6 +261,16 @@ class Convention:
       then adds ``stats['count']``. Required by ``momentum=None``.
     extra: further keyword options of ``bnjax.batch_norm``, as ``(name, value)`` pairs (a dict
       is accepted and stored sorted): the place for options batch_norm gains later.
+
+  Example:
+    >>> import jax.numpy as jnp, bnjax
+    >>> from bnjax import conventions
+    >>> mine = conventions.Convention(name="mine", axis=-1, momentum=0.9, epsilon=1e-3)
+    >>> params, stats = mine.init(2)
+    >>> x = jnp.array([[0.0, 10.0], [2.0, 30.0]])
+    >>> y, stats = bnjax.batch_norm(x, params, stats, training=True, **mine.options())
+    >>> stats["mean"]
+    Array([0.1, 2. ], dtype=float32)
   """
 
   name: str
@@ -262,6 +318,18 @@ class Convention:
 
     ``epsilon`` (overridden or not) is raised to ``min_epsilon``. Override names must be
     keyword options of ``bnjax.batch_norm`` (``training`` excluded: it is per call).
+
+    Args:
+      **overrides: keyword options of ``bnjax.batch_norm`` that replace this convention's.
+
+    Returns:
+      A dict of keyword options for ``bnjax.batch_norm``.
+
+    Example:
+      >>> from bnjax import conventions
+      >>> opts = conventions.PYTORCH.options(momentum=0.5)
+      >>> opts["axis"], opts["momentum"], opts["running_variance"]
+      (1, 0.5, 'unbiased')
     """
     _known_options("Convention.options", "overrides", overrides)
     options = {k: getattr(self, k) for k in _CORE_FIELDS}
@@ -272,13 +340,39 @@ class Convention:
 
   def init(self, num_features: int | tuple[int, ...], **kwargs: Any):
     """``bnjax.init`` with this convention's counter (``track_count``) and, when ``extra``
-    asks for ``renorm``, the renorm statistics; ``kwargs`` go to ``bnjax.init`` too."""
+    asks for ``renorm``, the renorm statistics; ``kwargs`` go to ``bnjax.init`` too.
+
+    Args:
+      num_features: the size of the feature axis, or a tuple of sizes.
+      **kwargs: further keyword arguments of ``bnjax.init`` (``use_scale``, ``dtype``, ...).
+
+    Returns:
+      ``(params, stats)`` as ``bnjax.init`` returns them.
+
+    Example:
+      >>> from bnjax import conventions
+      >>> params, stats = conventions.PYTORCH.init(4)
+      >>> sorted(stats)
+      ['count', 'mean', 'var']
+    """
     if dict(self.extra).get("renorm"):
       kwargs.setdefault("renorm", True)
     return init(num_features, track_count=self.track_count, **kwargs)
 
   def replace(self, **changes: Any) -> Convention:
-    """A copy with ``changes`` applied (and validated), e.g. ``KERAS.replace(axis=1)``."""
+    """A copy with ``changes`` applied (and validated), e.g. ``KERAS.replace(axis=1)``.
+
+    Args:
+      **changes: fields and their new values.
+
+    Returns:
+      A new ``Convention``.
+
+    Example:
+      >>> from bnjax import conventions
+      >>> conventions.KERAS.replace(axis=1).axis
+      1
+    """
     return dataclasses.replace(self, **changes)
 
 
@@ -312,6 +406,19 @@ def tf_nn(*, decay: float, variance_epsilon: float, axis: int | tuple[int, ...] 
   (``tf.compat.v1.train.assign_moving_average(..., zero_debias=False)`` is that last line.)
   ``decay`` is bnjax's ``momentum``. ``tf.nn.batch_normalization`` computes ``x * a + (bias -
   mean * a)``; for float16 input it does so in float16, where bnjax computes in float32.
+
+  Args:
+    decay: the moving average's decay (bnjax's ``momentum``).
+    variance_epsilon: ``tf.nn.batch_normalization``'s epsilon.
+    axis: the feature axis or axes (those ``tf.nn.moments`` does not reduce).
+
+  Returns:
+    The ``Convention``.
+
+  Example:
+    >>> from bnjax import conventions
+    >>> conventions.tf_nn(decay=0.9, variance_epsilon=1e-3).options()["momentum"]
+    0.9
   """
   return Convention(
     name="tf.nn.moments+tf.nn.batch_normalization",
@@ -336,6 +443,21 @@ def tf_fused(
   unbiased, ``var_B * n / max(n - 1, 1)``. ``data_format`` NHWC/NDHWC is ``axis=-1``,
   NCHW/NCDHW ``axis=1``. float16/bfloat16 inputs get float32 statistics, as here. TF 2.21
   does not clamp epsilon; ``min_epsilon=LEGACY_FUSED_MIN_EPSILON`` reproduces older TF.
+
+  Args:
+    epsilon: the kernel's epsilon.
+    exponential_avg_factor: the kernel's ``f``, the weight on the new batch statistics.
+    data_format: ``'NHWC'``, ``'NDHWC'``, ``'NCHW'`` or ``'NCDHW'``.
+    min_epsilon: a floor on epsilon (older TF's clamp), 0 for none.
+
+  Returns:
+    The ``Convention``.
+
+  Example:
+    >>> from bnjax import conventions
+    >>> bn = conventions.tf_fused(exponential_avg_factor=0.1, data_format="NCHW")
+    >>> bn.axis, bn.momentum, bn.running_variance
+    (1, 0.9, 'unbiased')
   """
   return Convention(
     name=f"tf.compat.v1.nn.fused_batch_norm[{data_format}]",
@@ -378,6 +500,23 @@ def keras(
   with ``axis_name``. ``layer.trainable = False`` means inference: call with ``training=False``.
   ``renorm``, ``renorm_clipping`` and ``renorm_momentum`` go to ``extra`` under the same names
   (``bnjax.batch_norm``'s batch renormalization), when not at their defaults.
+
+  Args:
+    axis: the layer's ``axis``.
+    momentum: the layer's ``momentum`` (the weight on the old value, as bnjax's).
+    epsilon: the layer's ``epsilon``.
+    synchronized: the layer's ``synchronized`` (statistics over all replicas).
+    renorm: the layer's ``renorm`` (tf_keras and Keras 3 on TensorFlow).
+    renorm_clipping: the layer's ``renorm_clipping``.
+    renorm_momentum: the layer's ``renorm_momentum``.
+
+  Returns:
+    The ``Convention``.
+
+  Example:
+    >>> from bnjax import conventions
+    >>> conventions.keras(synchronized=True).variance
+    'fast'
   """
   _checks.flag("conventions.keras", "synchronized", synchronized)
   return Convention(
@@ -418,6 +557,28 @@ def tf_keras(
   ``trainable=False`` means inference, as in Keras 3. ``renorm*``, ``virtual_batch_size`` and
   ``adjustment`` go to ``extra`` under the same names, when not at their defaults; tf_keras
   never fuses with them.
+
+  Args:
+    fused: whether the layer runs fused (``layer.fused`` after its first call).
+    axis: the layer's ``axis``.
+    momentum: the layer's ``momentum``.
+    epsilon: the layer's ``epsilon``.
+    synchronized: the layer's ``synchronized`` (unfused only).
+    renorm: the layer's ``renorm``.
+    renorm_clipping: the layer's ``renorm_clipping``.
+    renorm_momentum: the layer's ``renorm_momentum``.
+    virtual_batch_size: the layer's ``virtual_batch_size`` (ghost batches).
+    adjustment: the layer's ``adjustment`` callable.
+
+  Returns:
+    The ``Convention``.
+
+  Example:
+    >>> from bnjax import conventions
+    >>> conventions.tf_keras(fused=True).running_variance
+    'unbiased'
+    >>> conventions.tf_keras(fused=False).running_variance
+    'biased'
   """
   fn = "tf_keras"
   _checks.flag(f"conventions.{fn}", "fused", fused)
@@ -460,6 +621,21 @@ def tf_v1_layers(
   ``trainable=False`` does not switch to inference: ``training=True`` still normalizes with
   batch statistics but leaves the moving ones alone (measured), which is
   ``update_stats=False`` here.
+
+  Args:
+    fused: whether the layer runs fused, as for ``tf_keras``.
+    axis: the layer's ``axis``.
+    momentum: the layer's ``momentum``.
+    epsilon: the layer's ``epsilon``.
+    trainable: the layer's ``trainable``; False freezes the moving statistics.
+
+  Returns:
+    The ``Convention``.
+
+  Example:
+    >>> from bnjax import conventions
+    >>> conventions.tf_v1_layers(fused=False, trainable=False).options()["update_stats"]
+    False
   """
   _checks.flag("conventions.tf_v1_layers", "trainable", trainable)
   base = tf_keras(fused=fused, axis=axis, momentum=momentum, epsilon=epsilon)
@@ -478,6 +654,19 @@ def pytorch(*, momentum: float | None = 0.1, eps: float = 1e-5) -> Convention:
   shape). ``momentum`` is torch's (weight on the new value): 0.1 is bnjax's 0.9; ``None`` is
   the cumulative average over ``num_batches_tracked`` (``stats['count']``, counted always).
   Stores the unbiased variance. Training with one element per channel raises in PyTorch.
+
+  Args:
+    momentum: torch's ``momentum`` (the weight on the new value), or None.
+    eps: torch's ``eps``.
+
+  Returns:
+    The ``Convention``.
+
+  Example:
+    >>> from bnjax import conventions
+    >>> bn = conventions.pytorch(momentum=0.01)
+    >>> bn.axis, bn.momentum, bn.track_count
+    (1, 0.99, True)
   """
   return Convention(
     name="torch.nn.BatchNorm",
@@ -500,6 +689,20 @@ def flax_linen(
 
   The fast variance loses float32 precision when ``|mean| / std`` is large (all of it near
   3e3); ``use_fast_variance=False`` is bnjax's two-pass default.
+
+  Args:
+    axis: the module's ``axis``.
+    momentum: the module's ``momentum``.
+    epsilon: the module's ``epsilon``.
+    use_fast_variance: the module's ``use_fast_variance``.
+
+  Returns:
+    The ``Convention``.
+
+  Example:
+    >>> from bnjax import conventions
+    >>> conventions.flax_linen(use_fast_variance=False).variance
+    'two_pass'
   """
   _checks.flag("conventions.flax_linen", "use_fast_variance", use_fast_variance)
   return Convention(
@@ -518,7 +721,22 @@ def flax_nnx(
   epsilon: float = 1e-5,
   use_fast_variance: bool = True,
 ) -> Convention:
-  """``flax.nnx.BatchNorm`` defaults: the same arithmetic as ``flax.linen.BatchNorm``."""
+  """``flax.nnx.BatchNorm`` defaults: the same arithmetic as ``flax.linen.BatchNorm``.
+
+  Args:
+    axis: the module's ``axis``.
+    momentum: the module's ``momentum``.
+    epsilon: the module's ``epsilon``.
+    use_fast_variance: the module's ``use_fast_variance``.
+
+  Returns:
+    The ``Convention``.
+
+  Example:
+    >>> from bnjax import conventions
+    >>> conventions.flax_nnx().name
+    'flax.nnx.BatchNorm'
+  """
   return flax_linen(
     axis=axis, momentum=momentum, epsilon=epsilon, use_fast_variance=use_fast_variance
   ).replace(name="flax.nnx.BatchNorm")
@@ -532,6 +750,19 @@ def mxnet_gluon(*, axis: int = 1, momentum: float = 0.9, epsilon: float = 1e-5) 
   biased variance stored as ``moving * momentum + var * (1 - momentum)``, output
   ``((x - mean) * rsqrt(var + eps)) * gamma + beta``. ``momentum`` means what it means here.
   Not tested live (MXNet is retired and not installable here); GPU (cuDNN) kernels may differ.
+
+  Args:
+    axis: the layer's ``axis``.
+    momentum: the layer's ``momentum`` (the weight on the old value, as bnjax's).
+    epsilon: the layer's ``epsilon``.
+
+  Returns:
+    The ``Convention``.
+
+  Example:
+    >>> from bnjax import conventions
+    >>> conventions.mxnet_gluon().options()["momentum"]
+    0.9
   """
   return Convention(
     name="mxnet.gluon.nn.BatchNorm",

@@ -67,7 +67,21 @@ class Problem(NamedTuple):
 
 
 def layers(batch_stats: Any) -> dict[str, Mapping[str, Any]]:
-  """Every layer's running statistics in ``batch_stats``: ``{path: {'mean', 'var', ...}}``."""
+  """Every layer's running statistics in ``batch_stats``: ``{path: {'mean', 'var', ...}}``.
+
+  Args:
+    batch_stats: a ``batch_stats`` tree (a Flax collection, or a ``TrainState``'s).
+
+  Returns:
+    ``{path: statistics}`` for each dict holding ``'mean'`` and ``'var'``, paths joined by '/'.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bnjax import diagnostics
+    >>> stats = {"block": {"bn1": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}}
+    >>> list(diagnostics.layers(stats))
+    ['block/bn1']
+  """
   found = {}
 
   def visit(node, path):
@@ -94,6 +108,20 @@ def covered_by(path: str, frozen: Collection[str]) -> bool:
 
   ``covered_by('block/bn1', {'block'})`` is True: as Keras' ``trainable = False`` on a model
   freezes all its layers, a path freezes everything under it; ``''`` covers everything.
+
+  Args:
+    path: a layer or parameter path, names joined by '/'.
+    frozen: frozen paths.
+
+  Returns:
+    True if some path in ``frozen`` is ``path`` or contains it.
+
+  Example:
+    >>> from bnjax import diagnostics
+    >>> diagnostics.covered_by("block/bn1/scale", {"block"})
+    True
+    >>> diagnostics.covered_by("block2/bn1", {"block"})
+    False
   """
   return any(path == f or not f or path.startswith(f + "/") for f in frozen)
 
@@ -178,6 +206,21 @@ def check_stats_updated(
 
   Any real batch moves them, so exact initial values mean the updates were never kept: the
   train step computed new statistics and threw them away. Frozen layers are skipped.
+
+  Args:
+    batch_stats: the running statistics, as in ``variables['batch_stats']``.
+    steps: the number of training steps taken (``state.step``).
+    frozen: paths of frozen layers, which keep their statistics on purpose.
+
+  Returns:
+    One ``Problem`` per layer still at its initial values.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bnjax import diagnostics
+    >>> stats = {"bn1": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}
+    >>> [p.layer for p in diagnostics.check_stats_updated(stats, steps=10)]
+    ['bn1']
   """
   found = layers(batch_stats)
   frozen = _frozen("diagnostics.check_stats_updated", frozen)
@@ -219,6 +262,19 @@ def check_eval_mode(predict: Callable[[Any], Any], inputs: Any) -> list[Problem]
     predict: the evaluation function, ``inputs -> outputs`` with a leading batch axis, e.g.
       ``lambda x: predict(state, x)`` with ``bnjax.training.make_predict``.
     inputs: one batch holding at least two different examples.
+
+  Returns:
+    A list with one ``Problem`` if the output depends on the batch, else an empty list.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bnjax import diagnostics
+    >>> batch_dependent = lambda x: x - x.mean(0)    # normalizes with the batch's mean
+    >>> x = jnp.array([[1.0], [3.0]])
+    >>> [p.check for p in diagnostics.check_eval_mode(batch_dependent, x)]
+    ['eval_mode']
+    >>> diagnostics.check_eval_mode(lambda x: 2 * x, x)
+    []
   """
   fn = "diagnostics.check_eval_mode"
   inputs = jnp.asarray(inputs)
@@ -253,6 +309,20 @@ def check_warmup(*, momentum: float | None, steps: int | jax.Array) -> list[Prob
   (see ``debias``); m^t falls under ``INITIAL_WEIGHT_LIMIT`` = 0.05 after
   ``ceil(log(0.05) / log(m))`` ~ 3 / (1 - m) steps: 29 for m = 0.9, 2995 for m = 0.999.
   ``momentum=None`` (the cumulative average) needs no warm-up.
+
+  Args:
+    momentum: the batch-norm layers' momentum (the highest, if they differ), or None.
+    steps: the number of updates so far.
+
+  Returns:
+    A list with one ``Problem`` while the initial values weigh more than 5%, else empty.
+
+  Example:
+    >>> from bnjax import diagnostics
+    >>> len(diagnostics.check_warmup(momentum=0.999, steps=1000))
+    1
+    >>> diagnostics.check_warmup(momentum=0.9, steps=100)
+    []
   """
   fn = "diagnostics.check_warmup"
   momentum = _checks.momentum(fn, momentum)
@@ -284,6 +354,22 @@ def check_frozen(batch_stats: Any, reference: Any, *, frozen: Collection[str]) -
   (TF1's ``tf.layers`` behaviour, see ``bnjax.training.freeze``). A layer normalized with batch
   statistics but not updated (``update_stats=False``, tf.keras before TF 2.0) keeps its
   statistics too, so this check cannot see it.
+
+  Args:
+    batch_stats: the running statistics after training.
+    reference: the running statistics the frozen layers started from.
+    frozen: paths of frozen layers (as given to ``bnjax.training.freeze``).
+
+  Returns:
+    One ``Problem`` per frozen layer whose statistics moved.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bnjax import diagnostics
+    >>> before = {"bn1": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}
+    >>> after = {"bn1": {"mean": jnp.full(2, 0.1), "var": jnp.ones(2)}}
+    >>> [p.layer for p in diagnostics.check_frozen(after, before, frozen={"bn1"})]
+    ['bn1']
   """
   fn = "diagnostics.check_frozen"
   frozen = _frozen(fn, frozen)
@@ -341,6 +427,17 @@ def check_epoch(
       layers they cover are skipped by the initial-values check and compared with
       ``reference``.
     reference: the ``batch_stats`` the frozen layers must still hold.
+
+  Returns:
+    Every ``Problem`` found, empty if none.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bnjax import diagnostics, training
+    >>> stats = {"bn": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}
+    >>> state = training.TrainState(jnp.int32(100), {}, stats, ())
+    >>> [p.check for p in diagnostics.check_epoch(state, momentum=0.9)]
+    ['stats_updated']
   """
   fn = "diagnostics.check_epoch"
   frozen = _frozen(fn, frozen)

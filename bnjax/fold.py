@@ -118,6 +118,15 @@ def fold_affine(
   Returns:
     ``(kernel', bias')``: ``kernel'`` in ``kernel``'s dtype and shape, ``bias'`` of shape
     ``(C,)`` in ``bias``'s dtype (``kernel``'s dtype when ``bias`` is None).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bnjax import fold
+    >>> kernel, bias = jnp.ones((2, 1)), jnp.zeros(1)
+    >>> stats = {"mean": jnp.array([1.0]), "var": jnp.array([4.0])}
+    >>> kernel2, bias2 = fold.fold_affine(kernel, bias, {}, stats, epsilon=0.0)
+    >>> kernel2.ravel(), bias2
+    (Array([0.5, 0.5], dtype=float32), Array([-0.5], dtype=float32))
   """
   fn = "fold.fold_affine"
   names = {name: name for name in ("kernel", "bias", "bn_params", "bn_stats")}
@@ -146,12 +155,9 @@ def fold(
   is made of plain dicts (a ``FrozenDict`` comes back as a dict) sharing the untouched arrays.
   Flax's boxed parameters (``nn.Partitioned`` from ``nn.with_partitioning``) keep their box.
 
-  Example::
+  A pair may carry its own options, e.g. for a batch norm converted from Keras::
 
-      folded = bnjax.fold.fold(variables, [
-          ("Conv_0", "BatchNorm_0"),
-          ("block/Dense_0", "block/BatchNorm_0", {"epsilon": 1e-3}),   # a Keras-converted BN
-      ])
+      bnjax.fold.fold(variables, [("Conv_0", "BatchNorm_0"), ("Dense_0", "bn", {"epsilon": 1e-3})])
 
   Args:
     variables: ``{'params': ..., 'batch_stats': ..., ...}`` as ``model.init`` returns them;
@@ -164,6 +170,24 @@ def fold(
 
   Returns:
     The folded variables.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import flax.linen as nn
+    >>> import bnjax.linen
+    >>> from bnjax import fold
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     return bnjax.linen.BatchNorm(use_running_average=True)(nn.Dense(3)(x))
+    >>> variables = Net().init(jax.random.key(0), jnp.ones((1, 4)))
+    >>> folded = fold.fold(variables, [("Dense_0", "BatchNorm_0")])
+    >>> sorted(folded), sorted(folded["params"])
+    (['params'], ['Dense_0'])
+    >>> x = jnp.ones((2, 4))
+    >>> y_folded = nn.Dense(3).apply({"params": folded["params"]["Dense_0"]}, x)
+    >>> bool(jnp.allclose(y_folded, Net().apply(variables, x), atol=1e-6))
+    True
   """
   fn = "fold.fold"
   epsilon = _checks.epsilon(fn, epsilon)
@@ -238,16 +262,33 @@ def fold_nnx(model: Any, pairs: Sequence[tuple[Any, ...]]) -> None:
   Every pair is checked before the model changes, so an error leaves it as it was. Copy the
   model first (``nnx.clone``) to keep the unfolded one.
 
-  Example::
-
-      bnjax.fold.fold_nnx(model, [("conv1", "bn1"), ("block/conv", "block/bn")])
-      model.eval()          # the same outputs as the unfolded model in evaluation
-
   Args:
     model: an ``nnx.Module``.
     pairs: ``(layer_path, bn_path)`` attribute paths from ``model``: ``'conv1'``,
       ``'block/conv'`` or a tuple ``('layers', 0)`` (ints index lists and ``nnx.Sequential``'s
       ``layers``).
+
+  Returns:
+    None: ``model`` is changed in place.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import bnjax.nnx
+    >>> from bnjax import fold
+    >>> class Net(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.linear = nnx.Linear(4, 3, rngs=rngs)
+    ...     self.bn = bnjax.nnx.BatchNorm(3, rngs=rngs)
+    ...   def __call__(self, x):
+    ...     return self.bn(self.linear(x))
+    >>> model = Net(nnx.Rngs(0))
+    >>> model.eval()
+    >>> x = jnp.ones((2, 4))
+    >>> y = model(x)
+    >>> fold.fold_nnx(model, [("linear", "bn")])
+    >>> bool(jnp.allclose(model(x), y, atol=1e-6))
+    True
   """
   from flax import nnx  # only here: `import bnjax` needs jax and numpy alone
 

@@ -76,7 +76,23 @@ class TrainState(NamedTuple):
 def create_train_state(
   params: Any, batch_stats: Any, tx: optax.GradientTransformation
 ) -> TrainState:
-  """The state at step 0: ``TrainState(0, params, batch_stats, tx.init(params))``."""
+  """The state at step 0: ``TrainState(0, params, batch_stats, tx.init(params))``.
+
+  Args:
+    params: the model's parameters (a pytree), e.g. ``variables['params']``.
+    batch_stats: its running statistics, e.g. ``variables['batch_stats']`` (``{}`` if none).
+    tx: the optimizer; its state is initialized from ``params``.
+
+  Returns:
+    The ``TrainState`` at step 0.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from bnjax import training
+    >>> state = training.create_train_state({"w": jnp.ones(2)}, {}, optax.sgd(0.1))
+    >>> int(state.step)
+    0
+  """
   _gradient_transformation("create_train_state", tx)
   return TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
 
@@ -97,6 +113,25 @@ def linen_apply_fn(
     model: a module instance, e.g. ``CNN()``.
     train_arg: the name of the model's keyword that switches training on.
     rng_collection: the PRNG stream that receives the step's ``key`` (Flax's Dropout: 'dropout').
+
+  Returns:
+    ``apply_fn(params, batch_stats, inputs, *, training, key=None) -> (outputs, batch_stats)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import flax.linen as nn
+    >>> import bnjax.linen
+    >>> from bnjax import training
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, *, train):
+    ...     return bnjax.linen.BatchNorm(use_running_average=not train)(x)
+    >>> variables = Net().init(jax.random.key(0), jnp.ones((4, 3)), train=False)
+    >>> apply_fn = training.linen_apply_fn(Net())
+    >>> x = jnp.arange(12.0).reshape(4, 3)
+    >>> y, stats = apply_fn(variables["params"], variables["batch_stats"], x, training=True)
+    >>> stats["BatchNorm_0"]["mean"]
+    Array([0.045, 0.055, 0.065], dtype=float32)
   """
   if isinstance(model, type) or not callable(getattr(model, "apply", None)):
     _checks.fail(
@@ -282,6 +317,25 @@ def make_eval_step(
                    (pmean over axis_name)
 
   Nothing in ``state`` changes and no state is returned. Arguments as for ``make_train_step``.
+
+  Args:
+    apply_fn: the model, as for ``make_train_step``.
+    loss_fn: ``(outputs, targets) -> scalar``.
+    metrics_fn: ``(outputs, targets) -> {name: scalar}`` reported besides the loss.
+    axis_name: the mapped axis of data-parallel evaluation, or None.
+
+  Returns:
+    The jitted ``eval_step``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from bnjax import training
+    >>> def apply_fn(params, batch_stats, inputs, *, training):
+    ...   return inputs * params["w"], batch_stats
+    >>> state = training.create_train_state({"w": jnp.float32(2.0)}, {}, optax.sgd(0.1))
+    >>> eval_step = training.make_eval_step(apply_fn, loss_fn=lambda y, t: jnp.mean((y - t) ** 2))
+    >>> float(eval_step(state, jnp.ones(3), jnp.zeros(3))["loss"])
+    4.0
   """
   _callables(
     "training.make_eval_step",
@@ -305,6 +359,21 @@ def make_predict(apply_fn: ApplyFn) -> Callable[[TrainState, Any], Any]:
   """A jitted ``predict(state, inputs) -> outputs`` with the running statistics (evaluation).
 
   ``lambda x: predict(state, x)`` is what ``bnjax.diagnostics.check_eval_mode`` probes.
+
+  Args:
+    apply_fn: the model, as for ``make_train_step``.
+
+  Returns:
+    The jitted ``predict``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from bnjax import training
+    >>> def apply_fn(params, batch_stats, inputs, *, training):
+    ...   return inputs * params["w"], batch_stats
+    >>> state = training.create_train_state({"w": jnp.float32(2.0)}, {}, optax.sgd(0.1))
+    >>> training.make_predict(apply_fn)(state, jnp.ones(2))
+    Array([2., 2.], dtype=float32)
   """
   _callables("training.make_predict", apply_fn=apply_fn)
   fn = "training.predict"
@@ -357,6 +426,19 @@ def freeze(
       ``'block/bn1'``). A path freezes everything under it (``'block'`` freezes
       ``'block/bn1/scale'``), as Keras' ``trainable = False`` on a model freezes its layers;
       ``bnjax.diagnostics.covered_by`` is the rule. Each path must cover a parameter.
+
+  Returns:
+    The optimizer: ``tx`` for the trainable parameters, no update for the frozen ones.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from bnjax import training
+    >>> params = {"bn1": {"scale": jnp.ones(2)}, "dense": {"kernel": jnp.ones(2)}}
+    >>> tx = training.freeze(optax.sgd(1.0), frozen={"bn1"})
+    >>> grads = {"bn1": {"scale": jnp.ones(2)}, "dense": {"kernel": jnp.ones(2)}}
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> updates["bn1"]["scale"], updates["dense"]["kernel"]
+    (Array([0., 0.], dtype=float32), Array([-1., -1.], dtype=float32))
   """
   fn = "training.freeze"
   _gradient_transformation(fn, tx)

@@ -40,8 +40,9 @@ import numpy as np
 from bnjax import _checks, conventions
 from bnjax.conventions import Convention
 from bnjax.interop import Converted
+from bnjax.interop._models import NameMapping, PortedModel, flax_paths, get, put
 
-__all__ = ["assign_to_keras", "from_keras", "to_keras"]
+__all__ = ["assign_to_keras", "assign_to_keras_model", "from_keras", "from_keras_model", "to_keras"]
 
 _NAMES = (
   ("gamma", "params", "scale"),
@@ -342,3 +343,124 @@ def assign_to_keras(layer: Any, params: dict[str, Any], stats: dict[str, Any]) -
       )
     dtype = getattr(variable.dtype, "name", variable.dtype)  # tf.DType (tf_keras) or str (Keras 3)
     variable.assign(value.reshape(stored).astype(np.dtype(dtype)))
+
+
+# --- whole models ---------------------------------------------------------------------------
+
+
+def _is_batch_norm(layer: Any) -> bool:
+  return any(
+    cls.__name__ == "BatchNormalization" and cls.__module__.split(".")[0] in _LIBRARIES
+    for cls in type(layer).__mro__
+  )
+
+
+def _batch_norms(fn: str, model: Any) -> dict[str, Any]:
+  """``{path: layer}`` for the BatchNormalization layers in ``model``, nested models included.
+
+  A path is the layer names from the model down, joined by ``/`` (``'block1/bn'``).
+  """
+  if not hasattr(model, "_flatten_layers"):
+    _fail(
+      fn,
+      f"`model` must be a Keras 3 or tf_keras model or layer, got {type(model).__name__}.",
+      TypeError,
+    )
+  found: dict[str, Any] = {}
+
+  def walk(layer: Any, prefix: str) -> None:
+    for child in layer._flatten_layers(include_self=False, recursive=False):
+      path = f"{prefix}{child.name}"
+      if _is_batch_norm(child):
+        found[path] = child
+      else:
+        walk(child, f"{path}/")
+
+  walk(model, "")
+  if not found:
+    _fail(fn, f"`model` ({type(model).__name__}) has no BatchNormalization layers.")
+  return found
+
+
+def _same_path(path: str) -> str:
+  return path
+
+
+def from_keras_model(model: Any, *, names: NameMapping = None) -> PortedModel:
+  """Every BatchNormalization of a built Keras model, as a Flax model's
+  ``{'params', 'batch_stats'}``.
+
+  Each Keras 3 or tf_keras ``BatchNormalization`` in ``model`` (in nested models and layers
+  too) goes through ``from_keras`` and lands at its Flax path, with its own convention: Keras
+  3's, or tf_keras's fused or unfused one as each layer resolved it, renorm included. Layers
+  with an ``adjustment`` need ``from_keras`` one by one (the JAX function is the caller's).
+
+  Args:
+    model: a built Keras 3 or tf_keras model (or layer holding others).
+    names: the Flax path of each batch norm: None keeps the Keras path (layer names joined by
+      ``/``, e.g. ``'block1/batch_normalization'``), a callable ``keras_path -> flax_path``,
+      or a dict that maps every batch norm's Keras path.
+
+  Returns:
+    ``PortedModel(variables, conventions)``, as ``interop.torch.from_torch_model``.
+
+  Example:
+    >>> import keras
+    >>> from bnjax.interop import from_keras_model
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(name="bn")])
+    >>> ported = from_keras_model(model, names={"bn": "BatchNorm_0"})
+    >>> sorted(ported.variables["params"]["BatchNorm_0"])
+    ['bias', 'scale']
+    >>> ported.conventions["BatchNorm_0"].epsilon
+    0.001
+  """
+  fn = "interop.keras.from_keras_model"
+  found = _batch_norms(fn, model)
+  paths = flax_paths(fn, list(found), names, _same_path)
+  variables: dict[str, Any] = {"params": {}, "batch_stats": {}}
+  layer_conventions = {}
+  for keras_path, layer in found.items():
+    converted = from_keras(layer)
+    flax_path = paths[keras_path]
+    if converted.params:
+      put(variables["params"], flax_path, converted.params)
+    put(variables["batch_stats"], flax_path, converted.stats)
+    layer_conventions[flax_path] = converted.convention
+  return PortedModel(variables, layer_conventions)
+
+
+def assign_to_keras_model(model: Any, variables: Any, *, names: NameMapping = None) -> None:
+  """Writes a Flax model's batch-norm variables into every BatchNormalization of a Keras model.
+
+  The inverse of ``from_keras_model``: each layer gets the ``params`` and ``batch_stats`` at its
+  Flax path through ``assign_to_keras`` (exact, shapes checked; ``count`` has no Keras
+  weight and is dropped). The other layers' weights are the caller's.
+
+  Args:
+    model: the built Keras 3 or tf_keras model that receives the values.
+    variables: ``{'params': ..., 'batch_stats': ...}`` as a Flax model holds them.
+    names: as for ``from_keras_model``; give the same.
+
+  Returns:
+    None: the model's weights are assigned in place.
+
+  Example:
+    >>> import keras, numpy as np
+    >>> from bnjax.interop import assign_to_keras_model, from_keras_model
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.BatchNormalization(name="bn")])
+    >>> ported = from_keras_model(model)
+    >>> ported.variables["batch_stats"]["bn"]["mean"] = np.array([3.0, 4.0], np.float32)
+    >>> assign_to_keras_model(model, ported.variables)
+    >>> model.get_layer("bn").moving_mean.numpy()
+    array([3., 4.], dtype=float32)
+  """
+  fn = "interop.keras.assign_to_keras_model"
+  found = _batch_norms(fn, model)
+  paths = flax_paths(fn, list(found), names, _same_path)
+  for keras_path, layer in found.items():
+    flax_path = paths[keras_path]
+    has_params = layer.center or layer.scale
+    params = get(fn, variables, "params", flax_path, required=has_params) or {}
+    stats = get(fn, variables, "batch_stats", flax_path, required=True)
+    stats = {key: value for key, value in stats.items() if key != "count"}
+    assign_to_keras(layer, dict(params), stats)

@@ -27,8 +27,17 @@ import numpy as np
 from bnjax import _checks, conventions
 from bnjax.conventions import Convention
 from bnjax.interop import Converted
+from bnjax.interop._models import NameMapping, PortedModel, flax_paths, get, put
 
-__all__ = ["from_torch", "to_state_dict", "to_torch"]
+__all__ = [
+  "PortedModel",
+  "default_flax_path",
+  "from_torch",
+  "from_torch_model",
+  "to_state_dict",
+  "to_torch",
+  "to_torch_state_dict",
+]
 
 _NAMES = (
   ("weight", "params", "scale"),
@@ -215,3 +224,155 @@ def to_torch(
       tensor = torch.nn.Parameter(tensor)
     setattr(module, name, tensor)
   return module
+
+
+# --- whole models ---------------------------------------------------------------------------
+
+
+def default_flax_path(torch_path: str) -> str:
+  """The Flax path bnjax gives a torch module path by default: ``'layer1.0.bn1'`` ->
+  ``'layer1_0/bn1'``.
+
+  Each dotted name becomes a scope; an index joins the name before it with ``_``, as Flax
+  names the modules of a list attribute (``self.layer1 = [Block(...), ...]`` gives
+  ``layer1_0``, ``layer1_1``).
+
+  Args:
+    torch_path: a module's name in ``model.named_modules()``.
+
+  Returns:
+    The path in the Flax-layout tree, scopes joined by ``/``.
+
+  Example:
+    >>> from bnjax.interop import torch
+    >>> torch.default_flax_path("layer1.0.downsample.1")
+    'layer1_0/downsample_1'
+  """
+  parts: list[str] = []
+  for name in torch_path.split("."):
+    if name.isdigit() and parts:
+      parts[-1] += f"_{name}"
+    else:
+      parts.append(name)
+  return "/".join(parts)
+
+
+def _batch_norms(fn: str, model: Any) -> dict[str, Any]:
+  import torch
+
+  if not isinstance(model, torch.nn.Module):
+    _fail(fn, f"`model` must be a torch.nn.Module, got {type(model).__name__}.", TypeError)
+  found = {
+    path: module
+    for path, module in model.named_modules()
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+  }
+  if not found:
+    _fail(fn, f"`model` ({type(model).__name__}) has no BatchNorm modules.")
+  return found
+
+
+def from_torch_model(model: Any, *, names: NameMapping = None) -> PortedModel:
+  """Every BatchNorm of a torch model, as a Flax model's ``{'params', 'batch_stats'}``.
+
+  Each ``torch.nn.BatchNorm1d/2d/3d`` (or ``SyncBatchNorm``) found by ``model.named_modules()``
+  goes through ``from_torch`` and lands at its Flax path; its convention (momentum, eps, the
+  unbiased running variance, ``count`` from ``num_batches_tracked``) is kept per layer. The
+  conventions carry torch's channel axis, 1; a channels-last Flax model uses them as
+  ``convention.replace(axis=-1)``. Other modules (convolutions, linear layers) are not
+  converted: their layouts differ by model (``examples/port_torch_resnet.py`` does both).
+
+  Args:
+    model: a ``torch.nn.Module``.
+    names: the Flax path of each batch norm: None for ``default_flax_path``
+      (``'layer1.0.bn1'`` -> ``'layer1_0/bn1'``), a callable ``torch_path -> flax_path``, or a
+      dict that maps every batch norm's torch path.
+
+  Returns:
+    ``PortedModel(variables, conventions)``: ``variables = {'params': ..., 'batch_stats':
+    ...}`` nested by Flax path, ``conventions = {flax_path: Convention}``.
+
+  Example:
+    >>> import torch
+    >>> from bnjax.interop import from_torch_model
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    >>> ported = from_torch_model(model, names={"1": "bn"})
+    >>> sorted(ported.variables["batch_stats"]["bn"])
+    ['count', 'mean', 'var']
+    >>> ported.conventions["bn"].momentum
+    0.9
+  """
+  fn = "interop.torch.from_torch_model"
+  found = _batch_norms(fn, model)
+  paths = flax_paths(fn, list(found), names, default_flax_path)
+  variables: dict[str, Any] = {"params": {}, "batch_stats": {}}
+  layer_conventions = {}
+  for torch_path, module in found.items():
+    converted = from_torch(module)
+    flax_path = paths[torch_path]
+    if converted.params:
+      put(variables["params"], flax_path, converted.params)
+    put(variables["batch_stats"], flax_path, converted.stats)
+    layer_conventions[flax_path] = converted.convention
+  return PortedModel(variables, layer_conventions)
+
+
+def to_torch_state_dict(variables: Any, model: Any, *, names: NameMapping = None) -> dict:
+  """Every BatchNorm's entries of a torch state dict, from a Flax model's variables.
+
+  The inverse of ``from_torch_model``: for each batch norm of ``model`` (the module that
+  receives them), its ``params`` and ``batch_stats`` at its Flax path become
+  ``{torch_path}.weight``, ``.bias``, ``.running_mean``, ``.running_var`` and
+  ``.num_batches_tracked`` (``to_state_dict``), checked against the module's shapes. Load them
+  with ``model.load_state_dict(state, strict=False)``, which copies them into the module in
+  its own dtypes; the other entries of the state dict (convolutions, linear layers) are the
+  caller's.
+
+  Args:
+    variables: ``{'params': ..., 'batch_stats': ...}`` as a Flax model holds them.
+    model: the ``torch.nn.Module`` whose batch norms receive the values.
+    names: as for ``from_torch_model``; give the same.
+
+  Returns:
+    The state dict entries of every batch norm of ``model``.
+
+  Example:
+    >>> import torch
+    >>> from bnjax.interop import from_torch_model, to_torch_state_dict
+    >>> model = torch.nn.Sequential(torch.nn.BatchNorm1d(2))
+    >>> ported = from_torch_model(model)
+    >>> stats = ported.variables["batch_stats"]["0"]
+    >>> stats["mean"] = stats["mean"] + 1
+    >>> state = to_torch_state_dict(ported.variables, model)
+    >>> model.load_state_dict(state, strict=False).unexpected_keys
+    []
+    >>> model[0].running_mean
+    tensor([1., 1.])
+  """
+  fn = "interop.torch.to_torch_state_dict"
+  found = _batch_norms(fn, model)
+  paths = flax_paths(fn, list(found), names, default_flax_path)
+  state = {}
+  for torch_path, module in found.items():
+    flax_path = paths[torch_path]
+    params = get(fn, variables, "params", flax_path, required=module.affine) or {}
+    stats = get(fn, variables, "batch_stats", flax_path, required=True)
+    if not isinstance(stats, Mapping) or not isinstance(params, Mapping):
+      _fail(fn, f"`variables` at {flax_path!r} must hold a batch norm's dicts of arrays.")
+    if module.affine != ("scale" in params):
+      _fail(
+        fn,
+        f"the module {torch_path!r} has affine={module.affine}, but `variables['params']` at"
+        f" {flax_path!r} has keys {sorted(params)}.",
+      )
+    entries = to_state_dict(dict(params), dict(stats), prefix=f"{torch_path}.")
+    expected = dict(module.state_dict(prefix=f"{torch_path}."))
+    for key, tensor in entries.items():
+      if key in expected and tuple(expected[key].shape) != tuple(tensor.shape):
+        _fail(
+          fn,
+          f"{key} has shape {tuple(expected[key].shape)} in the model, got"
+          f" {tuple(tensor.shape)} from {flax_path!r}.",
+        )
+    state.update(entries)
+  return state
