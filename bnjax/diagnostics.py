@@ -147,6 +147,11 @@ def check_batch(
 
   Returns:
     One ``Problem`` (check ``'batch'``) when each channel's statistics cover one element.
+
+  Example:
+    >>> from bnjax import diagnostics
+    >>> [p.check for p in diagnostics.check_batch((1, 8), axis=-1)]
+    ['batch']
   """
   fn = "diagnostics.check_batch"
   shape = tuple(int(n) for n in shape)
@@ -179,6 +184,12 @@ def check_skipped(metrics: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> l
 
   Returns:
     One ``Problem`` (check ``'skipped'``) when any step was skipped, saying how many.
+
+  Example:
+    >>> from bnjax import diagnostics
+    >>> metrics = [{"loss": 1.0, "skipped": 0.0}, {"loss": float("nan"), "skipped": 1.0}]
+    >>> [p.check for p in diagnostics.check_skipped(metrics)]
+    ['skipped']
   """
   if isinstance(metrics, Mapping):
     values = np.asarray(metrics.get("skipped", []), np.float64).ravel()
@@ -501,6 +512,13 @@ def debias(
 
   Returns:
     ``stats`` with ``'mean'`` and ``'var'`` replaced by avg_t, in their dtypes.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bnjax import diagnostics
+    >>> stats = {"mean": jnp.array([1.5]), "var": jnp.array([1.0])}   # one update, m = 0.5
+    >>> diagnostics.debias(stats, momentum=0.5, count=1)["mean"]    # (1.5 - 0.5 * 0) / 0.5
+    Array([3.], dtype=float32)
   """
   fn = "diagnostics.debias"
   if momentum is None:

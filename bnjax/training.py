@@ -490,6 +490,14 @@ def save_checkpoint(
 
   Returns:
     The absolute path, once the checkpoint is on disk.
+
+  Example:
+    >>> import pathlib, tempfile, jax.numpy as jnp, optax
+    >>> from bnjax import training
+    >>> state = training.create_train_state({"w": jnp.ones(2)}, {}, optax.sgd(0.1))
+    >>> path = training.save_checkpoint(pathlib.Path(tempfile.mkdtemp()) / "step_0", state)
+    >>> path.name, (path / "bnjax_manifest.json").exists()
+    ('step_0', True)
   """
   fn = "training.save_checkpoint"
   _train_state(fn, "state", state)
@@ -516,6 +524,14 @@ def restore_checkpoint(
     CheckpointNotFoundError: nothing, or no checkpoint, at ``path``.
     CheckpointDamagedError: unreadable files or an array whose checksum differs (named).
     CheckpointMismatchError: another tree, shape or dtype than ``like``.
+
+  Example:
+    >>> import pathlib, tempfile, jax.numpy as jnp, optax
+    >>> from bnjax import training
+    >>> state = training.create_train_state({"w": jnp.ones(2)}, {}, optax.sgd(0.1))
+    >>> path = training.save_checkpoint(pathlib.Path(tempfile.mkdtemp()) / "step_0", state)
+    >>> training.restore_checkpoint(path, like=state).params["w"]
+    Array([1., 1.], dtype=float32)
   """
   fn = "training.restore_checkpoint"
   _train_state(fn, "like", like)

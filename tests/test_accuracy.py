@@ -144,6 +144,7 @@ def _synced(transform, x, mask, params, stats, **options):
 
 @pytest.mark.parametrize("offset", [1e3, 1e5, 1e6], ids=lambda o: f"{o:.0e}")
 @pytest.mark.parametrize("transform", ["shard_map", "pmap", "vmap"])
+@pytest.mark.slow
 def test_eight_devices_with_uneven_masks_at_the_floor(transform, offset):
   x, params, stats = _case((64, 6, 4), -1, offset, seed=2)
   # devices hold 8, 5, 0, 8, 3, 8, 1, 6 valid examples of 8
@@ -184,6 +185,7 @@ def test_tensorflow_features_at_the_floor(feature, offset):
 
 @pytest.mark.parametrize("offset", [1e4, 1e6], ids=lambda o: f"{o:.0e}")
 @pytest.mark.parametrize("backward", ["closed_form", "autodiff"])
+@pytest.mark.slow
 def test_gradients_at_the_floor(backward, offset):
   shape = (16, 8, 8, 4)
   x, params, stats = _case(shape, -1, offset, seed=6)
@@ -204,6 +206,7 @@ def test_gradients_at_the_floor(backward, offset):
 @pytest.mark.parametrize("epsilon", [1e-5, 0.0], ids=["eps1e-5", "eps0"])
 @pytest.mark.parametrize("variance", ["auto", "two_pass", "shifted"])
 @pytest.mark.parametrize("value", [0.1, 1234.567, 98765.4, -1e6])
+@pytest.mark.slow
 def test_constant_channel_is_exact(value, variance, epsilon):
   x = np.random.default_rng(0).standard_normal((1000, 3)).astype(np.float32) + 50
   x[:, 1] = np.float32(value)
@@ -234,6 +237,7 @@ def test_constant_channel_is_exact_across_devices(transform):
 
 @pytest.mark.parametrize("momentum", [0.9, 0.99, 0.999])
 @pytest.mark.parametrize("rule", ["ema", "zero_debias", "cumulative"])
+@pytest.mark.slow
 def test_running_updates_within_two_ulps(rule, momentum):
   x, params, stats = _case((256, 4), -1, 1e4, seed=8)
   options = {
@@ -256,6 +260,7 @@ def test_running_updates_within_two_ulps(rule, momentum):
       )
 
 
+@pytest.mark.slow
 def test_float16_empty_channel_stays_finite():
   x = jnp.asarray(np.random.default_rng(0).uniform(200, 400, (16, 3)), jnp.float16)
   mask = np.broadcast_to(np.array([True, False, True]), x.shape)
@@ -306,6 +311,7 @@ def _accuracy_report():
   return module
 
 
+@pytest.mark.slow
 def test_accuracy_report_measures_what_docs_accuracy_says():
   report = _accuracy_report()
   bnjax_peer, flax_exact = report.PEERS[0], report.PEERS[1]

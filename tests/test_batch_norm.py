@@ -50,6 +50,7 @@ def _check(layout, *, training, options, mask=None, jit=False, steps=3):
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.slow
 def test_layouts(layout, training, jit):
   _check(layout, training=training, options={"momentum": 0.9}, jit=jit)
 
@@ -89,6 +90,7 @@ OPTIONS = {
 
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
 @pytest.mark.parametrize("layout", [LAYOUTS["nhwc"], LAYOUTS["nchw"]], ids=["nhwc", "nchw"])
+@pytest.mark.slow
 def test_options(layout, options):
   _check(layout, training=True, options=options)
 

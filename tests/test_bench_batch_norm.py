@@ -20,6 +20,7 @@ BENCH = load_script("benchmarks/bench_batch_norm.py")
 
 
 @pytest.mark.parametrize("shape", BENCH.SHAPES, ids=[s.name for s in BENCH.SHAPES])
+@pytest.mark.slow
 def test_bnjax_at_the_benchmark_shapes_matches_the_oracle(shape):
   x_np, dy_np = BENCH.data(shape)
   x, dy = (jnp.asarray(v, shape.dtype) for v in (x_np, dy_np))
@@ -43,6 +44,7 @@ def test_bnjax_at_the_benchmark_shapes_matches_the_oracle(shape):
   assert_close(dparams["bias"], dbias_ref, jnp.float32, n, "dbias")
 
 
+@pytest.mark.slow
 def test_quick_run_times_every_installed_peer_and_renders(tmp_path):
   output, record = tmp_path / "results.md", tmp_path / "quick.json"
   assert (
@@ -119,6 +121,7 @@ def test_readme_quotes_the_results_summary():
   assert summary((root / "README.md").read_text()) == summary(results)
 
 
+@pytest.mark.slow
 def test_benchmarks_readme_lists_the_flags_the_scripts_take():
   import pathlib
   import re
@@ -127,12 +130,15 @@ def test_benchmarks_readme_lists_the_flags_the_scripts_take():
 
   root = pathlib.Path(__file__).resolve().parent.parent
   readme = (root / "benchmarks" / "README.md").read_text()
-  listed = re.search(r"Flags of `bench_batch_norm.py`: (.*?)\. The\s+other", readme, re.DOTALL)
+  listed = re.search(r"Flags of `bench_batch_norm.py`: (.*?)\.\s", readme, re.DOTALL)
   assert listed, "the flags sentence of benchmarks/README.md"
+  models = re.search(r"Flags of `bench_models.py`: (.*?)\. The\s+other", readme, re.DOTALL)
+  assert models, "the flags sentence of bench_models.py"
   shared = re.search(r"`_common.timing_parser`\) take (.*?)\. `--help`", readme, re.DOTALL)
   assert shared, "the shared flags sentence"
   for script, text in (
     ("bench_batch_norm.py", listed.group(1)),
+    ("bench_models.py", models.group(1)),
     ("bench_traced_flag.py", shared.group(1)),
   ):
     usage = subprocess.run(

@@ -42,6 +42,7 @@ def test_presets_hold_each_framework_defaults():
     assert getattr(cv, name) is c
 
 
+@pytest.mark.slow
 def test_options_are_batch_norm_keywords_and_run():
   x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 3, 2, 2)), jnp.float32)
   for name, convention in cv.PRESETS.items():

@@ -20,6 +20,8 @@ import bnjax
 import bnjax.diagnostics
 from bnjax import conventions as cv
 
+pytestmark = pytest.mark.live  # compares with TensorFlow, Keras or PyTorch
+
 REQUIRES = {
   "tf_nn": "tensorflow",
   "tf_fused": "tensorflow",

@@ -77,6 +77,7 @@ def layout(state):
 @pytest.mark.parametrize(
   "example_shape", [(5,), (5, 6), (5, 3, 4)], ids=["rank1", "rank2", "rank3"]
 )
+@pytest.mark.slow
 def test_outputs_state_and_gradients_match_equinox(mode, example_shape):
   mine, mine_state, theirs, theirs_state = pair(mode, debias_initial_var=0.0)
   n = 8 * int(np.prod(example_shape[1:]))
@@ -158,6 +159,7 @@ def test_same_fields_and_state_as_equinox(mode, dtype, channelwise_affine):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.slow
 def test_equinox_scenarios(mode):
   rng = np.random.default_rng(2)
   x1, x2, x3 = (
@@ -232,6 +234,7 @@ def test_zero_training_steps_is_the_identity(debias_initial_var):
   np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-5), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_batch_mode_inference_removes_the_initial_variance():
   """Equinox divides the averages by 1 - m^t; the variance started at 1, not 0, so it keeps
   m^t / (1 - m^t) of that start (99 after one step). bnjax removes it by default."""
@@ -259,6 +262,7 @@ def test_batch_mode_inference_removes_the_initial_variance():
   np.testing.assert_allclose(equinox_var - debiased_var, overstated, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_sequential_make_with_state_and_serialisation():
   def make(key):
     k1, k2 = jax.random.split(key)
@@ -283,6 +287,7 @@ def test_sequential_make_with_state_and_serialisation():
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.slow
 def test_more_accurate_than_equinox_at_a_large_offset(mode):
   """x = 1e4 + N(0, 1): Equinox's float32 x - mean carries ~1e-3 of the offset; bnjax's shift
   from the data keeps y at the float32 floor of the float64 result."""
@@ -300,6 +305,7 @@ def test_more_accurate_than_equinox_at_a_large_offset(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("transform", ["pmap", "shard_map"])
+@pytest.mark.slow
 def test_eight_devices_match_one(mode, transform):
   """8 fake devices, 2 examples each, a vmap inside: statistics over ("d", "batch") equal one
   vmap over the whole batch, and Equinox's layer agrees. In JAX 0.10, collectives over a vmap
@@ -354,6 +360,7 @@ def test_eight_devices_match_one(mode, transform):
   np.testing.assert_allclose(grads.bias, grads_whole.bias, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_convention_runs_that_frameworks_arithmetic():
   """convention=PYTORCH: momentum 0.9 (torch's 0.1), unbiased stored variance, eps 1e-5, and
   inference with the stored statistics as they are; the same numbers as bnjax.batch_norm."""
@@ -429,6 +436,7 @@ def test_construction_errors(make, error, pattern):
     make()
 
 
+@pytest.mark.slow
 def test_call_errors_and_the_legacy_mode_warning():
   with pytest.warns(UserWarning, match="`mode` was not given and defaults to 'ema'"):
     legacy = bnjax.equinox.BatchNorm(3, "batch")

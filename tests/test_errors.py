@@ -563,6 +563,7 @@ class TestModules:
     with pytest.raises(ValueError, match=r"bnjax.nnx.BatchNorm: `on_nonfinite` must be one of"):
       bnjax.nnx.BatchNorm(3, on_nonfinite="skip", rngs=nnx.Rngs(0))
 
+  @pytest.mark.live
   def test_torch_module_with_momentum_zero(self):
     torch = pytest.importorskip("torch")
     from bnjax.interop import torch as interop

@@ -46,6 +46,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.usefixtures("standard_promotion")  # Flax and optax rely on standard promotion
+@pytest.mark.slow
 def test_train_digits_defaults_reach_95_percent(train_digits, tmp_path, capsys):
   # The README's demo with its default settings: ~99% after 8 epochs with dropout, ~15 s on
   # 2 CPU cores (mostly XLA compilation). Only the plot goes elsewhere.
@@ -93,6 +94,7 @@ def test_cold_start_debiased_is_right_from_the_start(cold_start, tmp_path, capsy
 
 
 @pytest.mark.usefixtures("standard_promotion")
+@pytest.mark.slow
 def test_finetune_frozen_layers_stay_put(finetune_frozen, capsys):
   # keras-team/keras#9965: a frozen BatchNormalization normalized with batch statistics
   flags = ["--pretrain-epochs", "1", "--finetune-epochs", "1", "--no-progress"]
@@ -112,6 +114,7 @@ def test_finetune_frozen_layers_stay_put(finetune_frozen, capsys):
   assert "layer 'bn2' is frozen but its running statistics moved" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_traced_flag_quick(tmp_path):
   pytest.importorskip("tqdm")
   bench = load_script("benchmarks/bench_traced_flag.py")

@@ -42,6 +42,7 @@ def complex_data(shape, seed=0):
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+@pytest.mark.slow
 def test_linen_complex_input_matches_flax(masked):
   """Flax's complex batch norm: complex mean, real variance mean(|x - mean|^2), real params;
   masked-out elements may be NaN. The running mean becomes complex after the first update.
@@ -82,6 +83,7 @@ def test_linen_complex_input_matches_flax(masked):
   )
 
 
+@pytest.mark.slow
 def test_nnx_complex_input_matches_flax_linen_and_differentiates():
   """flax.nnx.BatchNorm cannot store a complex mean in its float32 BatchStat (a FutureWarning,
   an error under Flax's test configuration); bnjax's NNX module stores it as Linen's does."""
@@ -201,6 +203,7 @@ def test_nnx_view_and_view_info():
   assert evaluating.bn.use_running_average is True and model.bn.use_running_average is False
 
 
+@pytest.mark.slow
 def test_no_warning_at_one_element_per_channel_under_nnx_transforms():
   """Batch size 1 under nnx.scan, nnx.vmap and nnx.tabulate, and a Linen TrainState step:
   silent, as Flax is (warnings are errors here)."""
@@ -361,6 +364,7 @@ def test_convention_layout_and_conflicts_are_refused(module):
     build(convention="pytorch")(data((4, 3)))
 
 
+@pytest.mark.slow
 def test_tuple_axis_name_over_nested_vmaps_matches_flax():
   """Flax and Equinox reduce a tuple of vmapped names with pmean; all_gather cannot batch such
   a tuple, and bnjax combines the counts with psums instead: the statistics of the whole."""

@@ -379,6 +379,7 @@ NNX_PAIRS = [
 
 
 @pytest.mark.usefixtures("standard_promotion")
+@pytest.mark.slow
 def test_nnx_folded_in_place_matches_unfolded():
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.normal(1.0, 1.0, (4, 8, 8, 3)), jnp.float32)
@@ -678,6 +679,7 @@ def test_error_messages_name_the_function():
 # --- the benchmark -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bench_fold_quick(tmp_path):
   pytest.importorskip("tqdm")
   path = ROOT / "benchmarks" / "bench_fold.py"

@@ -94,6 +94,7 @@ def test_goldens_record_library_versions_and_stay_small():
 
 
 @pytest.mark.parametrize("case", lf.CASES, ids=lambda c: c.id)
+@pytest.mark.slow
 def test_golden(case):
   inputs, expected = stored(case.id)
   np.testing.assert_array_equal(inputs["x"], lf.make_data(case)["x"])  # same inputs as live

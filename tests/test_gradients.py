@@ -29,6 +29,7 @@ BACKWARDS = ["closed_form", "autodiff"]
 @pytest.mark.parametrize("name", ["dense", "nhwc", "nchw", "two-feature-axes"])
 @pytest.mark.parametrize("variance", ["two_pass", "shifted", "fast"])
 @pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.slow
 def test_training_gradients_match_closed_form(name, variance, backward):
   layout = LAYOUTS[name]
   x, params, stats = random_inputs(layout)
@@ -42,6 +43,7 @@ def test_training_gradients_match_closed_form(name, variance, backward):
 
 
 @pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.slow
 def test_masked_gradients_match_closed_form(backward):
   layout = LAYOUTS["nhwc"]
   x, params, stats = random_inputs(layout)
@@ -63,6 +65,7 @@ def test_masked_gradients_match_closed_form(backward):
   "layout", [Layout((6, 3), -1), Layout((3, 2, 2, 2), 1)], ids=["dense", "nchw"]
 )
 @pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.slow
 def test_check_grads_float64_second_order(training, variance, layout, backward):
   # Small shapes: check_grads takes finite differences along random directions, order 2.
   # The closed-form backward is a custom_vjp: reverse mode only (see bnjax._normalize).
@@ -87,6 +90,7 @@ def test_check_grads_float64_second_order(training, variance, layout, backward):
 
 
 @pytest.mark.usefixtures("x64")
+@pytest.mark.slow
 def test_closed_form_backward_gives_the_autodiff_hessian():
   # Forward-over-reverse (jax.hessian) works through the custom_vjp: its backward is plain JAX.
   x, params, stats = jax.tree.map(
@@ -187,6 +191,7 @@ def test_closed_form_backward_equals_autodiff(name):
     assert_close(got, want, got.dtype, n, what)
 
 
+@pytest.mark.slow
 def test_closed_form_backward_under_vmap_with_an_axis_name():
   x, params, stats = random_inputs(LAYOUTS["nhwc"], seed=10)
   dy = jnp.asarray(np.random.default_rng(6).normal(size=x.shape), jnp.float32)

@@ -19,6 +19,8 @@ import bnjax.interop.torch as bt
 from bnjax import conventions as cv
 from bnjax.interop import Converted
 
+pytestmark = pytest.mark.live  # compares with TensorFlow, Keras or PyTorch
+
 
 def test_importing_interop_imports_no_framework():
   heavy = ["tensorflow", "tf_keras", "keras", "torch", "flax"]

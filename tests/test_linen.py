@@ -114,6 +114,7 @@ def run(module, x_shape, x_dtype, mask_shape, *, steps=3, variables=None, offset
   "x_shape, kwargs, x_dtype, mask_shape",
   [pytest.param(*c[1:], id=c[0]) for c in CASES],
 )
+@pytest.mark.slow
 def test_same_variables_and_numbers_as_flax(x_shape, kwargs, x_dtype, mask_shape):
   ours_history, ours_ys = run(bnjax.linen.BatchNorm(**kwargs), x_shape, x_dtype, mask_shape)
   with flax_promotion():
@@ -438,6 +439,7 @@ def test_tf_features_are_wired_to_the_pure_function(options):
     assert_trees_close(variables["batch_stats"], stats, f"step {step} ")
 
 
+@pytest.mark.slow
 def test_backward_option_reaches_batch_norm():
   # backward='autodiff' allows forward mode through the module; the default closed form refuses it.
   x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 3)), jnp.float32)

@@ -90,6 +90,7 @@ def linen_step(transform, **bn_options):
 
 
 @pytest.mark.parametrize("transform", ["shard_map", "pmap", "vmap"])
+@pytest.mark.slow
 def test_linen_module_synced_over_steps_matches_global_oracle(transform):
   # The uneven mask: devices hold 0, 1 or 2 valid examples; a mean of per-device means fails.
   xs, mask = batches(), UNEVEN.reshape(-1, 1, 1)
@@ -236,6 +237,7 @@ def assert_trees_match(actual, expected, what):
 
 
 @pytest.mark.usefixtures("standard_promotion")  # Flax and optax rely on standard promotion
+@pytest.mark.slow
 def test_data_parallel_example_matches_single_device_training(example, one_process):
   metrics, states = one_process
   assert metrics["devices"] == DEVICES and metrics["processes"] == 1
@@ -339,6 +341,7 @@ def test_bench_sync_worker_checks_its_device_count(monkeypatch, tmp_path):
     bench.main(["--quick", "--devices", "1", "--json", str(tmp_path / "w.json")])
 
 
+@pytest.mark.slow
 def test_bench_sync_quick(tmp_path):
   bench = _bench_sync()
   output = tmp_path / "sync.md"

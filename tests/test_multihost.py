@@ -181,6 +181,7 @@ def one_process(tmp_path_factory):
   return one_process_run(xdist_shared_dir(tmp_path_factory))
 
 
+@pytest.mark.slow
 def test_peer_death_stops_the_survivor_and_a_restart_ends_as_one_process(tmp_path, one_process):
   # One test, in stages, so that pytest-xdist never runs the launches twice on two workers.
   from bnjax import training
@@ -236,6 +237,7 @@ def test_peer_death_stops_the_survivor_and_a_restart_ends_as_one_process(tmp_pat
   assert abs(resumed["eval_accuracy"] - metrics["eval_accuracy"]) <= 1 / 450, resumed
 
 
+@pytest.mark.slow
 def test_missing_peer_or_coordinator_stops_within_the_init_timeout(tmp_path):
   # Process 0 alone (its peer never starts) and process 1 alone (no coordinator to reach),
   # as two separate runs at the same time.

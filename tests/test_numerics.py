@@ -24,6 +24,7 @@ def large_offset():
 
 
 @pytest.mark.parametrize("variance", ACCURATE)
+@pytest.mark.slow
 def test_large_offset_variance_is_accurate(large_offset, variance):
   x, exact_var = large_offset
   params, stats = bnjax.init(64)
@@ -54,6 +55,7 @@ def test_fast_variance_limits_are_as_documented(large_offset):
 
 @pytest.mark.parametrize("variance", ["two_pass", "shifted", "fast"])
 @pytest.mark.parametrize("value", [0.0, 3.0, 1e4])
+@pytest.mark.slow
 def test_constant_channel_gives_bias(variance, value):
   x = jnp.full((8, 4, 4, 2), value, jnp.float32)
   params = {"scale": jnp.asarray([2.0, 3.0]), "bias": jnp.asarray([-1.0, 5.0])}

@@ -23,6 +23,7 @@ def test_readme_has_python_blocks():
 
 @pytest.mark.usefixtures("standard_promotion")
 @pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
+@pytest.mark.slow
 def test_readme_python_block_runs(index, capsys):
   exec(compile(PYTHON_BLOCKS[index], f"README.md block {index}", "exec"), {"__name__": "readme"})
   assert capsys.readouterr().out.strip(), "each README block prints what it shows"
@@ -174,6 +175,7 @@ def test_readme_equivalence_table_is_the_generated_one():
     ("bnjax.equinox", "equinox", "equinox"),
   ],
 )
+@pytest.mark.slow
 def test_a_missing_extra_says_which_to_install(module, blocked, extra):
   code = (
     f"import sys; sys.modules[{blocked!r}] = None\n"

@@ -4,6 +4,7 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from oracle import batch_norm as oracle_batch_norm
@@ -28,6 +29,7 @@ def problems(draw):
   return shape, axis, mask_shape, seed
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(
   problems(),

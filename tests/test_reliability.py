@@ -141,6 +141,7 @@ def test_eight_devices_keep_the_poisoned_channel_everywhere():
   assert_clean_channels_updated(x, new, stats)
 
 
+@pytest.mark.slow
 def test_the_modules_keep_by_default_and_propagate_when_asked():
   x = poisoned(np.nan, "first")
   linen = bnjax.linen.BatchNorm(momentum=MOMENTUM, use_running_average=False)
@@ -270,6 +271,7 @@ def test_a_checkpoint_restores_exactly_with_its_manifest(saved):
   jax.tree.map(np.testing.assert_array_equal, restored, state)
 
 
+@pytest.mark.slow
 def test_a_flipped_byte_is_damage_not_data(saved):
   """Every single-bit flip in every data file either raises CheckpointDamagedError or leaves
   the restored arrays exactly as saved (a byte no array is read from): never other values."""
@@ -372,6 +374,7 @@ def test_overwrite_is_explicit_and_atomic(saved):
 
 
 @pytest.mark.parametrize("moment", ["writing", "publishing"])
+@pytest.mark.slow
 def test_a_crash_mid_save_leaves_the_previous_checkpoint(saved, moment):
   """A subprocess overwrites the checkpoint and is killed while orbax writes the staged copy,
   or just before the rename; the previous checkpoint restores exactly."""

@@ -20,6 +20,7 @@ tf = pytest.importorskip("tensorflow")
 tf_keras = pytest.importorskip("tf_keras")
 
 pytestmark = [
+  pytest.mark.live,
   # TensorFlow and Keras warn about their own deprecations on import and first use.
   pytest.mark.filterwarnings("ignore::DeprecationWarning"),
   pytest.mark.filterwarnings("ignore::FutureWarning"),

@@ -174,6 +174,7 @@ def data_parallel(step, kind):
 
 
 @pytest.mark.parametrize("kind", ["shard_map", "pmap"])
+@pytest.mark.slow
 def test_data_parallel_steps_equal_the_steps_on_the_whole_batch(kind):
   x, y = batch()
   state = training.create_train_state(*plain_variables(), SGD)
@@ -470,3 +471,44 @@ def test_errors(case):
   make_call, error, match = ERRORS[case]
   with pytest.raises(error, match=match):
     make_call()
+
+
+def _linear_step(**options):
+  def apply_fn(params, batch_stats, inputs, *, training):
+    return inputs @ params["w"], batch_stats
+
+  tx = optax.sgd(0.1)
+  state = training.create_train_state({"w": jnp.ones((3, 1))}, {}, tx)
+  loss_fn = lambda y, t: jnp.mean((y - t) ** 2)
+  return state, training.make_train_step(apply_fn, tx, loss_fn=loss_fn, **options)
+
+
+def test_donated_state_is_reused_and_gives_the_same_step():
+  x, t = jnp.arange(12.0).reshape(4, 3), jnp.zeros((4, 1))
+  state, plain = _linear_step()
+  expected, _ = plain(state, x, t)
+  state, donating = _linear_step(donate_argnums=(0,))
+  old = state
+  new, _ = donating(state, x, t)
+  assert old.params["w"].is_deleted()  # XLA took the buffer for the output
+  np.testing.assert_array_equal(new.params["w"], expected.params["w"])
+  with pytest.raises(RuntimeError, match="deleted"):
+    np.asarray(old.params["w"])
+
+
+@pytest.mark.parametrize(
+  "donate, error, pattern",
+  [
+    (
+      (0, 4),
+      ValueError,
+      r"must name arguments of train_step\('state', 'inputs', 'targets', 'key'\)",
+    ),
+    ("state", TypeError, r"must be an int or a tuple of ints, got 'state'"),
+    ((True,), TypeError, r"must be an int or a tuple of ints"),
+  ],
+  ids=["out-of-range", "a-name", "a-bool"],
+)
+def test_donate_argnums_errors(donate, error, pattern):
+  with pytest.raises(error, match=r"bnjax.training.make_train_step: `donate_argnums` " + pattern):
+    _linear_step(donate_argnums=donate)

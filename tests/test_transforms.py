@@ -60,6 +60,7 @@ TRANSFORMS = ["eager", "jit", "vmap-batches", "shard_map", "pmap", "vmap"]
 
 @pytest.mark.parametrize("masked", [False, True], ids=["full", "uneven-mask"])
 @pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.slow
 def test_transform_matrix_matches_global_oracle(transform, masked):
   x, params, stats, mask = _global_case()
   mask = mask if masked else jnp.ones_like(mask)

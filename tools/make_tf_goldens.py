@@ -10,7 +10,7 @@ tf_keras, TF1 layers and MirroredStrategy in a subprocess, PyTorch, Flax) and st
                                      bnjax convention it was paired with; library versions
 
 Regenerate after changing a case, or to record newer library versions, from the repository root
-with the test extras installed (pip install -e '.[flax,tf,torch,dev]'):
+with the test extras installed (pip install -e '.[flax,tf,torch]' --group test -c constraints.txt):
 
     python tools/make_tf_goldens.py            # all cases, about a minute
     python tools/make_tf_goldens.py --check    # compare with the stored files, write nothing

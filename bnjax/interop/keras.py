@@ -119,6 +119,23 @@ def from_keras(layer: Any, *, adjustment: Any = None) -> Converted:
 
   Raises for a layer not built (no weights yet: call it once or ``build`` it), and for a layer
   with an ``adjustment`` and no ``adjustment`` given (or the other way round).
+
+  Args:
+    layer: a built Keras 3 or tf_keras ``BatchNormalization``.
+    adjustment: for a tf_keras layer with an ``adjustment``, the JAX function that computes
+      the same ``(scale, bias)``; None otherwise.
+
+  Returns:
+    ``Converted(params, stats, convention)``.
+
+  Example:
+    >>> import keras
+    >>> from bnjax.interop import from_keras
+    >>> layer = keras.layers.BatchNormalization(momentum=0.9)
+    >>> layer.build((None, 3))
+    >>> params, stats, convention = from_keras(layer)
+    >>> sorted(params), convention.momentum, convention.epsilon
+    (['bias', 'scale'], 0.9, 0.001)
   """
   fn = "from_keras"
   library = _library(fn, layer)
@@ -285,6 +302,25 @@ def to_keras(
   TensorFlow function that computes what the convention's JAX one does. Anything Keras cannot
   express (momentum=None, other extra options) raises. ``stats['count']`` has no Keras
   counterpart and is dropped.
+
+  Args:
+    params: ``{'scale': (C,), 'bias': (C,)}``, either optional (``scale=``/``center=False``).
+    stats: ``{'mean': (C,), 'var': (C,)}`` (+ the renorm statistics for ``renorm``).
+    convention: what the layer must compute, e.g. ``bnjax.conventions.keras(...)``.
+    input_shape: the layer's input shape, for ``build`` (``None`` for the batch).
+    library: ``'keras'`` (Keras 3) or ``'tf_keras'``.
+    adjustment: tf_keras's TensorFlow ``adjustment`` function, for a convention with one.
+
+  Returns:
+    The built layer.
+
+  Example:
+    >>> from bnjax import conventions
+    >>> from bnjax.interop import to_keras
+    >>> params, stats = conventions.KERAS.init(3)
+    >>> layer = to_keras(params, stats, conventions.keras(momentum=0.5), input_shape=(None, 3))
+    >>> type(layer).__name__, layer.momentum
+    ('BatchNormalization', 0.5)
   """
   fn = "to_keras"
   _checks.choice(f"interop.keras.{fn}", "library", library, _LIBRARIES)
@@ -309,6 +345,25 @@ def assign_to_keras(layer: Any, params: dict[str, Any], stats: dict[str, Any]) -
   The layer must have exactly the weights ``params`` and ``stats`` have (``center``/``scale``;
   the renorm statistics iff ``renorm=True``) and the same features; ``(C,)`` values fill
   tf_keras's ``(1, ..., C)`` weights. ``stats['count']`` is ignored.
+
+  Args:
+    layer: a built Keras 3 or tf_keras ``BatchNormalization``.
+    params: ``{'scale': (C,), 'bias': (C,)}``, as the layer's ``scale``/``center`` require.
+    stats: ``{'mean': (C,), 'var': (C,)}`` (+ the renorm statistics).
+
+  Returns:
+    None: the layer's weights are assigned in place.
+
+  Example:
+    >>> import keras, numpy as np
+    >>> import bnjax
+    >>> from bnjax.interop import assign_to_keras
+    >>> layer = keras.layers.BatchNormalization()
+    >>> layer.build((None, 2))
+    >>> params, stats = bnjax.init(2)
+    >>> assign_to_keras(layer, params, {**stats, "mean": np.array([1.0, 2.0], np.float32)})
+    >>> layer.moving_mean.numpy()
+    array([1., 2.], dtype=float32)
   """
   fn = "assign_to_keras"
   _library(fn, layer)

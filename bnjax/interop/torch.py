@@ -95,6 +95,17 @@ def from_torch(
     momentum: the module's momentum (torch's: the weight on the new value, or None), for a
       state dict (a module brings its own).
     eps: the module's epsilon, for a state dict.
+
+  Returns:
+    ``Converted(params, stats, convention)``: ``stats`` has ``count`` (int32) from
+    ``num_batches_tracked``; the convention is ``bnjax.conventions.pytorch(momentum, eps)``.
+
+  Example:
+    >>> import torch
+    >>> from bnjax.interop import from_torch
+    >>> params, stats, convention = from_torch(torch.nn.BatchNorm2d(3, momentum=0.01))
+    >>> sorted(params), sorted(stats), convention.momentum
+    (['bias', 'scale'], ['count', 'mean', 'var'], 0.99)
   """
   fn = "from_torch"
   import torch
@@ -157,6 +168,22 @@ def to_state_dict(params: dict[str, Any], stats: dict[str, Any], *, prefix: str 
   """``params`` and ``stats`` as a torch BatchNorm state dict (``load_state_dict`` ready).
 
   ``num_batches_tracked`` is ``stats['count']``, or 0 without one. Dtypes are kept.
+
+  Args:
+    params: ``{'scale': (C,), 'bias': (C,)}``, both or neither (PyTorch's ``affine``).
+    stats: ``{'mean': (C,), 'var': (C,)}`` and optionally ``'count'``.
+    prefix: the module's key prefix in the model's state dict, e.g. ``'layer1.bn1.'``.
+
+  Returns:
+    ``{prefix + name: tensor}`` for ``weight``, ``bias``, ``running_mean``, ``running_var`` and
+    ``num_batches_tracked``.
+
+  Example:
+    >>> import bnjax
+    >>> from bnjax.interop import to_state_dict
+    >>> params, stats = bnjax.init(2, track_count=True)
+    >>> sorted(to_state_dict(params, stats, prefix="bn."))
+    ['bn.bias', 'bn.num_batches_tracked', 'bn.running_mean', 'bn.running_var', 'bn.weight']
   """
   fn = "to_state_dict"
   import torch
@@ -209,7 +236,25 @@ def to_torch(
 ) -> Any:
   """A new ``torch.nn.BatchNorm1d/2d/3d`` (by the input rank ``ndim``) holding ``params`` and
   ``stats`` (dtypes kept) and reproducing ``convention``; raises for what PyTorch cannot
-  express (another axis, the biased running variance, the fast variance, extra options)."""
+  express (another axis, the biased running variance, the fast variance, extra options).
+
+  Args:
+    params: ``{'scale': (C,), 'bias': (C,)}`` or ``{}`` (``affine=False``).
+    stats: ``{'mean': (C,), 'var': (C,)}`` and optionally ``'count'``.
+    convention: what the module must compute, e.g. ``bnjax.conventions.pytorch(...)``.
+    ndim: the rank of the module's input: 2 or 3 (``BatchNorm1d``), 4 (``2d``) or 5 (``3d``).
+
+  Returns:
+    The ``torch.nn.BatchNorm1d/2d/3d`` module.
+
+  Example:
+    >>> from bnjax import conventions
+    >>> from bnjax.interop import to_torch
+    >>> params, stats = conventions.PYTORCH.init(3)
+    >>> module = to_torch(params, stats, conventions.pytorch(momentum=0.2), ndim=4)
+    >>> type(module).__name__, module.momentum
+    ('BatchNorm2d', 0.2)
+  """
   fn = "to_torch"
   import torch
 

@@ -1,0 +1,98 @@
+"""benchmarks/bench_models.py in --quick mode: every model and variant runs, bnjax's train step
+and inference agree with Flax's (and the folded model with the unfolded one) to float32
+tolerance on ResNet-18, ResNet-50 and the MLP, and the report renders. Times are not asserted."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_examples import load_script
+from tolerances import WHOLE_MODEL_RTOL
+
+pytest.importorskip("flax")
+pytest.importorskip("optax")
+
+
+@pytest.fixture(scope="module")
+def bench():
+  return load_script("benchmarks/bench_models.py")
+
+
+@pytest.fixture(scope="module")
+def quick_record(bench, tmp_path_factory):
+  folder = tmp_path_factory.mktemp("bench_models")
+  argv = ["--quick", "--no-malloc-env", "--no-progress", "--output", str(folder / "MODELS.md")]
+  argv += ["--json", str(folder / "models.json")]
+  with jax.numpy_dtype_promotion("standard"):
+    assert bench.main(argv) == 0
+  return json.loads((folder / "models.json").read_text()), (folder / "MODELS.md").read_text()
+
+
+@pytest.mark.slow
+def test_quick_run_agrees_with_flax_on_every_model(quick_record):
+  record, report = quick_record
+  assert sorted(record["models"]) == ["mlp", "resnet18", "resnet50"]
+  for name, model in record["models"].items():
+    checks = model["checks"]
+    for check, value in checks.items():
+      if not check.endswith("update vs float64"):
+        assert value <= WHOLE_MODEL_RTOL, (name, check, value)
+    # The SGD step against float64: bnjax's batch norm loses no more than Flax's exact one.
+    # (Both are far from float64 where gradients nearly cancel: NOTES.md, M.)
+    bnjax_error, flax_error = (
+      checks["bnjax: update vs float64"],
+      checks["flax-exact: update vs float64"],
+    )
+    assert bnjax_error <= max(flax_error, WHOLE_MODEL_RTOL), (name, bnjax_error, flax_error)
+    assert {"bnjax", "flax", "flax-exact"} <= set(model["train"])
+    assert {"bnjax", "flax", "bnjax-folded"} <= set(model["inference"])
+    memory = model["memory"]["train/bnjax"]
+    assert memory["compile_s"] > 0 and memory["argument_bytes"] > 0
+  assert "## Summary" in report and "resnet50" in report
+
+
+def test_fold_pairs_cover_every_batch_norm(bench):
+  with jax.numpy_dtype_promotion("standard"):
+    for name in bench.MODELS:
+      model = bench.flax_model(name, bench.bnjax_norm, jnp.float32)
+      shape = (1, 28, 28, 1) if name == "mlp" else (1, 32, 32, 3)
+      variables = jax.eval_shape(
+        lambda model=model, shape=shape: model.init(
+          jax.random.key(0), jnp.zeros(shape), train=False
+        )
+      )
+      pairs = bench.fold_pairs(variables["params"])
+      bns = jax.tree.leaves(variables["batch_stats"])
+      assert len(pairs) == len(bns) // 2, name  # mean and var per batch norm
+      expected = {"resnet18": 20, "resnet50": 53, "mlp": 3}[name]
+      assert len(pairs) == expected, (name, len(pairs))
+
+
+def test_render_reports_goals_as_measured(bench, tmp_path, monkeypatch):
+  times = {"bnjax": [[1.0, 1.0]], "flax": [[2.0, 2.0]], "flax-exact": [[2.0, 2.0]]}
+  times["torch"] = [[0.5, 0.5]]
+  memory = {
+    f"train/{v}": {"temp_bytes": t, "compile_s": 1.0}
+    for v, t in (("bnjax", 1.0), ("flax", 4.0), ("flax-exact", 4.0))
+  }
+  model = {
+    "input": [1, 2],
+    "train": times,
+    "inference": {"bnjax": [[1.0]], "bnjax-folded": [[0.5]]},
+    "memory": memory,
+    "checks": {"flax-exact: loss": 0.0},
+    "torch_compile": {"torch": 0.1},
+  }
+  record = {
+    "environment": {"device": "cpu (cpu), 1 device(s)", "settings": "rounds=1, quick=False"},
+    "models": {"resnet50": model},
+  }
+  monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path)
+  (tmp_path / "models_cpu_float32.json").write_text(json.dumps(record))
+  text = bench.render(tmp_path / "MODELS.md")
+  assert "| ResNet-50 train step <= 1.0x Flax's default (CPU) | cpu | 0.50x | yes |" in text
+  assert "| ResNet-50 compiled temp memory <= 0.65x Flax's | cpu | 0.25x | yes |" in text
+  assert "| ResNet-50 train step <= PyTorch channels_last (CPU) | cpu | 2.00x | **no**" in text
+  assert np.isclose(bench.measures(model)["step/torch"], 2.0)
