@@ -3,6 +3,7 @@ and inference agree with Flax's (and the folded model with the unfolded one) to 
 tolerance on ResNet-18, ResNet-50 and the MLP, and the report renders. Times are not asserted."""
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +69,16 @@ def test_fold_pairs_cover_every_batch_norm(bench):
       assert len(pairs) == len(bns) // 2, name  # mean and var per batch norm
       expected = {"resnet18": 20, "resnet50": 53, "mlp": 3}[name]
       assert len(pairs) == expected, (name, len(pairs))
+
+
+def test_readme_quotes_the_models_summary():
+  root = pathlib.Path(__file__).resolve().parent.parent
+
+  def summary(text):
+    return text.split("<!-- models:start -->")[1].split("<!-- models:end -->")[0].strip()
+
+  models = (root / "benchmarks" / "MODELS.md").read_text()
+  assert summary((root / "README.md").read_text()) == summary(models)
 
 
 def test_render_reports_goals_as_measured(bench, tmp_path, monkeypatch):

@@ -66,6 +66,7 @@ def test_public_function_docstring_has_args_returns_and_an_example(name, functio
 LIVE = ("torch", "tensorflow")
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("standard_promotion")  # as a user runs them
 @pytest.mark.parametrize(
   "name",

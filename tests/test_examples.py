@@ -68,6 +68,7 @@ def test_train_digits_defaults_reach_95_percent(train_digits, tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_tape_pitfall_threaded_statistics_vs_dropped(tape_pitfall, capsys):
   # tensorflow/tensorflow#32864: BatchNormalization's moving statistics in a GradientTape loop
   results = tape_pitfall.main(["--steps", "60", "--momentum", "0.9"])

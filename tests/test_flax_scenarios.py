@@ -394,6 +394,7 @@ def test_tuple_axis_name_over_nested_vmaps_matches_flax():
   assert_oracle_close(y, (x - mean) / np.sqrt(var + 1e-5), jnp.float32, 60, "y")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["linen", "nnx"])
 def test_keras_shaped_mask(module):
   """Keras' masks have one axis fewer, aligned from the first: (N, T) for (N, T, C)."""

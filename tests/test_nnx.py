@@ -166,6 +166,7 @@ def test_output_dtype_matches_flax(x_dtype, kwargs, use_running_average):
   assert jax.eval_shape(call, ours, x).dtype == expected
 
 
+@pytest.mark.slow
 def test_tuple_axis_matches_flax_linen():
   # flax.nnx.BatchNorm takes one feature axis; bnjax's takes a tuple, as flax.linen's does.
   x_shape, axis = (4, 3, 5, 2), (1, 3)
@@ -301,6 +302,7 @@ def test_errors():
     model(jnp.ones((4, 5)), use_running_average=True)
 
 
+@pytest.mark.slow
 def test_docstring_example_runs():
   result = doctest.testmod(bnjax.nnx, optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0
@@ -329,6 +331,7 @@ def test_renorm_and_zero_debias_keep_their_statistics_as_batch_stats():
   assert state_layout(debiased)[("count",)] == ("BatchStat", (), "int32")
 
 
+@pytest.mark.slow
 def test_backward_option_is_checked_and_reaches_batch_norm():
   with pytest.raises(ValueError, match=r"bnjax\.nnx\.BatchNorm.*`backward`"):
     bnjax.nnx.BatchNorm(3, backward="numeric", rngs=nnx.Rngs(0))

@@ -54,6 +54,7 @@ def test_readme_command_parser_rejects_missing_marker():
     command("deploy", "no markers here")
 
 
+@pytest.mark.slow
 def test_import_bnjax_imports_only_jax_and_numpy():
   heavy = [
     "flax",

@@ -231,6 +231,7 @@ def test_key_is_folded_with_the_step_and_the_device_index():
   assert_close(metrics["draw"], np.mean(per_device), jnp.float32, 8, "8 devices")
 
 
+@pytest.mark.slow
 def test_linen_model_with_a_frozen_layer_is_keras_trainable_false():
   # keras-team/keras#9965: frozen means inference mode, not only fixed parameters
   x, y = batch()
@@ -296,6 +297,7 @@ def test_linen_apply_fn_names_the_training_keyword_and_the_rng_stream():
   assert_close(outputs, normalized * params["scale"] + params["bias"], jnp.float32, 1, "predict")
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("standard_promotion")  # optax.adam promotes int32 step counts implicitly
 def test_checkpoint_resume_is_bit_for_bit(tmp_path):
   x, y = batch()
@@ -333,6 +335,7 @@ def test_restore_rejects_a_state_of_another_model(tmp_path):
     training.restore_checkpoint(path, like=state._replace(batch_stats=with_count))
 
 
+@pytest.mark.slow
 def test_import_training_leaves_orbax_until_a_checkpoint():
   code = (
     "import sys, bnjax.training; print('orbax.checkpoint' in sys.modules, 'flax' in sys.modules)"

@@ -122,6 +122,7 @@ def test_axis_index_groups_normalize_each_group_alone():
     )
 
 
+@pytest.mark.slow
 def test_gradients_under_shard_map_equal_global_gradients():
   x, params, stats, mask = _global_case()
   dy = jnp.asarray(np.random.default_rng(5).normal(size=x.shape), jnp.float32)
