@@ -24,8 +24,8 @@ update against the same step in float64 (Flax's two-pass batch norm), leaf by le
 that leaf's update: in a deep network at initialization some gradients nearly cancel, and
 float32 gets them only to a fraction of themselves (``NOTES.md``, M).
 
-    python benchmarks/bench_models.py            # ~10 min on 2 CPU cores
-    python benchmarks/bench_models.py --quick    # tiny models' inputs, ~1 min: a smoke test
+    python benchmarks/bench_models.py            # ~8 min on 2 CPU cores
+    python benchmarks/bench_models.py --quick    # small inputs, 2 rounds, ~3 min: a smoke test
     python benchmarks/bench_models.py --render   # MODELS.md from results/models_*.json
 
 Writes ``results/models_<device>.json`` and renders ``MODELS.md`` from every such file (CPU and
@@ -37,6 +37,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib.metadata
+import importlib.util
 import json
 import os
 import sys
@@ -516,8 +518,6 @@ def environment(config: Config) -> dict[str, str]:
   versions = []
   for package in ("flax", "optax", "torch"):
     try:
-      import importlib.metadata
-
       versions.append(f"{package} {importlib.metadata.version(package)}")
     except importlib.metadata.PackageNotFoundError:
       versions.append(f"{package} (not installed)")
@@ -532,7 +532,7 @@ def environment(config: Config) -> dict[str, str]:
       ),
     },
   )
-  if "torch" in " ".join(versions) and "not installed" not in versions[-1]:
+  if importlib.util.find_spec("torch") is not None:
     import torch
 
     env["torch threads"] = str(torch.get_num_threads())
@@ -590,10 +590,8 @@ def goal_rows(records: list[dict]) -> list[str]:
   lines = ["| goal | device | measured | met |", "|---|---|---|---|"]
   for description, kind, model, measure, bound in GOALS:
     for record in records:
-      is_gpu = record["environment"]["device"].find("(gpu)") >= 0
+      is_gpu = "(gpu)" in record["environment"]["device"]
       if kind != "any" and (kind == "gpu") != is_gpu:
-        continue
-      if record["environment"]["settings"].find("quick=True") >= 0:
         continue
       value = measures(record["models"][model]).get(measure)
       if value is None:

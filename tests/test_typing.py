@@ -64,3 +64,10 @@ def test_batch_norm_ops_carry_a_named_scope():
   assert "bnjax.batch_norm" in lowered.as_text(debug_info=True)
   moments = jax.jit(lambda x: bnjax.moments(x, 0)).lower(jnp.ones((4, 3)))
   assert "bnjax.moments" in moments.as_text(debug_info=True)
+
+
+def test_float_momentum_refuses_the_cumulative_average():
+  # Where None (the cumulative average) has no meaning, the typed helper refuses it.
+  with pytest.raises(TypeError, match=r"bnjax.f: `momentum` must be a float in \[0, 1\), got None"):
+    _checks.float_momentum("f", None, name="momentum")
+  assert _checks.float_momentum("f", 0.5, name="renorm_momentum") == 0.5
