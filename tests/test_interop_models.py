@@ -146,6 +146,8 @@ def test_to_torch_state_dict_checks_shapes_and_affine(torch):
     to_torch_state_dict({"params": extra, "batch_stats": stats}, plain)
   with pytest.raises(TypeError, match=r"`variables` must be \{'params': ..., 'batch_stats': ...\}"):
     to_torch_state_dict({"params": params}, net)
+  with pytest.raises(ValueError, match=r"`variables` at 'bn' must hold a batch norm's dicts"):
+    to_torch_state_dict({"params": params, "batch_stats": {**stats, "bn": 3.0}}, net)
 
 
 @pytest.mark.parametrize(
@@ -165,9 +167,11 @@ def test_name_mapping_errors(torch, names, error, pattern):
 
 
 def test_torch_model_errors(torch):
-  with pytest.raises(TypeError, match=r"`model` must be a torch.nn.Module, got dict"):
+  with pytest.raises(
+    TypeError, match=r"^bnjax.interop.torch.from_torch_model: `model` must be a torch.nn.Module"
+  ):
     from_torch_model({})
-  with pytest.raises(ValueError, match=r"has no BatchNorm modules"):
+  with pytest.raises(ValueError, match=r"^bnjax.interop.torch.from_torch_model: .* no BatchNorm"):
     from_torch_model(torch.nn.Linear(2, 2))
 
 
@@ -257,7 +261,9 @@ def test_keras_model_round_trip_and_inference(keras):
 
 
 def test_keras_model_errors(keras):
-  with pytest.raises(TypeError, match=r"`model` must be a Keras 3 or tf_keras model or layer"):
+  with pytest.raises(
+    TypeError, match=r"^bnjax.interop.keras.from_keras_model: `model` must be a Keras 3 or tf_keras"
+  ):
     from_keras_model(object())
   plain = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
   with pytest.raises(ValueError, match=r"has no BatchNormalization layers"):

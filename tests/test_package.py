@@ -188,6 +188,40 @@ def test_a_missing_extra_says_which_to_install(module, blocked, extra):
   assert f"{module} needs {blocked}: pip install 'bnjax[{extra}]'" in out.stdout, out.stderr
 
 
+@pytest.mark.parametrize(
+  "call, blocked, extra",
+  [
+    ("bnjax.interop.from_torch({})", "torch", "torch"),
+    ("bnjax.interop.from_torch_model(None)", "torch", "torch"),
+    ("bnjax.interop.to_state_dict({}, {})", "torch", "torch"),
+    (
+      "bnjax.interop.to_keras({}, {}, bnjax.conventions.KERAS, input_shape=(None, 2))",
+      "keras",
+      "keras",
+    ),
+    (
+      (
+        "bnjax.interop.to_keras({}, {}, bnjax.conventions.TF_KERAS_UNFUSED,"
+        " input_shape=(None, 2), library='tf_keras')"
+      ),
+      "tf_keras",
+      "tf",
+    ),
+  ],
+  ids=["from_torch", "from_torch_model", "to_state_dict", "to_keras", "to_keras-tf_keras"],
+)
+def test_a_missing_framework_says_which_extra_to_install(call, blocked, extra):
+  code = (
+    f"import sys; sys.modules[{blocked!r}] = None\n"
+    "import bnjax, bnjax.interop\n"
+    f"try:\n  {call}\nexcept ImportError as e:\n  print(e)\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+  )
+  assert f"needs {blocked}: pip install 'bnjax[{extra}]'" in out.stdout, out.stdout + out.stderr
+
+
 def test_the_wheel_carries_the_license_and_the_type_marker():
   assert (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
   assert (ROOT / "bnjax" / "py.typed").exists()

@@ -13,6 +13,7 @@ Framework imports stay in the framework modules; nothing here imports TensorFlow
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -20,6 +21,14 @@ from bnjax import _checks
 from bnjax.conventions import Convention
 
 NameMapping = Mapping[str, str] | Callable[[str], str] | None
+
+
+def require(module: str, *, fn: str, extra: str) -> Any:
+  """``import module``, or an ImportError that names the extra bringing it."""
+  try:
+    return importlib.import_module(module)
+  except ImportError as error:
+    raise ImportError(f"bnjax.{fn} needs {module}: pip install 'bnjax[{extra}]'") from error
 
 
 class PortedModel(NamedTuple):

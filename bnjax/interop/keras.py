@@ -40,7 +40,7 @@ import numpy as np
 from bnjax import _checks, conventions
 from bnjax.conventions import Convention
 from bnjax.interop import Converted
-from bnjax.interop._models import NameMapping, PortedModel, flax_paths, get, put
+from bnjax.interop._models import NameMapping, PortedModel, flax_paths, get, put, require
 
 __all__ = ["assign_to_keras", "assign_to_keras_model", "from_keras", "from_keras_model", "to_keras"]
 
@@ -325,14 +325,8 @@ def to_keras(
   fn = "to_keras"
   _checks.choice(f"interop.keras.{fn}", "library", library, _LIBRARIES)
   arguments = _keras_arguments(fn, convention, library, adjustment)
-  if library == "keras":
-    import keras
-
-    layers = keras.layers
-  else:
-    import tf_keras
-
-    layers = tf_keras.layers
+  extra = "keras" if library == "keras" else "tf"
+  layers = require(library, fn=f"interop.keras.{fn}", extra=extra).layers
   layer = layers.BatchNormalization(center="bias" in params, scale="scale" in params, **arguments)
   layer.build(tuple(input_shape))
   assign_to_keras(layer, params, stats)
@@ -416,7 +410,7 @@ def _batch_norms(fn: str, model: Any) -> dict[str, Any]:
   A path is the layer names from the model down, joined by ``/`` (``'block1/bn'``).
   """
   if not hasattr(model, "_flatten_layers"):
-    _fail(
+    _checks.fail(
       fn,
       f"`model` must be a Keras 3 or tf_keras model or layer, got {type(model).__name__}.",
       TypeError,
@@ -433,7 +427,7 @@ def _batch_norms(fn: str, model: Any) -> dict[str, Any]:
 
   walk(model, "")
   if not found:
-    _fail(fn, f"`model` ({type(model).__name__}) has no BatchNormalization layers.")
+    _checks.fail(fn, f"`model` ({type(model).__name__}) has no BatchNormalization layers.")
   return found
 
 

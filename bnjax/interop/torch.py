@@ -27,7 +27,7 @@ import numpy as np
 from bnjax import _checks, conventions
 from bnjax.conventions import Convention
 from bnjax.interop import Converted
-from bnjax.interop._models import NameMapping, PortedModel, flax_paths, get, put
+from bnjax.interop._models import NameMapping, PortedModel, flax_paths, get, put, require
 
 __all__ = [
   "PortedModel",
@@ -108,7 +108,7 @@ def from_torch(
     (['bias', 'scale'], ['count', 'mean', 'var'], 0.99)
   """
   fn = "from_torch"
-  import torch
+  torch = require("torch", fn="interop.torch.from_torch", extra="torch")
 
   if isinstance(module_or_state_dict, torch.nn.Module):
     module = module_or_state_dict
@@ -186,7 +186,7 @@ def to_state_dict(params: dict[str, Any], stats: dict[str, Any], *, prefix: str 
     ['bn.bias', 'bn.num_batches_tracked', 'bn.running_mean', 'bn.running_var', 'bn.weight']
   """
   fn = "to_state_dict"
-  import torch
+  torch = require("torch", fn="interop.torch.to_state_dict", extra="torch")
 
   if ("scale" in params) != ("bias" in params):
     _fail(
@@ -256,7 +256,7 @@ def to_torch(
     ('BatchNorm2d', 0.2)
   """
   fn = "to_torch"
-  import torch
+  torch = require("torch", fn="interop.torch.to_torch", extra="torch")
 
   arguments = _torch_arguments(fn, convention, ndim)
   state = to_state_dict(params, stats)
@@ -303,17 +303,17 @@ def default_flax_path(torch_path: str) -> str:
 
 
 def _batch_norms(fn: str, model: Any) -> dict[str, Any]:
-  import torch
+  torch = require("torch", fn=fn, extra="torch")
 
   if not isinstance(model, torch.nn.Module):
-    _fail(fn, f"`model` must be a torch.nn.Module, got {type(model).__name__}.", TypeError)
+    _checks.fail(fn, f"`model` must be a torch.nn.Module, got {type(model).__name__}.", TypeError)
   found = {
     path: module
     for path, module in model.named_modules()
     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
   }
   if not found:
-    _fail(fn, f"`model` ({type(model).__name__}) has no BatchNorm modules.")
+    _checks.fail(fn, f"`model` ({type(model).__name__}) has no BatchNorm modules.")
   return found
 
 
@@ -403,9 +403,9 @@ def to_torch_state_dict(variables: Any, model: Any, *, names: NameMapping = None
     params = get(fn, variables, "params", flax_path, required=module.affine) or {}
     stats = get(fn, variables, "batch_stats", flax_path, required=True)
     if not isinstance(stats, Mapping) or not isinstance(params, Mapping):
-      _fail(fn, f"`variables` at {flax_path!r} must hold a batch norm's dicts of arrays.")
+      _checks.fail(fn, f"`variables` at {flax_path!r} must hold a batch norm's dicts of arrays.")
     if module.affine != ("scale" in params):
-      _fail(
+      _checks.fail(
         fn,
         f"the module {torch_path!r} has affine={module.affine}, but `variables['params']` at"
         f" {flax_path!r} has keys {sorted(params)}.",
@@ -414,7 +414,7 @@ def to_torch_state_dict(variables: Any, model: Any, *, names: NameMapping = None
     expected = dict(module.state_dict(prefix=f"{torch_path}."))
     for key, tensor in entries.items():
       if key in expected and tuple(expected[key].shape) != tuple(tensor.shape):
-        _fail(
+        _checks.fail(
           fn,
           f"{key} has shape {tuple(expected[key].shape)} in the model, got"
           f" {tuple(tensor.shape)} from {flax_path!r}.",
