@@ -311,11 +311,23 @@ def test_a_changed_array_is_named(saved):
 
 
 def test_a_truncated_file_is_damage(saved):
-  _, path = saved
-  largest = max(data_files(path), key=lambda p: p.stat().st_size)
-  largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
-  with pytest.raises(training.CheckpointDamagedError, match="its files cannot be read"):
-    training.restore_checkpoint(path, like=initial_state(optax.sgd(0.1)))
+  """Each data file cut to half its size, in turn: the restore raises CheckpointDamagedError or,
+  where orbax does not read that file (its data directory keeps files the restore never
+  opens), returns the saved state exactly. Some truncation must raise."""
+  state, path = saved
+  raised = 0
+  for data_file in data_files(path):
+    content = data_file.read_bytes()
+    data_file.write_bytes(content[: len(content) // 2])
+    try:
+      restored = training.restore_checkpoint(path, like=initial_state(optax.sgd(0.1)))
+    except training.CheckpointDamagedError as error:
+      assert "its files cannot be read" in str(error) or "checksum mismatch" in str(error)
+      raised += 1
+    else:
+      jax.tree.map(np.testing.assert_array_equal, restored, state)
+    data_file.write_bytes(content)
+  assert raised >= 1
 
 
 def test_missing_empty_and_foreign_directories_are_not_found(tmp_path):
