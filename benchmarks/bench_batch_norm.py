@@ -464,6 +464,17 @@ def missing_peers() -> list[str]:
   return [package for package in PEER_PACKAGES if not _has(package)]
 
 
+def missing_peers_notice() -> str | None:
+  """What the run prints on stderr when a peer is missing: which, and how to install them."""
+  missing = missing_peers()
+  if not missing:
+    return None
+  return (
+    f"bench_batch_norm: not installed, so their columns read n/a: {', '.join(missing)}."
+    f" Install them with: {PEER_INSTALL}"
+  )
+
+
 # --- orchestration -----------------------------------------------------------------------------
 
 
@@ -767,12 +778,9 @@ def main(argv=None) -> int:
       return status
   import jax
 
-  if missing_peers():
-    print(
-      f"bench_batch_norm: not installed, so their columns read n/a: {', '.join(missing_peers())}."
-      f" Install them with: {PEER_INSTALL}",
-      file=sys.stderr,
-    )
+  notice = missing_peers_notice()
+  if notice:
+    print(notice, file=sys.stderr)
   on_gpu = jax.devices()[0].platform == "gpu"
   config = (
     Config(rounds=2, reps=2, warmup=1, quick=True)

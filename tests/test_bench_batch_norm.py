@@ -111,6 +111,17 @@ def test_goals_table_from_the_records(step_ms, met):
   ) in gpu
 
 
+def test_a_missing_peer_is_named_in_the_notice_and_the_environment(monkeypatch):
+  installed = {"flax", "tensorflow"}
+  monkeypatch.setattr(BENCH, "_has", lambda package: package in installed)
+  assert BENCH.missing_peers() == ["torch", "keras"]
+  notice = BENCH.missing_peers_notice()
+  assert "columns read n/a: torch, keras." in notice and BENCH.PEER_INSTALL in notice
+  assert BENCH.environment(BENCH.Config(quick=True))["peers missing (n/a)"] == "torch, keras"
+  installed |= {"torch", "keras"}
+  assert BENCH.missing_peers_notice() is None
+
+
 def test_readme_quotes_the_results_summary():
   root = BENCH.HERE.parent
 
