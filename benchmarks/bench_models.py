@@ -373,7 +373,7 @@ def update_errors(name: str, norms: dict, params, batch_stats, x, y, tx, dtype) 
       name, lambda n, t, d: flax_norm(n, t, jnp.float64, fast=False), jnp.float64, smooth=True
     )
     args = (*wide, tx.init(wide[0]), jnp.asarray(x, jnp.float64), y)
-    reference = jax.jit(jax_train_step(model, tx))(*args)[0]
+    reference = jax.tree.map(np.asarray, jax.jit(jax_train_step(model, tx))(*args)[0])
   errors = {}
   for variant, norm in norms.items():
     step = jax_train_step(flax_model(name, norm, dtype, smooth=True), tx)
