@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from devices import DEVICES, device_mesh, multidevice
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from oracle import batch_norm as oracle_batch_norm
@@ -121,17 +122,15 @@ def test_shifted_adversarial_layout_stays_within_its_bound():
   assert np.max(np.abs(var_two_pass - var64) / var64) <= FLOOR["var"]
 
 
-DEVICES = 8
-MESH = jax.make_mesh((DEVICES,), ("d",))
-
-
 def _synced(transform, x, mask, params, stats, **options):
   def step(x, mask):
     return bnjax.batch_norm(x, params, stats, training=True, mask=mask, axis_name="d", **options)
 
   if transform == "shard_map":
-    fn = jax.jit(jax.shard_map(step, mesh=MESH, in_specs=(P("d"), P("d")), out_specs=(P("d"), P())))
-    put = lambda a: jax.device_put(a, NamedSharding(MESH, P("d")))
+    fn = jax.jit(
+      jax.shard_map(step, mesh=device_mesh(), in_specs=(P("d"), P("d")), out_specs=(P("d"), P()))
+    )
+    put = lambda a: jax.device_put(a, NamedSharding(device_mesh(), P("d")))
     return fn(put(x), put(mask))
   split = lambda a: a.reshape((DEVICES, -1, *a.shape[1:]))
   mapped = {
@@ -143,7 +142,10 @@ def _synced(transform, x, mask, params, stats, **options):
 
 
 @pytest.mark.parametrize("offset", [1e3, 1e5, 1e6], ids=lambda o: f"{o:.0e}")
-@pytest.mark.parametrize("transform", ["shard_map", "pmap", "vmap"])
+@pytest.mark.parametrize(
+  "transform",
+  [pytest.param("shard_map", marks=multidevice), pytest.param("pmap", marks=multidevice), "vmap"],
+)
 @pytest.mark.slow
 def test_eight_devices_with_uneven_masks_at_the_floor(transform, offset):
   x, params, stats = _case((64, 6, 4), -1, offset, seed=2)
@@ -226,6 +228,7 @@ def test_constant_channel_is_exact(value, variance, epsilon):
 
 
 @pytest.mark.parametrize("transform", ["shard_map", "pmap"])
+@multidevice
 def test_constant_channel_is_exact_across_devices(transform):
   x = np.full((64, 6, 2), np.float32(98765.4))
   x[..., 0] += np.random.default_rng(1).standard_normal((64, 6)).astype(np.float32)

@@ -121,3 +121,70 @@ def test_render_reports_goals_as_measured(bench, tmp_path, monkeypatch):
   assert "| ResNet-50 compiled temp memory <= 0.65x Flax's | cpu | 0.25x | yes |" in text
   assert "| ResNet-50 train step <= PyTorch channels_last (CPU) | cpu | 2.00x | **no**" in text
   assert np.isclose(bench.measures(model)["step/torch"], 2.0)
+
+
+def test_a_failed_float64_check_is_reported(bench, tmp_path, monkeypatch):
+  # A backend that cannot run the float64 reference (say, no float64 convolutions) loses that
+  # check, not the model's timings: the report names the failure.
+  model = {
+    "input": [1, 2],
+    "train": {"bnjax": [[1.0]], "flax": [[1.0]], "flax-exact": [[1.0]]},
+    "inference": {"bnjax": [[1.0]]},
+    "memory": {f"train/{v}": {"temp_bytes": 1.0} for v in ("bnjax", "flax", "flax-exact")},
+    "checks": {"flax-exact: loss": 0.0},
+    "check_failures": {"update vs float64": "failed: XlaRuntimeError: UNIMPLEMENTED: f64 conv"},
+    "torch_compile": {},
+  }
+  record = {
+    "environment": {"device": "H200 (gpu), 1 device(s)", "settings": "rounds=1, quick=False"},
+    "models": {"resnet50": model},
+  }
+  monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path)
+  (tmp_path / "models_H200_float32.json").write_text(json.dumps(record))
+  text = bench.render(tmp_path / "MODELS.md")
+  assert "- update vs float64: failed: XlaRuntimeError: UNIMPLEMENTED: f64 conv" in text
+  assert "| ResNet-50 train step <= 0.97x Flax's default (GPU) | H200 | 1.00x | **no**" in text
+
+
+@pytest.mark.parametrize(
+  "backend, cuda, expected",
+  [("gpu", True, "cuda"), ("gpu", False, "cpu"), ("cpu", True, "cpu")],
+)
+def test_torch_runs_where_jax_runs(bench, monkeypatch, backend, cuda, expected):
+  torch = pytest.importorskip("torch")
+  monkeypatch.setattr(bench.jax, "default_backend", lambda: backend)
+  monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+  assert bench.torch_device() == expected
+
+
+def test_device_check_script_names_its_phases_and_uses_only_accepted_flags():
+  import re
+  import subprocess
+  import sys
+
+  root = pathlib.Path(__file__).resolve().parent.parent
+  script = root / "benchmarks" / "device_check.sh"
+  wrong = subprocess.run(
+    ["bash", str(script), "tests", "models"],
+    check=False,
+    capture_output=True,
+    text=True,
+    timeout=30,
+  )
+  assert wrong.returncode == 2
+  assert "unknown phase 'models'; choose from tests models-f32 bn models-bf16" in wrong.stderr
+  text = script.read_text()
+  functions = {"bench_models.py": "models() {", "bench_batch_norm.py": "bn() {"}
+  for name, start in functions.items():
+    body = text.split(start)[1].split("\n}\n")[0]
+    flags = set(re.findall(r"(--[a-z][a-z0-9-]+)", body))
+    if name == "bench_models.py":  # the phases pass more through "$@"
+      flags |= set(re.findall(r"models \w+ (--[a-z][a-z0-9-]+)", text))
+    usage = subprocess.run(
+      [sys.executable, str(root / "benchmarks" / name), "--help"],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=True,
+    ).stdout
+    assert flags and all(flag in usage for flag in flags), (name, flags)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from devices import multidevice
 from flax_compare import assert_centred_close
 from jax.sharding import PartitionSpec as P
 from oracle import moments as oracle_moments
@@ -306,6 +307,7 @@ def test_more_accurate_than_equinox_at_a_large_offset(mode):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("transform", ["pmap", "shard_map"])
 @pytest.mark.slow
+@multidevice
 def test_eight_devices_match_one(mode, transform):
   """8 fake devices, 2 examples each, a vmap inside: statistics over ("d", "batch") equal one
   vmap over the whole batch, and Equinox's layer agrees. In JAX 0.10, collectives over a vmap

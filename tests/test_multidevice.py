@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from devices import DEVICES, device_mesh, multidevice
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -28,8 +29,7 @@ import bnjax.linen
 import bnjax.nnx
 
 ROOT = Path(__file__).resolve().parent.parent
-DEVICES = 8
-MESH = jax.make_mesh((DEVICES,), ("d",))
+pytestmark = multidevice
 SHAPE = (16, 4, 3)  # (batch, length, channels): 2 examples per device
 MOMENTUM = 0.9
 # Per-example mask: devices 0..7 hold 2, 1, 0, 2, 1, 1, 2, 2 valid examples.
@@ -75,12 +75,14 @@ def linen_step(transform, **bn_options):
     if "axis_index_groups" in bn_options:
       body = lambda v, x, m: jax.tree.map(lambda a: a[None], step(v, x, m))
       fn = jax.shard_map(
-        body, mesh=MESH, in_specs=(P(), P("d"), P("d")), out_specs=P("d"), check_vma=False
+        body, mesh=device_mesh(), in_specs=(P(), P("d"), P("d")), out_specs=P("d"), check_vma=False
       )
     else:
-      fn = jax.shard_map(step, mesh=MESH, in_specs=(P(), P("d"), P("d")), out_specs=(P("d"), P()))
+      fn = jax.shard_map(
+        step, mesh=device_mesh(), in_specs=(P(), P("d"), P("d")), out_specs=(P("d"), P())
+      )
     fn = jax.jit(fn)
-    on_mesh = lambda a: jax.device_put(a, NamedSharding(MESH, P("d")))
+    on_mesh = lambda a: jax.device_put(a, NamedSharding(device_mesh(), P("d")))
     return lambda v, x, m: fn(v, on_mesh(x), on_mesh(m))
   mapped = {
     "pmap": jax.pmap(step, axis_name="d", in_axes=(None, 0, 0)),
@@ -150,11 +152,13 @@ def test_nnx_module_under_shard_map_with_uneven_mask_matches_global_oracle():
     return y, nnx.state(module)
 
   fn = jax.jit(
-    jax.shard_map(step, mesh=MESH, in_specs=(P(), P("d"), P("d")), out_specs=(P("d"), P()))
+    jax.shard_map(step, mesh=device_mesh(), in_specs=(P(), P("d"), P("d")), out_specs=(P("d"), P()))
   )
   n = int(mask.sum()) * SHAPE[1]
   for k, x in enumerate(xs):
-    y, state = fn(state, *(jax.device_put(a, NamedSharding(MESH, P("d"))) for a in (x, mask)))
+    y, state = fn(
+      state, *(jax.device_put(a, NamedSharding(device_mesh(), P("d"))) for a in (x, mask))
+    )
     assert_close(y, ys_ref[k], jnp.float32, n, f"y, step {k + 1}")
     module = nnx.merge(graphdef, state)
     assert_close(module.mean[...], stats_ref[k]["mean"], jnp.float32, n, "mean")

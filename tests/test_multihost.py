@@ -32,6 +32,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from devices import device_mesh, multidevice
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from multihost_worker import (
@@ -182,6 +183,7 @@ def one_process(tmp_path_factory):
 
 
 @pytest.mark.slow
+@multidevice
 def test_peer_death_stops_the_survivor_and_a_restart_ends_as_one_process(tmp_path, one_process):
   # One test, in stages, so that pytest-xdist never runs the launches twice on two workers.
   from bnjax import training
@@ -210,7 +212,7 @@ def test_peer_death_stops_the_survivor_and_a_restart_ends_as_one_process(tmp_pat
 
   # 2. The checkpoint of step 4, written by 2 processes x 4 devices before the fault and
   # restored here on 1 process x 8 devices, holds one process's state after 4 steps.
-  like = jax.device_put(states[0], NamedSharding(jax.make_mesh((8,), ("d",)), P()))
+  like = jax.device_put(states[0], NamedSharding(device_mesh(), P()))
   restored = training.restore_checkpoint(checkpoints / f"step_{CHECKPOINT_EVERY:06d}", like=like)
   assert_states_match(
     flat_state(restored),

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from devices import device_mesh, multidevice
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -125,8 +126,9 @@ def test_masked_out_non_finite_values_change_nothing_and_valid_ones_are_kept():
   assert_clean_channels_updated(x, kept, stats, mask=full_mask)
 
 
+@multidevice
 def test_eight_devices_keep_the_poisoned_channel_everywhere():
-  mesh = jax.make_mesh((8,), ("d",))
+  mesh = device_mesh()
   x = poisoned(np.nan, "last")  # on the last device only
   params, stats = bnjax.init(3)
   step = jax.jit(

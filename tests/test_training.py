@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from devices import device_mesh, multidevice
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tolerances import assert_close
@@ -165,7 +166,7 @@ def data_parallel(step, kind):
       return jax.tree.map(lambda leaf: leaf[0], results)
 
     return run
-  mesh = jax.make_mesh((8,), ("batch",))
+  mesh = device_mesh("batch")
   split = NamedSharding(mesh, P("batch"))
   sharded = jax.jit(
     jax.shard_map(step, mesh=mesh, in_specs=(P(), P("batch"), P("batch")), out_specs=P())
@@ -175,6 +176,7 @@ def data_parallel(step, kind):
 
 @pytest.mark.parametrize("kind", ["shard_map", "pmap"])
 @pytest.mark.slow
+@multidevice
 def test_data_parallel_steps_equal_the_steps_on_the_whole_batch(kind):
   x, y = batch()
   state = training.create_train_state(*plain_variables(), SGD)
@@ -213,6 +215,7 @@ def draw_step(axis_name):
   )
 
 
+@multidevice
 def test_key_is_folded_with_the_step_and_the_device_index():
   x, y = batch()
   key = jax.random.key(7)

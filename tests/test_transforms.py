@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from cases import LAYOUTS, random_inputs
+from devices import DEVICES, device_mesh, multidevice
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from oracle import batch_norm as oracle_batch_norm
@@ -15,8 +16,6 @@ from tolerances import assert_close
 
 import bnjax
 
-DEVICES = 8
-MESH = jax.make_mesh((DEVICES,), ("d",))
 LAYOUT = LAYOUTS["nhwc"]._replace(shape=(16, 5, 6, 3))
 N = LAYOUT.reduction_size()
 
@@ -29,7 +28,7 @@ def _global_case(seed=0):
 
 
 def _on_mesh(*arrays, spec=P("d")):
-  return [jax.device_put(a, NamedSharding(MESH, spec)) for a in arrays]
+  return [jax.device_put(a, NamedSharding(device_mesh(), spec)) for a in arrays]
 
 
 def _synced(transform, x, params, stats, mask, **options):
@@ -39,7 +38,7 @@ def _synced(transform, x, params, stats, mask, **options):
     return bnjax.batch_norm(x, params, stats, training=True, mask=mask, axis_name="d", **options)
 
   if transform == "shard_map":
-    fn = jax.shard_map(step, mesh=MESH, in_specs=(P("d"), P("d")), out_specs=(P("d"), P()))
+    fn = jax.shard_map(step, mesh=device_mesh(), in_specs=(P("d"), P("d")), out_specs=(P("d"), P()))
     y, new_stats = jax.jit(fn)(*_on_mesh(x, mask))
     return np.asarray(y), new_stats
   split = lambda a: a.reshape((DEVICES, -1, *a.shape[1:]))
@@ -55,7 +54,14 @@ def _synced(transform, x, params, stats, mask, **options):
   return np.asarray(y).reshape(x.shape), jax.tree.map(lambda v: v[0], new_stats)
 
 
-TRANSFORMS = ["eager", "jit", "vmap-batches", "shard_map", "pmap", "vmap"]
+TRANSFORMS = [
+  "eager",
+  "jit",
+  "vmap-batches",
+  pytest.param("shard_map", marks=multidevice),
+  pytest.param("pmap", marks=multidevice),
+  "vmap",
+]
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["full", "uneven-mask"])
@@ -86,6 +92,7 @@ def test_transform_matrix_matches_global_oracle(transform, masked):
     assert_close(new_stats[key], stats_ref[key], jnp.float32, N, key)
 
 
+@multidevice
 def test_uneven_counts_differ_from_a_mean_of_means():
   # The check above would pass for a mean of per-device means only if counts were equal.
   x, params, stats, mask = _global_case()
@@ -100,6 +107,7 @@ def test_uneven_counts_differ_from_a_mean_of_means():
   assert np.max(np.abs(np.mean(shard_means, 0) - exact)) > 1e-2
 
 
+@multidevice
 def test_axis_index_groups_normalize_each_group_alone():
   x, params, stats, _ = _global_case()
   groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
@@ -109,7 +117,7 @@ def test_axis_index_groups_normalize_each_group_alone():
       x, params, stats, training=True, axis_name="d", axis_index_groups=groups
     )
 
-  fn = jax.shard_map(step, mesh=MESH, in_specs=P("d"), out_specs=(P("d"), P("d")))
+  fn = jax.shard_map(step, mesh=device_mesh(), in_specs=P("d"), out_specs=(P("d"), P("d")))
   y, new_stats = jax.jit(fn)(*_on_mesh(x))
   for g, half in enumerate((slice(0, 8), slice(8, 16))):
     y_ref, stats_ref = oracle_batch_norm(x[half], params, stats, training=True)
@@ -123,6 +131,7 @@ def test_axis_index_groups_normalize_each_group_alone():
 
 
 @pytest.mark.slow
+@multidevice
 def test_gradients_under_shard_map_equal_global_gradients():
   x, params, stats, mask = _global_case()
   dy = jnp.asarray(np.random.default_rng(5).normal(size=x.shape), jnp.float32)
@@ -132,7 +141,7 @@ def test_gradients_under_shard_map_equal_global_gradients():
     return jax.lax.psum(jnp.sum(y * dy), "d")
 
   sharded = jax.shard_map(
-    local_loss, mesh=MESH, in_specs=(P("d"), P(), P("d"), P("d")), out_specs=P()
+    local_loss, mesh=device_mesh(), in_specs=(P("d"), P(), P("d"), P("d")), out_specs=P()
   )
   x_s, mask_s, dy_s = _on_mesh(x, mask, dy)
   params_s = jax.tree.map(lambda v: _on_mesh(v, spec=P())[0], params)
@@ -152,6 +161,7 @@ def _collectives(hlo: str) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("training", [True, False, "traced"])
+@multidevice
 def test_one_collective_in_training_none_in_eval(training):
   x, params, stats, _mask = _global_case()
 
@@ -159,7 +169,9 @@ def test_one_collective_in_training_none_in_eval(training):
     flag = flag if training == "traced" else training
     return bnjax.batch_norm(x, params, stats, training=flag, axis_name="d")
 
-  fn = jax.jit(jax.shard_map(step, mesh=MESH, in_specs=(P("d"), P()), out_specs=(P("d"), P())))
+  fn = jax.jit(
+    jax.shard_map(step, mesh=device_mesh(), in_specs=(P("d"), P()), out_specs=(P("d"), P()))
+  )
   hlo = fn.lower(*_on_mesh(x), jnp.asarray(True)).compile().as_text()
   counts = _collectives(hlo)
   expected = 0 if training is False else 1
@@ -180,6 +192,7 @@ def test_traced_training_flag_matches_static(value):
   assert "conditional(" in hlo  # eval runs its own branch: no batch moments computed
 
 
+@multidevice
 def test_jit_over_sharded_batch_needs_no_axis_name():
   # Under plain jit, x's sharding is an annotation: the math is global, and XLA adds the
   # cross-device reduction itself. axis_name is only for per-device code (shard_map, pmap).
