@@ -14,7 +14,9 @@
 #   models-bf16  bench_models.py, ResNet-50, bfloat16
 #
 # Each phase runs under its own time limit (together 570 s, inside the call's 600 s), so one
-# that hangs or fails leaves the others' results. It uses the machine's python3 (its image holds
+# that hangs or fails leaves the others' results. With the machine's start this spends about 12
+# of a task's 15 device minutes: there is no second full call, but a failed phase can be rerun
+# alone at once, while the machine is still warm. It uses the machine's python3 (its image holds
 # jax with CUDA, flax, optax, orbax, torch, pytest, hypothesis); bnjax comes from this checkout
 # through PYTHONPATH. What it writes to $OUT: device_check.log (every phase's output) and the
 # phases' JSON records. Back here, copy the JSON into benchmarks/results/ and re-render:
@@ -22,7 +24,8 @@
 #   python benchmarks/bench_batch_norm.py --render && python benchmarks/bench_models.py --render
 #
 # DEVICE_CHECK_QUICK=1 runs each phase at its smallest on whatever device there is: a dry run of
-# this script on a CPU (`tests/test_bench_models.py` does not run it; it takes ~6 minutes).
+# this script, about 5 minutes on 2 CPU cores (`JAX_PLATFORMS=cpu`, `PYTHON=.venv/bin/python`).
+# The test suite checks only its phase names and the flags it passes (tests/test_bench_models.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
