@@ -3,20 +3,22 @@
 # tool's `run`, from the repository root, with timeout_s=600):
 #
 #   bash benchmarks/device_check.sh                  # every phase, in the order below
-#   bash benchmarks/device_check.sh models-bf16 bn   # only these phases
+#   bash benchmarks/device_check.sh bn               # only this phase
 #
 #   tests        the tests that run bnjax's math (not the packaging, docs, benchmarks or
 #                examples), quick loop only (-m "not slow and not live"), on the GPU; the
-#                multi-device ones skip there (tests/devices.py)
+#                multi-device ones skip there (tests/devices.py). 514 tests: 60 s on 2 CPU cores
 #   models-f32   bench_models.py, ResNet-50 at batch 128 of 224x224, float32, with the float64
 #                check of the SGD update (on 16 examples)
-#   bn           bench_batch_norm.py at its GPU shapes
 #   models-bf16  bench_models.py, ResNet-50, bfloat16
+#   bn           bench_batch_norm.py at its GPU shapes
 #
-# Each phase runs under its own time limit (together 570 s, inside the call's 600 s), so one
-# that hangs or fails leaves the others' results. With the machine's start this spends about 12
-# of a task's 15 device minutes: there is no second full call, but a failed phase can be rerun
-# alone at once, while the machine is still warm. It uses the machine's python3 (its image holds
+# Each phase runs under a time limit: its own (below) or what is left of the whole run's
+# DEVICE_CHECK_BUDGET_S (570 s by default, inside the call's 600 s), whichever is less, so a
+# phase that hangs or fails leaves the others' results and a phase that ends early leaves its
+# time to the next. With the machine's start this spends about 12 of a task's 15 device
+# minutes: there is no second full call, but a phase cut short can be rerun alone at once,
+# while the machine is still warm. It uses the machine's python3 (its image holds
 # jax with CUDA, flax, optax, orbax, torch, pytest, hypothesis); bnjax comes from this checkout
 # through PYTHONPATH. What it writes to $OUT: device_check.log (every phase's output) and the
 # phases' JSON records. Back here, copy the JSON into benchmarks/results/ and re-render:
@@ -29,7 +31,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-all_phases=(tests models-f32 bn models-bf16)
+all_phases=(tests models-f32 models-bf16 bn)
 phases=("${@:-${all_phases[@]}}")
 for name in "${phases[@]}"; do
   if [[ " ${all_phases[*]} " != *" $name "* ]]; then
@@ -46,10 +48,20 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TF_CPP_MI
 reports=$(mktemp -d)  # the markdown each script renders: re-rendered here, so not sent back
 summary=()
 
-# phase NAME LIMIT_S COMMAND...: runs COMMAND under a time limit, its output in the log.
+deadline=$((SECONDS + ${DEVICE_CHECK_BUDGET_S:-570}))
+
+# phase NAME LIMIT_S COMMAND...: runs COMMAND under LIMIT_S or the time left, its output in
+# the log.
 phase() {
   local name=$1 limit=$2
   shift 2
+  local left=$((deadline - SECONDS))
+  if [ "$left" -lt 30 ]; then
+    summary+=("$name: not run, ${left} s left")
+    echo "=== ${summary[-1]}" | tee -a "$log"
+    return
+  fi
+  [ "$left" -lt "$limit" ] && limit=$left
   echo "=== $name: $* (limit ${limit} s, $(date -u +%H:%M:%S) UTC)" | tee -a "$log"
   local start=$SECONDS
   timeout -k 10 "$limit" bash -c '"$@"' "$name" "$@" >>"$log" 2>&1
@@ -70,7 +82,7 @@ tests() {
   fi
   # The GPU first, the CPU beside it; XLA's preallocation off for the pytest workers sharing it.
   JAX_PLATFORMS=${JAX_PLATFORMS:-cuda,cpu} XLA_PYTHON_CLIENT_PREALLOCATE=false \
-    "$python" -m pytest -q -n 4 -p no:cacheprovider -m "not slow and not live" -rfs "${paths[@]}"
+    "$python" -m pytest -q -n 8 -p no:cacheprovider -m "not slow and not live" -rfs "${paths[@]}"
 }
 
 models() {
@@ -106,10 +118,10 @@ export -f tests models bn
 
 for name in "${phases[@]}"; do
   case $name in
-    tests) phase tests 90 tests ;;
-    models-f32) phase models-f32 210 models float32 ;;
-    bn) phase bn 150 bn ;;
-    models-bf16) phase models-bf16 120 models bfloat16 --no-float64-check ;;
+    tests) phase tests 120 tests ;;
+    models-f32) phase models-f32 240 models float32 ;;
+    models-bf16) phase models-bf16 180 models bfloat16 --no-float64-check ;;
+    bn) phase bn 180 bn ;;
   esac
 done
 rm -rf "$reports"

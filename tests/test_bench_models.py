@@ -172,7 +172,7 @@ def test_device_check_script_names_its_phases_and_uses_only_accepted_flags():
     timeout=30,
   )
   assert wrong.returncode == 2
-  assert "unknown phase 'models'; choose from tests models-f32 bn models-bf16" in wrong.stderr
+  assert "unknown phase 'models'; choose from tests models-f32 models-bf16 bn" in wrong.stderr
   text = script.read_text()
   functions = {"bench_models.py": "models() {", "bench_batch_norm.py": "bn() {"}
   for name, start in functions.items():
