@@ -2,8 +2,9 @@
 fewer are visible.
 
 On CPU, ``conftest.py`` makes 8 fake devices, and every multi-device test runs. On one GPU
-(``JAX_PLATFORMS=cuda``: ``benchmarks/device_check.sh``) the same files collect and the
-tests marked ``multidevice`` are skipped with a reason, so one command runs the rest there.
+(``benchmarks/device_check.sh`` runs the tests with ``JAX_PLATFORMS=cuda,cpu``) the same files
+collect and the tests marked ``multidevice`` are skipped with a reason, so one command runs the
+rest there.
 """
 
 import functools
