@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from oracle import batch_norm as oracle_batch_norm
 from oracle import training_grads
-from test_examples import load_script
+from test_examples import load_script, script_help
 from tolerances import assert_close
 
 import bnjax
@@ -136,8 +136,6 @@ def test_readme_quotes_the_results_summary():
 def test_benchmarks_readme_lists_the_flags_the_scripts_take():
   import pathlib
   import re
-  import subprocess
-  import sys
 
   root = pathlib.Path(__file__).resolve().parent.parent
   readme = (root / "benchmarks" / "README.md").read_text()
@@ -152,12 +150,6 @@ def test_benchmarks_readme_lists_the_flags_the_scripts_take():
     ("bench_models.py", models.group(1)),
     ("bench_traced_flag.py", shared.group(1)),
   ):
-    usage = subprocess.run(
-      [sys.executable, str(root / "benchmarks" / script), "--help"],
-      capture_output=True,
-      text=True,
-      timeout=120,
-      check=True,
-    ).stdout
+    usage = script_help(f"benchmarks/{script}")
     for flag in re.findall(r"`(--[a-z-]+)`", text):
       assert flag in usage, (script, flag)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_examples import load_script
+from test_examples import load_script, script_help
 from tolerances import UPDATE_VS_FLOAT64_FACTOR, WHOLE_MODEL_RTOL
 
 pytest.importorskip("flax")
@@ -95,6 +95,17 @@ def test_readme_quotes_the_models_summary():
   assert summary((root / "README.md").read_text()) == summary(models)
 
 
+def _render_one(bench, tmp_path, monkeypatch, model: dict, *, device: str) -> str:
+  """MODELS.md rendered from one record: ``model`` as ResNet-50 on ``device``."""
+  record = {
+    "environment": {"device": device, "settings": "rounds=1, quick=False"},
+    "models": {"resnet50": model},
+  }
+  monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path)
+  (tmp_path / "models_float32.json").write_text(json.dumps(record))
+  return bench.render(tmp_path / "MODELS.md")
+
+
 def test_render_reports_goals_as_measured(bench, tmp_path, monkeypatch):
   times = {"bnjax": [[1.0, 1.0]], "flax": [[2.0, 2.0]], "flax-exact": [[2.0, 2.0]]}
   times["torch"] = [[0.5, 0.5]]
@@ -110,13 +121,7 @@ def test_render_reports_goals_as_measured(bench, tmp_path, monkeypatch):
     "checks": {"flax-exact: loss": 0.0},
     "torch_compile": {"torch": 0.1},
   }
-  record = {
-    "environment": {"device": "cpu (cpu), 1 device(s)", "settings": "rounds=1, quick=False"},
-    "models": {"resnet50": model},
-  }
-  monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path)
-  (tmp_path / "models_cpu_float32.json").write_text(json.dumps(record))
-  text = bench.render(tmp_path / "MODELS.md")
+  text = _render_one(bench, tmp_path, monkeypatch, model, device="cpu (cpu), 1 device(s)")
   assert "| ResNet-50 train step <= 1.0x Flax's default (CPU) | cpu | 0.50x | yes |" in text
   assert "| ResNet-50 compiled temp memory <= 0.65x Flax's | cpu | 0.25x | yes |" in text
   assert "| ResNet-50 train step <= PyTorch channels_last (CPU) | cpu | 2.00x | **no**" in text
@@ -135,13 +140,7 @@ def test_a_failed_float64_check_is_reported(bench, tmp_path, monkeypatch):
     "check_failures": {"update vs float64": "failed: XlaRuntimeError: UNIMPLEMENTED: f64 conv"},
     "torch_compile": {},
   }
-  record = {
-    "environment": {"device": "H200 (gpu), 1 device(s)", "settings": "rounds=1, quick=False"},
-    "models": {"resnet50": model},
-  }
-  monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path)
-  (tmp_path / "models_H200_float32.json").write_text(json.dumps(record))
-  text = bench.render(tmp_path / "MODELS.md")
+  text = _render_one(bench, tmp_path, monkeypatch, model, device="H200 (gpu), 1 device(s)")
   assert "- update vs float64: failed: XlaRuntimeError: UNIMPLEMENTED: f64 conv" in text
   assert "| ResNet-50 train step <= 0.97x Flax's default (GPU) | H200 | 1.00x | **no**" in text
 
@@ -160,7 +159,6 @@ def test_torch_runs_where_jax_runs(bench, monkeypatch, backend, cuda, expected):
 def test_device_check_script_names_its_phases_and_uses_only_accepted_flags():
   import re
   import subprocess
-  import sys
 
   root = pathlib.Path(__file__).resolve().parent.parent
   script = root / "benchmarks" / "device_check.sh"
@@ -180,11 +178,5 @@ def test_device_check_script_names_its_phases_and_uses_only_accepted_flags():
     flags = set(re.findall(r"(--[a-z][a-z0-9-]+)", body))
     if name == "bench_models.py":  # the phases pass more through "$@"
       flags |= set(re.findall(r"models \w+ (--[a-z][a-z0-9-]+)", text))
-    usage = subprocess.run(
-      [sys.executable, str(root / "benchmarks" / name), "--help"],
-      capture_output=True,
-      text=True,
-      timeout=120,
-      check=True,
-    ).stdout
+    usage = script_help(f"benchmarks/{name}")
     assert flags and all(flag in usage for flag in flags), (name, flags)

@@ -1,6 +1,7 @@
 """The examples and the benchmark scripts run with tiny settings and return sane results."""
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +24,17 @@ def load_script(relative_path: str):
     del sys.modules[name]
     raise
   return module
+
+
+def script_help(relative_path: str) -> str:
+  """A script's ``--help`` text, from a fresh interpreter as a user would run it."""
+  return subprocess.run(
+    [sys.executable, str(ROOT / relative_path), "--help"],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=True,
+  ).stdout
 
 
 def example(name: str, *packages: str):
