@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.metadata
 import os
 import platform
 import subprocess
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import _timing
 import jax
 import numpy as np
 
@@ -72,7 +73,7 @@ def timing_parser(doc: str, defaults, *, malloc_env: bool) -> argparse.ArgumentP
     "--reps",
     type=int,
     default=None,
-    help="timed calls per case in each round, the cases interleaved call by call"
+    help="timed calls per case in each round, back to back after one untimed call"
     f" (default: {defaults.reps}; 2 with --quick)",
   )
   parser.add_argument(
@@ -115,11 +116,29 @@ def timing_args(parser: argparse.ArgumentParser, argv, defaults) -> argparse.Nam
   return args
 
 
-def time_call(fn: Callable, args: tuple) -> float:
-  """Seconds for one call, waiting for the result."""
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - start
+def time_cases(
+  cases: Mapping[_timing.Case, tuple[Callable, tuple]], config
+) -> dict[_timing.Case, np.ndarray]:
+  """``{key: (rounds, reps) seconds}`` of each ``fn(*args)``, waited for (``_timing.interleaved``).
+
+  ``config`` gives ``rounds``, ``reps``, ``warmup`` and ``progress`` (a bar over the rounds, shown
+  when stderr is a terminal).
+  """
+  from tqdm.auto import tqdm
+
+  def call(fn, args):
+    jax.block_until_ready(fn(*args))
+
+  with tqdm(
+    total=config.rounds, desc="rounds", disable=not (config.progress and sys.stderr.isatty())
+  ) as bar:
+    return _timing.interleaved(
+      {key: functools.partial(call, fn, args) for key, (fn, args) in cases.items()},
+      rounds=config.rounds,
+      reps=config.reps,
+      warmup=config.warmup,
+      on_round=bar.update,
+    )
 
 
 def format_ms(samples: np.ndarray) -> str:

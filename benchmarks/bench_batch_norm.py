@@ -22,7 +22,8 @@ fixes its backend at import, so the Keras and TensorFlow peers run in subprocess
 script (``--group``); every process times its own ``copy``, and a ratio is only ever taken
 between two results of the same process.
 
-Timing: the cases of one shape run interleaved in rounds (A B C..., B C... A, ...); a sample
+Timing: the cases of one shape run interleaved (``_timing.interleaved``): each round visits
+every case once in a shuffled order, one untimed call and then ``reps`` samples; a sample
 is the mean of ``batch`` back-to-back calls (1 on CPU; on a GPU 10, so that the host's dispatch
 overlaps the device's work), a time the median over all samples with the interquartile range,
 a ratio the median over rounds of the per-round ratio of medians. Before timing, every peer's
@@ -42,11 +43,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -362,23 +363,21 @@ def _flatten(out):
 
 
 def time_peers(peers, config: Config, wait: Callable) -> dict[str, dict[str, np.ndarray]]:
-  """times[peer][mode] = (rounds, reps) seconds per call; peers interleaved, rotated."""
-  cases = [(p, m) for p in peers for m in MODES if m in peers[p]]
-  for p, m in cases:
-    fn, args = peers[p][m]
-    for _ in range(config.warmup):
-      wait(fn(*args))
-  times = {p: {m: np.zeros((config.rounds, config.reps)) for m in peers[p]} for p in peers}
-  for r in range(config.rounds):
-    for k in range(config.reps):
-      shift = (r * config.reps + k) % len(cases)
-      for p, m in cases[shift:] + cases[:shift]:
-        fn, args = peers[p][m]
-        start = time.perf_counter()
-        for _ in range(config.batch - 1):
-          fn(*args)
-        wait(fn(*args))
-        times[p][m][r, k] = (time.perf_counter() - start) / config.batch
+  """times[peer][mode] = (rounds, reps) seconds per call, by ``_timing.interleaved``."""
+  import _timing
+
+  def sample(fn, args):  # ``config.batch`` calls back to back, waiting for the last
+    for _ in range(config.batch - 1):
+      fn(*args)
+    wait(fn(*args))
+
+  cases = {
+    (p, m): functools.partial(sample, *peers[p][m]) for p in peers for m in MODES if m in peers[p]
+  }
+  samples = _timing.interleaved(cases, rounds=config.rounds, reps=config.reps, warmup=config.warmup)
+  times = {p: {} for p in peers}
+  for (p, m), seconds in samples.items():
+    times[p][m] = seconds / config.batch
   return times
 
 

@@ -9,8 +9,8 @@ as arguments as in a served model):
   folded     conv with the folded kernel -> + folded bias -> relu (``bnjax.fold.fold_affine``)
   conv only  conv -> relu, no batch norm and no bias: the floor folding can at best reach
 
-for 3x3 and 1x1 convolutions. Cases run interleaved call by call (A B C, B C A, ...),
-``--rounds`` rounds of ``--reps`` calls each; a time is the median over all calls with the
+for 3x3 and 1x1 convolutions. Cases run interleaved (``_timing.interleaved``), ``--rounds``
+rounds of ``--reps`` calls each; a time is the median over all calls with the
 interquartile range, a ratio the median over rounds of the per-round ratio of medians. It also
 checks that the folded net computes what the unfolded one does, and counts the compiled
 programs' top-level operations (fusions and convolutions), which shows where a batch norm
@@ -38,14 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from tqdm.auto import tqdm
 
 import bnjax
 from bnjax import fold
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402, RUF100
-from _common import environment_section, format_ms, format_ratio, time_call  # noqa: E402, RUF100
+from _common import environment_section, format_ms, format_ratio  # noqa: E402, RUF100
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "FOLD.md"
 
@@ -53,7 +52,7 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent / "FOLD.md"
 @dataclasses.dataclass(frozen=True)
 class Config:
   rounds: int = 7
-  reps: int = 8  # timed calls per case per round, interleaved call by call
+  reps: int = 8  # timed calls per case per round, back to back after an untimed one
   warmup: int = 2  # untimed calls per case after compiling
   quick: bool = False
   output: Path = DEFAULT_OUTPUT
@@ -212,19 +211,11 @@ def measure(nets, config: Config):
     }
     for net in nets
   }
-  for cases in all_cases.values():
-    for fn, args in cases.values():
-      for _ in range(config.warmup):
-        time_call(fn, args)
-  times = {n.name: {c: np.zeros((config.rounds, config.reps)) for c in CASES} for n in nets}
-  show_bar = config.progress and sys.stderr.isatty()
-  for r in tqdm(range(config.rounds), desc="rounds", disable=not show_bar):
-    for name, cases in all_cases.items():
-      for k in range(config.reps):
-        shift = (r * config.reps + k) % len(CASES)  # rotate which case goes first
-        for case in CASES[shift:] + CASES[:shift]:
-          fn, args = cases[case]
-          times[name][case][r, k] = time_call(fn, args)
+  samples = _common.time_cases(
+    {(net, case): call for net, cases in all_cases.items() for case, call in cases.items()},
+    config,
+  )
+  times = {n.name: {c: samples[n.name, c] for c in CASES} for n in nets}
   return times, checks, ops
 
 
@@ -269,7 +260,8 @@ def report(nets, times, checks, ops, config: Config, load: tuple[float, float]) 
     "",
     "`bnjax.fold` turns each `conv -> batch norm -> relu` into `conv' -> + bias' -> relu`.",
     "float32 NHWC, `jax.jit`, `block_until_ready`, the variables passed as arguments; cases",
-    f"interleaved call by call, {config.rounds} rounds x {config.reps} calls each.",
+    f"interleaved, {config.rounds} rounds x {config.reps} calls each (shuffled order; each",
+    "visit: one untimed call, then the timed ones back to back).",
     "",
     "## Times (ms): median [25th, 75th percentile] over all calls",
     "",

@@ -3,8 +3,9 @@
 ResNet-18 and ResNet-50 (the standard ImageNet architecture: 7x7/2 stem, 3x3/2 max pool, four
 stages of basic or bottleneck blocks with projection shortcuts, global average pool, 1000
 classes; this file's own Flax and PyTorch definitions) and an MLP (784 -> 3 x 1024 -> 10, each
-hidden layer Dense -> BatchNorm -> relu). For each model, in one process, interleaved call by
-call (A B C D, B C D A, ...):
+hidden layer Dense -> BatchNorm -> relu). For each model, in one process, interleaved
+(``_timing.interleaved``: rounds that visit every variant in a shuffled order, each visit one
+untimed call, then the timed ones back to back, as in a training loop):
 
   train step   forward in training mode, softmax cross-entropy, ``jax.value_and_grad``, optax
                SGD with momentum 0.9, the new ``batch_stats``: one ``jax.jit`` program, with
@@ -57,6 +58,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common
+import _timing
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -539,20 +541,14 @@ def _wait(value):
 
 
 def interleaved(cases: dict[str, Callable[[], Any]], config: Config, progress) -> dict:
-  """``{case: (rounds, reps) seconds}``, the cases interleaved call by call, order rotated."""
-  names = list(cases)
-  for name in names:
-    for _ in range(config.warmup):
-      _wait(cases[name]())
-  times = {name: np.zeros((config.rounds, config.reps)) for name in names}
-  for r in range(config.rounds):
-    order = names[r % len(names) :] + names[: r % len(names)]
-    for k in range(config.reps):
-      for name in order:
-        start = time.perf_counter()
-        _wait(cases[name]())
-        times[name][r, k] = time.perf_counter() - start
-    progress()
+  """``{case: (rounds, reps) seconds}`` by ``_timing.interleaved``, as nested lists for JSON."""
+  times = _timing.interleaved(
+    {name: (lambda call=call: _wait(call())) for name, call in cases.items()},
+    rounds=config.rounds,
+    reps=config.reps,
+    warmup=config.warmup,
+    on_round=progress,
+  )
   return {name: t.tolist() for name, t in times.items()}
 
 

@@ -19,8 +19,8 @@ allocator settings of ``_common.MALLOC_ENV``:
              also waits for the threads that were not running
   2 devices  one device per core (on a 2-core host): the rendezvous without that queueing
 
-Cases run interleaved call by call (local, synced, synced, local, ...), ``--rounds`` rounds of
-``--reps`` calls each; a time is the median over all calls with the interquartile range, a
+Cases run interleaved (``_timing.interleaved``), ``--rounds`` rounds of ``--reps`` calls
+each; a time is the median over all calls with the interquartile range, a
 ratio the median over rounds of the per-round ratio of medians. The compiled HLO of each case
 is checked for its collectives: one all-gather per synced forward (its transpose, an
 all-reduce of the 2C per-channel sums, in the backward pass), none when local.
@@ -53,14 +53,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from tqdm.auto import tqdm
 
 import bnjax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
 import bench_batch_norm
-from _common import environment_section, format_ms, format_ratio, time_call
+from _common import environment_section, format_ms, format_ratio
 
 DEVICE_COUNTS = (8, 2)  # issue 6's setting, and one device per core of a 2-core host
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "SYNC.md"
@@ -70,7 +69,7 @@ _WORKER = "_BNJAX_BENCH_SYNC_DEVICES"  # set in the processes that measure
 @dataclasses.dataclass(frozen=True)
 class Config:
   rounds: int = 7
-  reps: int = 10  # timed calls per case per round, interleaved call by call
+  reps: int = 10  # timed calls per case per round, back to back after an untimed one
   warmup: int = 2  # untimed calls per case after compiling
   quick: bool = False
   output: Path = DEFAULT_OUTPUT
@@ -160,24 +159,16 @@ def measure(shapes, config: Config):
     }
     for s, by_pass in cases.items()
   }
-  for by_pass in cases.values():
-    for by_mode in by_pass.values():
-      for fn, args in by_mode.values():
-        for _ in range(config.warmup):
-          time_call(fn, args)
-  times = {
-    s.name: {p: {m: np.zeros((config.rounds, config.reps)) for m in MODES} for p in PASSES}
-    for s in shapes
-  }
-  show_bar = config.progress and sys.stderr.isatty()
-  for r in tqdm(range(config.rounds), desc="rounds", disable=not show_bar):
-    for name, by_pass in cases.items():
-      for p, by_mode in by_pass.items():
-        for k in range(config.reps):
-          order = MODES if (r + k) % 2 == 0 else MODES[::-1]  # alternate which goes first
-          for m in order:
-            fn, args = by_mode[m]
-            times[name][p][m][r, k] = time_call(fn, args)
+  samples = _common.time_cases(
+    {
+      (s, p, m): call
+      for s, by_pass in cases.items()
+      for p, by_mode in by_pass.items()
+      for m, call in by_mode.items()
+    },
+    config,
+  )
+  times = {s.name: {p: {m: samples[s.name, p, m] for m in MODES} for p in PASSES} for s in shapes}
   return times, hlo
 
 
@@ -265,7 +256,8 @@ def report(shapes, results: list[dict], config: Config) -> str:
       " statistics; synced: `axis_name='d'`, one all-gather of (count, shift, delta, M2)."
       " train: forward (y and new running statistics); train+grad: forward and backward"
       " (d/dx, d/dscale, d/dbias of sum(y * dy)). float32, `jax.jit`, `block_until_ready`;"
-      f" cases interleaved call by call, {config.rounds} rounds x {config.reps} calls each."
+      f" cases interleaved, {config.rounds} rounds x {config.reps} calls each (shuffled order;"
+      " each visit: one untimed call, then the timed ones back to back)."
       " Each device count runs in its own process."
     ),
     "",

@@ -9,8 +9,8 @@ with ``lax.cond``. This script times, under ``jax.jit`` with ``block_until_ready
                  would cost if it computed the moments)
   copy           x * c with c a run-time scalar: one read and one write of x, the floor
 
-Cases run interleaved call by call (A B C D, B C D A, ...), ``--rounds`` rounds of ``--reps``
-calls each; a time is the median over all calls with the interquartile range, a ratio the
+Cases run interleaved (``_timing.interleaved``), ``--rounds`` rounds of ``--reps`` calls
+each; a time is the median over all calls with the interquartile range, a ratio the
 median over rounds of the per-round ratio of medians. It also checks, in the compiled HLO, that
 the traced flag became a ``conditional`` whose False branch has no ``reduce`` (no moments).
 Writes a markdown report (``--output``) and prints it.
@@ -35,13 +35,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 import bnjax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
-from _common import environment_section, format_ms, format_ratio, time_call
+from _common import environment_section, format_ms, format_ratio
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "TRACED_FLAG.md"
 
@@ -49,7 +48,7 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent / "TRACED_FLAG.md"
 @dataclasses.dataclass(frozen=True)
 class Config:
   rounds: int = 7
-  reps: int = 20  # timed calls per case per round, interleaved call by call
+  reps: int = 20  # timed calls per case per round, back to back after an untimed one
   warmup: int = 2  # untimed calls per case after compiling
   quick: bool = False
   output: Path = DEFAULT_OUTPUT
@@ -164,19 +163,11 @@ def measure(shapes, config: Config):
   """times[shape][case] = array (rounds, reps) of seconds; facts[shape] = hlo_facts."""
   all_cases = {s.name: make_cases(s) for s in shapes}
   facts = {name: hlo_facts(cases) for name, cases in all_cases.items()}
-  for cases in all_cases.values():
-    for fn, args in cases.values():
-      for _ in range(config.warmup):
-        time_call(fn, args)
-  times = {s.name: {c: np.zeros((config.rounds, config.reps)) for c in CASES} for s in shapes}
-  show_bar = config.progress and sys.stderr.isatty()
-  for r in tqdm(range(config.rounds), desc="rounds", disable=not show_bar):
-    for name, cases in all_cases.items():
-      for k in range(config.reps):
-        shift = (r * config.reps + k) % len(CASES)  # rotate which case goes first
-        for case in CASES[shift:] + CASES[:shift]:
-          fn, args = cases[case]
-          times[name][case][r, k] = time_call(fn, args)
+  samples = _common.time_cases(
+    {(shape, case): call for shape, cases in all_cases.items() for case, call in cases.items()},
+    config,
+  )
+  times = {s.name: {c: samples[s.name, c] for c in CASES} for s in shapes}
   return times, facts
 
 
@@ -209,8 +200,9 @@ def report(shapes, times, facts, config: Config) -> str:
     "",
     "Does `bnjax.batch_norm(x, params, stats, training=flag)` with a traced `flag=False` pay for",
     (
-      "batch moments? float32, `jax.jit`, `block_until_ready`; cases interleaved call by call,"
-      f" {config.rounds} rounds x {config.reps} calls each."
+      "batch moments? float32, `jax.jit`, `block_until_ready`; cases interleaved,"
+      f" {config.rounds} rounds x {config.reps} calls each (shuffled order; each visit: one"
+      " untimed call, then the timed ones back to back)."
     ),
     "",
     "## Times (ms): median [25th, 75th percentile] over all calls",
