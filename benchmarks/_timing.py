@@ -36,7 +36,7 @@ def interleaved(
   the caches and the allocator as that one left them. On 2 CPU cores, ``bench_models.py``'s
   MLP train step took 4.7 ms (15%) longer right after PyTorch's step than after a JAX one,
   and bnjax's step was the case that always followed PyTorch's, so MODELS.md read 1.21x
-  Flax's where the steady state is 1.0x (``NOTES.md``, N). The untimed call puts every timed
+  Flax's (1.07x with this loop; ``NOTES.md``, N). The untimed call puts every timed
   call after one of its own case, as in a training loop; the shuffle keeps what is left
   from falling on the same case in every round.
   """
