@@ -716,8 +716,15 @@ def _bandwidth_goals(device: str, shapes: dict) -> list[str]:
   return lines
 
 
+def load_records(results_dir: Path = RESULTS_DIR) -> list[dict]:
+  """This script's records in ``results_dir``: every JSON file but ``bench_models.py``'s
+  ``models_*.json``, which live beside them."""
+  paths = sorted(p for p in results_dir.glob("*.json") if not p.name.startswith("models_"))
+  return [json.loads(p.read_text()) for p in paths]
+
+
 def render(output: Path = DEFAULT_OUTPUT, results_dir: Path = RESULTS_DIR) -> str:
-  records = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+  records = load_records(results_dir)
   lines = [
     "# bnjax against its peers",
     "",

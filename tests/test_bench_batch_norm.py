@@ -5,6 +5,8 @@ compared with the float64 oracle (train forward, new statistics, the closed-form
 and the quick mode runs every peer once and renders a report.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,6 +111,13 @@ def test_goals_table_from_the_records(step_ms, met):
     "| H100 | forward+backward at >= 80% of a copy's bandwidth, moving its floor of 8"
     f" x-sized transfers | s | {bandwidth} | {met} |"
   ) in gpu
+
+
+def test_the_report_reads_its_own_records_not_the_model_benchmarks(tmp_path):
+  record = _record("cpu (cpu), 1 device(s)", {"copy": {"train_forward": 1.0}})
+  (tmp_path / "cpu.json").write_text(json.dumps(record))
+  (tmp_path / "models_cpu_float32.json").write_text(json.dumps({"models": {}}))
+  assert BENCH.load_records(tmp_path) == [record]
 
 
 def test_a_missing_peer_is_named_in_the_notice_and_the_environment(monkeypatch):
