@@ -789,7 +789,7 @@ def main(argv=None) -> int:
     print(notice, file=sys.stderr)
   on_gpu = jax.devices()[0].platform == "gpu"
   config = (
-    Config(rounds=2, reps=2, warmup=1, quick=True)
+    Config(rounds=2, reps=2, warmup=0, quick=True)
     if args.quick
     else Config(batch=10 if on_gpu else 1)
   )

@@ -91,7 +91,7 @@ class Config:
   output: Path = HERE / "MODELS.md"
 
 
-QUICK = Config(batch=8, image_size=64, mlp_batch=64, rounds=2, reps=1, warmup=1, quick=True)
+QUICK = Config(batch=8, image_size=64, mlp_batch=64, rounds=2, reps=1, warmup=0, quick=True)
 GPU = Config(
   batch=128, image_size=224, mlp_batch=1024, rounds=7, reps=5, warmup=2, float64_check_batch=16
 )
